@@ -1,0 +1,1 @@
+"""The DDP communication hook (see hook.py)."""

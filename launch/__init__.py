@@ -1,0 +1,1 @@
+"""Launch tools: torchrun recipes, the emulated cluster, the demo."""

@@ -1,0 +1,235 @@
+"""The 3LC payload format: header layout, parsing and validation.
+
+A payload is a flat ``uint8`` array that describes itself completely: a decoder needs
+nothing but the bytes.  docs/FORMAT.md documents the layout byte by byte; this module is
+its single implementation in Python.  Every decoder (the numba codec, the torch device
+codec) parses payloads through :func:`parse`, so every decoder rejects the same bad input
+with the same :class:`FormatError`.
+
+Layout (all integers little-endian)::
+
+    offset size field
+    0      3    magic            b"3LC"
+    3      1    version          1
+    4      1    encoding         0 = ternary (3LC), 1 = raw float32
+    5      1    flags            bit 0: the input held NaN/Inf (decodes to all NaN)
+    6      2    reserved         0
+    8      8    count            number of float32 values (u64)
+    16     4    segment_count    number of segments (u32)
+    20     4    block            values per scale inside a segment, 0 = one scale per segment
+    24     4    chunk            values per independently coded chunk (a multiple of 5)
+    28     4    chunk_count      number of chunks (u32)
+    32     8    body_length      bytes of coded body (u64)
+    40     4    sparsity         the sparsity multiplier s used (float32, informational)
+    44     4    reserved         0
+    48     ...  segment sizes    u64[segment_count]
+    ...    ...  scales           float32[scale_count]
+    ...    ...  chunk lengths    u32[chunk_count]  (coded bytes of each chunk)
+    ...    ...  body             uint8[body_length]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+
+__all__ = [
+    "FormatError",
+    "MAGIC",
+    "VERSION",
+    "HEADER_SIZE",
+    "ENCODING_TERNARY",
+    "ENCODING_RAW",
+    "FLAG_NONFINITE",
+    "DEFAULT_CHUNK",
+    "Header",
+    "Layout",
+    "parse",
+    "pack_header",
+    "scale_count",
+    "chunk_count",
+]
+
+MAGIC = b"3LC"
+VERSION = 1
+ENCODING_TERNARY = 0
+ENCODING_RAW = 1
+FLAG_NONFINITE = 1
+HEADER_SIZE = 48
+#: Values per independently coded chunk: 5 * 2**13, so a chunk holds whole 5-value groups and
+#: codes to at most 8192 bytes; small enough that the chunks of one bucket spread over all cores.
+DEFAULT_CHUNK = 5 * 8192
+#: The largest chunk a payload may declare (its coded size must fit the u32 chunk-length table).
+MAX_CHUNK = 5 * (1 << 28)
+
+_HEADER = struct.Struct("<3sBBBHQIIIIQfI")
+assert _HEADER.size == HEADER_SIZE
+
+
+class FormatError(ValueError):
+    """A payload is malformed: truncated, oversized, corrupt, or of an unknown version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """The fixed 48-byte header of a payload, as parsed."""
+
+    version: int
+    encoding: int
+    flags: int
+    count: int
+    segment_count: int
+    block: int
+    chunk: int
+    chunk_count: int
+    body_length: int
+    sparsity: float
+
+    @property
+    def nonfinite(self) -> bool:
+        """True if the compressed input held NaN or Inf (the payload decodes to all NaN)."""
+        return bool(self.flags & FLAG_NONFINITE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A validated payload: its header and views of its tables and body."""
+
+    header: Header
+    segment_sizes: np.ndarray  # int64[segment_count]
+    scales: np.ndarray  # float32[scale_count]
+    chunk_lengths: np.ndarray  # int64[chunk_count]
+    chunk_offsets: np.ndarray  # int64[chunk_count + 1], offsets into body
+    body: np.ndarray  # uint8[body_length]
+
+
+def scale_count(segment_sizes: np.ndarray, block: int) -> int:
+    """Number of scales for these segments: one per segment, or one per block of each segment."""
+    if block == 0:
+        return int(len(segment_sizes))
+    return int(np.sum((np.asarray(segment_sizes, dtype=np.int64) + block - 1) // block))
+
+
+def chunk_count(count: int, chunk: int) -> int:
+    """Number of chunks that ``count`` values split into."""
+    return (count + chunk - 1) // chunk
+
+
+def pack_header(
+    *,
+    encoding: int,
+    flags: int,
+    count: int,
+    segment_count: int,
+    block: int,
+    chunk: int,
+    chunk_count: int,
+    body_length: int,
+    sparsity: float,
+) -> bytes:
+    """Serialize a header (the caller guarantees the fields are consistent)."""
+    return _HEADER.pack(
+        MAGIC, VERSION, encoding, flags, 0, count, segment_count, block, chunk,
+        chunk_count, body_length, sparsity, 0,
+    )
+
+
+def _table(payload: np.ndarray, offset: int, count: int, dtype: str) -> np.ndarray:
+    """Copy a little-endian table out of the payload (copies are aligned and native)."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = payload[offset : offset + count * itemsize]
+    return np.frombuffer(raw.tobytes(), dtype=dtype)
+
+
+def parse(payload) -> Layout:
+    """Parse and validate a payload's header and tables.
+
+    Checks everything that can be checked without decoding the body: magic, version, field
+    ranges, that the tables agree with each other, and that the payload's length is exactly what
+    the header declares.  The body's contents are checked by the decoder.
+
+    Raises
+    ------
+    FormatError
+        With a message that names the field at fault.
+    """
+    if not isinstance(payload, np.ndarray):
+        try:
+            payload = np.frombuffer(memoryview(payload), dtype=np.uint8)
+        except TypeError as error:
+            raise FormatError(f"payload must be a uint8 array or bytes, got {type(payload).__name__}") from error
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise FormatError(f"payload must be a 1-D uint8 array, got {payload.dtype} with shape {payload.shape}")
+    if payload.size < HEADER_SIZE:
+        raise FormatError(f"payload truncated: {payload.size} bytes, the header alone is {HEADER_SIZE}")
+    (magic, version, encoding, flags, reserved, count, segment_count, block, chunk,
+     n_chunks, body_length, sparsity, reserved2) = _HEADER.unpack(payload[:HEADER_SIZE].tobytes())
+    if magic != MAGIC:
+        raise FormatError(f"bad magic {magic!r} at offset 0, expected {MAGIC!r}: not a 3LC payload")
+    if version != VERSION:
+        raise FormatError(f"unsupported format version {version} at offset 3 (this decoder reads version {VERSION})")
+    if encoding not in (ENCODING_TERNARY, ENCODING_RAW):
+        raise FormatError(f"unknown encoding {encoding} at offset 4")
+    if flags & ~FLAG_NONFINITE:
+        raise FormatError(f"unknown flag bits {flags:#04x} at offset 5")
+    if reserved or reserved2:
+        raise FormatError("reserved header fields (offsets 6 and 44) must be zero")
+    header = Header(version, encoding, flags, count, segment_count, block, chunk, n_chunks, body_length, sparsity)
+    # Tables are bounded by the payload's own length before anything is allocated.
+    if count > (1 << 40):
+        raise FormatError(f"element count {count} is implausibly large (> 2**40)")
+    empty_i = np.zeros(0, dtype=np.int64)
+    if header.nonfinite or encoding == ENCODING_RAW:
+        expected_body = 0 if header.nonfinite else 4 * count
+        if segment_count or block or chunk or n_chunks:
+            raise FormatError("raw and non-finite payloads carry no segments, blocks or chunks")
+        if body_length != expected_body:
+            raise FormatError(f"body length {body_length} does not match {expected_body} for {count} values")
+        if payload.size != HEADER_SIZE + body_length:
+            raise FormatError(f"payload is {payload.size} bytes, header declares {HEADER_SIZE + body_length}")
+        return Layout(header, empty_i, np.zeros(0, np.float32), empty_i, np.zeros(1, np.int64),
+                      payload[HEADER_SIZE:])
+    if not np.isfinite(sparsity) or not 1.0 <= sparsity < 2.0:
+        raise FormatError(f"sparsity {sparsity} at offset 40 is outside [1, 2)")
+    if block > count and block > MAX_CHUNK:
+        raise FormatError(f"block size {block} at offset 20 is implausibly large")
+    if chunk == 0 or chunk % 5 or chunk > MAX_CHUNK:
+        raise FormatError(f"chunk size {chunk} at offset 24 must be a positive multiple of 5 up to {MAX_CHUNK}")
+    if n_chunks != chunk_count(count, chunk):
+        raise FormatError(f"chunk count {n_chunks} does not match {chunk_count(count, chunk)} for {count} values")
+    offset = HEADER_SIZE
+    if offset + 8 * segment_count > payload.size:
+        raise FormatError(f"payload truncated in the segment table ({segment_count} segments)")
+    segment_sizes = _table(payload, offset, segment_count, "<u8")
+    offset += 8 * segment_count
+    if segment_count == 0 and count != 0:
+        raise FormatError(f"{count} values but no segments")
+    if np.any(segment_sizes > count) or int(segment_sizes.sum(dtype=np.uint64)) != count:
+        raise FormatError(f"segment sizes sum to {int(segment_sizes.sum(dtype=np.uint64))}, expected {count}")
+    segment_sizes = segment_sizes.astype(np.int64)
+    n_scales = scale_count(segment_sizes, block)
+    if offset + 4 * n_scales + 4 * n_chunks > payload.size:
+        raise FormatError(f"payload truncated in the scale or chunk table ({n_scales} scales, {n_chunks} chunks)")
+    scales = _table(payload, offset, n_scales, "<f4").astype(np.float32)
+    offset += 4 * n_scales
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        bad = int(np.flatnonzero(~(np.isfinite(scales) & (scales >= 0)))[0])
+        raise FormatError(f"scale {bad} is {scales[bad]!r}: scales must be finite and non-negative")
+    chunk_lengths = _table(payload, offset, n_chunks, "<u4").astype(np.int64)
+    offset += 4 * n_chunks
+    # A chunk of g groups codes to between ceil(g / 14) and g bytes.
+    groups = np.full(n_chunks, chunk // 5, dtype=np.int64)
+    if n_chunks:
+        groups[-1] = (count - (n_chunks - 1) * chunk + 4) // 5
+    if np.any(chunk_lengths > groups) or np.any(chunk_lengths < (groups + 13) // 14):
+        bad = int(np.flatnonzero((chunk_lengths > groups) | (chunk_lengths < (groups + 13) // 14))[0])
+        raise FormatError(f"chunk {bad} declares {chunk_lengths[bad]} coded bytes, impossible for {groups[bad]} groups")
+    chunk_offsets = np.zeros(n_chunks + 1, dtype=np.int64)
+    np.cumsum(chunk_lengths, out=chunk_offsets[1:])
+    if chunk_offsets[-1] != body_length:
+        raise FormatError(f"chunk lengths sum to {chunk_offsets[-1]}, body length is {body_length}")
+    if payload.size != offset + body_length:
+        raise FormatError(f"payload is {payload.size} bytes, header and tables declare {offset + body_length}")
+    return Layout(header, segment_sizes, scales, chunk_lengths, chunk_offsets, payload[offset:])

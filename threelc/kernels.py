@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
 __all__ = ["compute_scales", "encode_chunks", "gather_chunks", "decode_chunks", "piece_bounds"]
 
@@ -31,8 +33,51 @@ for _byte in range(243):
         _rest //= 3
 del _byte, _rest, _j
 
+# Zero-run decoding without branches: a coded byte stands for _GROUPS[byte] groups and, where it
+# is a packed group, writes itself (_GROUP_BYTE[byte]); a run writes zero groups (121).
+_GROUPS = np.ones(256, dtype=np.int64)
+_GROUPS[243:] = np.arange(2, 15)
+_GROUP_BYTE = np.arange(256).astype(np.uint8)
+_GROUP_BYTE[243:] = _ZERO_GROUP
+# _RUN_CODE[k] is the byte that ends a run of k < 14 zero groups (nothing for k = 0).
+_RUN_CODE = np.zeros(_MAX_RUN, dtype=np.uint8)
+_RUN_CODE[1] = _ZERO_GROUP
+_RUN_CODE[2:] = _RUN_BASE + np.arange(2, _MAX_RUN)
+_FINITE_BITS = 0x7F800000  # |v|'s bits are >= this exactly when v is Inf or NaN
+
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+
+
+if numba.config.DISABLE_JIT:
+    # Pure Python run (coverage, debugging): intrinsics cannot run outside compiled code.
+    def _float32_bits(value):
+        return int(np.float32(value).view(np.int32))
+
+    def _bits_float32(bits):
+        return np.int32(bits).view(np.float32)
+
+else:
+
+    @intrinsic
+    def _float32_bits(typingctx, value):
+        """The IEEE-754 bits of a float32 as an int32 (a free register move)."""
+        signature = types.int32(types.float32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+        return signature, codegen
+
+    @intrinsic
+    def _bits_float32(typingctx, value):
+        """Inverse of :func:`_float32_bits`."""
+        signature = types.float32(types.int32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return signature, codegen
 
 
 @_jit
@@ -42,7 +87,7 @@ def piece_bounds(unit_starts, count, chunk):
     Returns the piece start offsets (length pieces + 1) and, for each piece, its unit's index.
     """
     n_units = unit_starts.shape[0] - 1
-    bounds = np.empty(n_units + count // chunk + 2, dtype=np.int64)
+    bounds = np.empty(n_units + count // chunk + 3, dtype=np.int64)
     owner = np.empty(bounds.shape[0], dtype=np.int64)
     n = 0
     unit = 0
@@ -60,26 +105,32 @@ def piece_bounds(unit_starts, count, chunk):
     return bounds[: n + 1], owner[:n]
 
 
+@_jit
+def _peak_bits(x, residual, has_residual):
+    """max over i of the bits of |x[i] (+ residual[i])|: an integer max, which vectorizes.
+
+    For non-negative floats the order of the bit patterns is the order of the values, and
+    Inf and NaN compare above every finite value, so one max also detects non-finite input.
+    """
+    peak = np.int32(0)
+    if has_residual:
+        for i in range(x.shape[0]):
+            peak = max(peak, _float32_bits(x[i] + residual[i]) & np.int32(0x7FFFFFFF))
+    else:
+        for i in range(x.shape[0]):
+            peak = max(peak, _float32_bits(x[i]) & np.int32(0x7FFFFFFF))
+    return peak
+
+
 @_jit_parallel
-def _piece_peaks(x, residual, has_residual, bounds, peaks, nonfinite):
-    """max |x + residual| of each piece, and whether the piece holds NaN or Inf."""
+def _piece_peaks(x, residual, has_residual, bounds, peaks):
     for piece in numba.prange(bounds.shape[0] - 1):
-        peak = np.float32(0.0)
-        poison = np.float32(0.0)  # v * 0 is NaN exactly when v is NaN or Inf
+        start, stop = bounds[piece], bounds[piece + 1]
+        # Slices, not offsets: loops over range(len) let LLVM drop wraparound checks and vectorize.
         if has_residual:
-            for i in range(bounds[piece], bounds[piece + 1]):
-                v = x[i] + residual[i]
-                a = abs(v)
-                peak = a if a > peak else peak
-                poison += v * np.float32(0.0)
+            peaks[piece] = _peak_bits(x[start:stop], residual[start:stop], True)
         else:
-            for i in range(bounds[piece], bounds[piece + 1]):
-                v = x[i]
-                a = abs(v)
-                peak = a if a > peak else peak
-                poison += v * np.float32(0.0)
-        peaks[piece] = peak
-        nonfinite[piece] = not (poison == 0.0 and peak <= _FLT_MAX)
+            peaks[piece] = _peak_bits(x[start:stop], residual, False)
 
 
 @_jit
@@ -90,35 +141,65 @@ def compute_scales(x, residual, has_residual, unit_starts, sparsity, scales, chu
     or Inf.  The product max|v| * s is taken in float64 and rounded once to float32.
     """
     bounds, owner = piece_bounds(unit_starts, x.shape[0], chunk)
-    n_pieces = owner.shape[0]
-    peaks = np.empty(n_pieces, dtype=np.float32)
-    nonfinite = np.empty(n_pieces, dtype=np.bool_)
-    _piece_peaks(x, residual, has_residual, bounds, peaks, nonfinite)
-    for unit in range(scales.shape[0]):
-        scales[unit] = 0.0
-    unit_peak = np.zeros(scales.shape[0], dtype=np.float32)
-    for piece in range(n_pieces):
-        if nonfinite[piece]:
+    peaks = np.empty(owner.shape[0], dtype=np.int32)
+    _piece_peaks(x, residual, has_residual, bounds, peaks)
+    unit_peak = np.zeros(scales.shape[0], dtype=np.int32)
+    for piece in range(owner.shape[0]):
+        if peaks[piece] >= _FINITE_BITS:
             return False
-        if peaks[piece] > unit_peak[owner[piece]]:
-            unit_peak[owner[piece]] = peaks[piece]
+        unit_peak[owner[piece]] = max(unit_peak[owner[piece]], peaks[piece])
     for unit in range(scales.shape[0]):
-        scales[unit] = np.float32(min(np.float64(unit_peak[unit]) * sparsity, _FLT_MAX))
+        peak = np.float64(_bits_float32(unit_peak[unit]))
+        scales[unit] = np.float32(min(peak * sparsity, _FLT_MAX))
     return True
 
 
 @_jit
-def _flush_run(coded, position, run):
-    """Write a run of ``run`` zero groups at ``position``; return the new position."""
-    while run >= 2:
-        step = min(run, _MAX_RUN)
-        coded[position] = _RUN_BASE + step
-        position += 1
-        run -= step
-    if run == 1:
-        coded[position] = _ZERO_GROUP
-        position += 1
-    return position
+def _quantize_with_residual(x, residual, digits, scale):
+    """digits = q + 1 of v = x + residual; residual = v - q * scale (vectorizes: no branches)."""
+    for i in range(x.shape[0]):
+        v = x[i] + residual[i]
+        twice = np.float32(2.0) * v
+        up = twice >= scale
+        down = -twice >= scale
+        digits[i] = np.uint8(1) + np.uint8(up) - np.uint8(down)
+        residual[i] = v - (np.float32(up) - np.float32(down)) * scale
+
+
+@_jit
+def _quantize(x, digits, scale):
+    """digits = q + 1 of x: q = +-1 where 2|x| >= scale (exact halves round away from zero)."""
+    for i in range(x.shape[0]):
+        twice = np.float32(2.0) * x[i]
+        digits[i] = np.uint8(1) + np.uint8(twice >= scale) - np.uint8(-twice >= scale)
+
+
+@_jit
+def _pack_zero_runs(digits, n_groups, coded):
+    """Pack digits five to a byte and zero-run encode them into ``coded``; return the length.
+
+    Branch-free on the data (sparse gradients make a branch per group unpredictable): every
+    step writes its candidate byte and advances the output position only if the byte counts.
+    The writes stay inside ``coded[:n_groups]`` because the output never outruns the input.
+    """
+    out = 0
+    run = 0
+    for g in range(n_groups):
+        d = 5 * g
+        byte = (81 * np.int32(digits[d]) + 27 * np.int32(digits[d + 1]) + 9 * np.int32(digits[d + 2])
+                + 3 * np.int32(digits[d + 3]) + np.int32(digits[d + 4]))
+        zero = byte == _ZERO_GROUP
+        run_full = run + 1 == _MAX_RUN
+        # A zero group extends the run, emitting 255 when it reaches 14; any other group ends it.
+        coded[out] = 255 if zero else _RUN_CODE[run]
+        out += (1 if run_full else 0) if zero else (1 if run > 0 else 0)
+        coded[out] = byte
+        out += 0 if zero else 1
+        run = (0 if run_full else run + 1) if zero else 0
+    if run:
+        coded[out] = _RUN_CODE[run]
+        out += 1
+    return out
 
 
 @_jit_parallel
@@ -130,54 +211,28 @@ def encode_chunks(x, residual, has_residual, unit_starts, scales, chunk, coded, 
     """
     count = x.shape[0]
     groups_per_chunk = chunk // 5
-    n_chunks = chunk_lengths.shape[0]
-    for c in numba.prange(n_chunks):
+    for c in numba.prange(chunk_lengths.shape[0]):
         start = c * chunk
         stop = min(count, start + chunk)
-        digits = np.empty(chunk, dtype=np.uint8)
-        # Stage 1: ternary digits (q + 1), one unit piece at a time (a constant scale).
+        n_groups = (stop - start + 4) // 5
+        digits = np.empty(5 * n_groups, dtype=np.uint8)
+        # Stage 1: ternary digits, one piece of constant scale at a time.
         unit = np.searchsorted(unit_starts, start, side="right") - 1
         position = start
         while position < stop:
             while unit_starts[unit + 1] <= position:
                 unit += 1
             end = min(stop, unit_starts[unit + 1])
-            scale = scales[unit]
-            step = scale  # reconstruction of digit 2; digit 0 is -scale
             if has_residual:
-                for i in range(position, end):
-                    v = x[i] + residual[i]
-                    twice = np.float32(2.0) * v
-                    up = twice >= scale
-                    down = -twice >= scale
-                    digit = np.uint8(1) + np.uint8(up) - np.uint8(down)
-                    residual[i] = v - (np.float32(up) - np.float32(down)) * step
-                    digits[i - start] = digit
+                _quantize_with_residual(x[position:end], residual[position:end],
+                                        digits[position - start : end - start], scales[unit])
             else:
-                for i in range(position, end):
-                    twice = np.float32(2.0) * x[i]
-                    digits[i - start] = np.uint8(1) + np.uint8(twice >= scale) - np.uint8(-twice >= scale)
+                _quantize(x[position:end], digits[position - start : end - start], scales[unit])
             position = end
-        n_values = stop - start
-        for i in range(n_values, (n_values + 4) // 5 * 5):
-            digits[i] = 1  # pad the tail with zeros
-        # Stage 2: five digits to a byte, runs of zero bytes to one byte.
+        digits[stop - start :] = 1  # pad the tail with zeros
+        # Stage 2: bytes and zero runs.
         base = c * groups_per_chunk
-        out = base
-        run = 0
-        for g in range((n_values + 4) // 5):
-            d = 5 * g
-            byte = 81 * digits[d] + 27 * digits[d + 1] + 9 * digits[d + 2] + 3 * digits[d + 3] + digits[d + 4]
-            if byte == _ZERO_GROUP:
-                run += 1
-            else:
-                if run:
-                    out = _flush_run(coded, out, run)
-                    run = 0
-                coded[out] = byte
-                out += 1
-        out = _flush_run(coded, out, run)
-        chunk_lengths[c] = out - base
+        chunk_lengths[c] = _pack_zero_runs(digits, n_groups, coded[base : base + n_groups])
 
 
 @_jit_parallel
@@ -189,6 +244,49 @@ def gather_chunks(coded, stride, chunk_lengths, body):
         offsets[c + 1] = offsets[c] + chunk_lengths[c]
     for c in numba.prange(n_chunks):
         body[offsets[c] : offsets[c + 1]] = coded[c * stride : c * stride + chunk_lengths[c]]
+
+
+@_jit
+def _expand_zero_runs(coded, groups):
+    """Undo zero-run encoding into ``groups`` (pre-filled with 121); False if the counts disagree.
+
+    Branch-free on the data like :func:`_pack_zero_runs`; the one branch, the bounds check
+    that numba does not do for us, is never taken on a valid payload.
+    """
+    n_groups = groups.shape[0]
+    position = 0
+    for b in range(coded.shape[0]):
+        if position >= n_groups:
+            return False
+        byte = coded[b]
+        groups[position] = _GROUP_BYTE[byte]
+        position += _GROUPS[byte]
+    return position == n_groups
+
+
+@_jit
+def _write_values(groups, first, stop, scale, out, accumulate):
+    """out[i - first] (+)= q_i * scale for chunk-relative values i in [first, stop)."""
+    # Whole groups inside the range go five at a time; the (at most two) partial ones value by value.
+    g_first = (first + 4) // 5
+    g_stop = stop // 5
+    if g_first >= g_stop:
+        g_first = g_stop = stop
+    for i in range(first, min(stop, 5 * g_first)):
+        value = _Q_TABLE[5 * np.int64(groups[i // 5]) + i % 5] * scale
+        out[i - first] = out[i - first] + value if accumulate else value
+    for g in range(g_first, g_stop):
+        t = 5 * np.int64(groups[g])
+        o = 5 * g - first
+        if accumulate:
+            for j in range(5):
+                out[o + j] += _Q_TABLE[t + j] * scale
+        else:
+            for j in range(5):
+                out[o + j] = _Q_TABLE[t + j] * scale
+    for i in range(max(first, 5 * g_stop), stop):
+        value = _Q_TABLE[5 * np.int64(groups[i // 5]) + i % 5] * scale
+        out[i - first] = out[i - first] + value if accumulate else value
 
 
 @_jit_parallel
@@ -204,35 +302,15 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, a
     for c in numba.prange(n_chunks):
         start = c * chunk
         stop = min(count, start + chunk)
-        n_values = stop - start
-        n_groups = (n_values + 4) // 5
-        q = np.empty(n_groups * 5, dtype=np.float32)
-        group = 0
-        bad = False
-        for b in range(chunk_offsets[c], chunk_offsets[c + 1]):
-            byte = body[b]
-            if byte > 242:
-                run = byte - _RUN_BASE
-                if group + run > n_groups:
-                    bad = True
-                    break
-                for i in range(5 * group, 5 * (group + run)):
-                    q[i] = 0.0
-                group += run
-            else:
-                if group >= n_groups:
-                    bad = True
-                    break
-                for j in range(5):
-                    q[5 * group + j] = _Q_TABLE[5 * byte + j]
-                group += 1
-        if group != n_groups:
-            bad = True
-        if not bad:
-            for i in range(n_values, 5 * n_groups):
-                if q[i] != 0.0:
-                    bad = True
-        if bad:
+        n_groups = (stop - start + 4) // 5
+        groups = np.full(n_groups, _ZERO_GROUP, dtype=np.uint8)
+        ok = _expand_zero_runs(body[chunk_offsets[c] : chunk_offsets[c + 1]], groups)
+        if ok:
+            last = 5 * np.int64(groups[n_groups - 1])
+            for j in range(stop - start - 5 * (n_groups - 1), 5):
+                if _Q_TABLE[last + j] != 0.0:
+                    ok = False  # tail padding must be zero digits
+        if not ok:
             status[c] = True
             continue
         unit = np.searchsorted(unit_starts, start, side="right") - 1
@@ -241,13 +319,7 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, a
             while unit_starts[unit + 1] <= position:
                 unit += 1
             end = min(stop, unit_starts[unit + 1])
-            scale = scales[unit]
-            if accumulate:
-                for i in range(position, end):
-                    out[i] += q[i - start] * scale
-            else:
-                for i in range(position, end):
-                    out[i] = q[i - start] * scale
+            _write_values(groups, position - start, end - start, scales[unit], out[position:end], accumulate)
             position = end
     for c in range(n_chunks):
         if status[c]:

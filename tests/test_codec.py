@@ -1,0 +1,227 @@
+"""The numba codec against the numpy reference, bit for bit, plus its contract and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import threelc
+from threelc import format as fmt
+from threelc import kernels, reference
+
+from awkward import AWKWARD, AWKWARD_IDS, FLT_MAX
+
+SPARSITIES = [1.0, 1.5, 1.9]
+
+
+def check_against_reference(x, segments, *, sparsity, block, chunk, residual_seed=None):
+    """compress/decompress equal the reference byte for byte and float for float."""
+    residual = residual_ref = None
+    if residual_seed is not None:
+        rng = np.random.default_rng(residual_seed)
+        residual = (rng.standard_normal(x.size) * 0.1).astype(np.float32)
+        residual_ref = residual.copy()
+    payload = threelc.compress(x, sparsity=sparsity, residual=residual, segments=segments, block=block, chunk=chunk)
+    expected = reference.encode(x, sparsity=sparsity, residual=residual_ref, segments=segments,
+                                block=block or 0, chunk=chunk)
+    assert payload.dtype == np.uint8
+    assert payload.tobytes() == expected.tobytes()
+    if residual is not None:
+        assert residual.tobytes() == residual_ref.tobytes()
+    decoded = threelc.decompress(payload)
+    assert decoded.tobytes() == reference.decode(payload).tobytes()
+    return payload, decoded
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("name,x,segments", AWKWARD, ids=AWKWARD_IDS)
+def test_matches_reference(name, x, segments, sparsity):
+    for block in (None, 3, 1024):
+        for chunk in (5, 10, fmt.DEFAULT_CHUNK):
+            check_against_reference(x, segments, sparsity=sparsity, block=block, chunk=chunk)
+    check_against_reference(x, segments, sparsity=sparsity, block=None, chunk=10, residual_seed=7)
+
+
+def test_large_array_matches_reference_across_chunks():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_t(3, 3 * fmt.DEFAULT_CHUNK + 17) * 1e-2).astype(np.float32)
+    x[1000:50000] = 0  # a zero stretch that crosses a chunk border
+    segments = [5, 40000, 60000, x.size - 100005]
+    for block in (None, 1024):
+        check_against_reference(x, segments, sparsity=1.5, block=block, chunk=fmt.DEFAULT_CHUNK, residual_seed=3)
+
+
+def test_documented_example():
+    x = np.array([0.1, -2.0, 0.9, 1.2, 0.0, 0.0], dtype=np.float32)
+    assert threelc.decompress(threelc.compress(x)).tolist() == [0.0, -2.0, 0.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "groups,codes",
+    [(1, [121]), (2, [243]), (14, [255]), (15, [255, 121]), (16, [255, 243]),
+     (29, [255, 255, 121]), (70, [255] * 5), (71, [255] * 5 + [121])],
+)
+def test_zero_run_codes(groups, codes):
+    """A run of k zero groups between two nonzero groups codes exactly as the spec says."""
+    x = np.zeros(5 * (groups + 2), dtype=np.float32)
+    x[0] = x[-1] = 1.0
+    payload = threelc.compress(x)
+    body = payload[-(len(codes) + 2):]
+    assert body.tolist() == [81 * 2 + 27 + 9 + 3 + 1] + codes + [81 + 27 + 9 + 3 + 2]
+
+
+def test_stages_match_reference():
+    rng = np.random.default_rng(0)
+    digits = rng.choice([0, 1, 2], size=5 * 300, p=[0.05, 0.9, 0.05]).astype(np.uint8)
+    coded = np.empty(300, dtype=np.uint8)
+    length = kernels._pack_zero_runs(digits, 300, coded)
+    expected = reference.zero_run_encode(reference.pack(digits))
+    assert coded[:length].tolist() == expected.tolist()
+    assert reference.unpack(reference.zero_run_decode(expected), digits.size).tolist() == digits.tolist()
+
+
+def test_quantization_rule_exact_halves_round_away_from_zero():
+    x = np.array([1.0, 0.5, -0.5, np.nextafter(np.float32(0.5), 0), 0.25], dtype=np.float32)
+    assert threelc.decompress(threelc.compress(x)).tolist() == [1.0, 1.0, -1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_largest_value_always_survives(sparsity):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(999).astype(np.float32)
+    decoded = threelc.decompress(threelc.compress(x, sparsity=sparsity))
+    peak = np.argmax(np.abs(x))
+    assert np.sign(decoded[peak]) == np.sign(x[peak])
+    assert np.float32(abs(decoded[peak])) == np.float32(min(float(abs(x[peak])) * float(np.float32(sparsity)), FLT_MAX))
+
+
+def test_all_zeros_and_huge_values_give_finite_output():
+    zeros = np.zeros(50, np.float32)
+    residual = np.zeros(50, np.float32)
+    assert threelc.decompress(threelc.compress(zeros, residual=residual)).tolist() == [0.0] * 50
+    assert not residual.any()
+    huge = np.array([FLT_MAX, -FLT_MAX, FLT_MAX / 3], np.float32)
+    residual = np.zeros(3, np.float32)
+    decoded = threelc.decompress(threelc.compress(huge, sparsity=1.9, residual=residual))
+    assert np.all(np.isfinite(decoded)) and np.all(np.isfinite(residual))
+    assert decoded.tolist() == [FLT_MAX, -FLT_MAX, 0.0]
+
+
+def test_residual_invariant_is_exact():
+    """decoded + new residual == x + old residual exactly, step after step."""
+    rng = np.random.default_rng(9)
+    residual = np.zeros(5000, np.float32)
+    for step in range(20):
+        x = (rng.standard_t(3, 5000) * 1e-3).astype(np.float32)
+        target = x + residual
+        decoded = threelc.decompress(threelc.compress(x, sparsity=1.5, residual=residual, block=256))
+        assert np.array_equal(decoded + residual, target), step
+
+
+def test_error_feedback_bounds_the_accumulated_error():
+    """With error feedback, the sum of decoded payloads tracks the sum of inputs."""
+    rng = np.random.default_rng(4)
+    residual = np.zeros(2000, np.float32)
+    sent = np.zeros(2000, np.float64)
+    true = np.zeros(2000, np.float64)
+    for _ in range(200):
+        x = (rng.standard_normal(2000) * 1e-3).astype(np.float32)
+        true += x
+        sent += threelc.decompress(threelc.compress(x, sparsity=1.9, residual=residual, block=128))
+    # The gap is exactly the residual, which stays bounded while the sums grow.
+    assert np.allclose(true - sent, residual, atol=1e-5)
+    assert np.abs(residual).max() < 0.02 and np.abs(true).max() > 0.03
+
+
+def test_decompress_add_accumulates_and_writes_into_out():
+    rng = np.random.default_rng(3)
+    payloads = [threelc.compress(rng.standard_normal(777).astype(np.float32), segments=[7, 770]) for _ in range(4)]
+    total = np.zeros(777, np.float32)
+    expected = np.zeros(777, np.float32)
+    for payload in payloads:
+        assert threelc.decompress_add(payload, total) is total
+        expected += reference.decode(payload)
+    assert total.tobytes() == expected.tobytes()
+    out = np.full((7, 111), 5.0, np.float32)
+    assert threelc.decompress(payloads[0], out=out) is out
+    assert out.ravel().tobytes() == reference.decode(payloads[0]).tobytes()
+
+
+def test_raw_payload_round_trip():
+    x = np.array([1.5, -0.0, np.float32(3e-41), 7.0], np.float32)
+    payload = threelc.compress_raw(x)
+    assert threelc.payload_info(payload).encoding == fmt.ENCODING_RAW
+    assert threelc.decompress(payload).tobytes() == x.tobytes()
+    acc = np.ones(4, np.float32)
+    threelc.decompress_add(payload, acc)
+    assert acc.tolist() == (x + 1).tolist()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input(bad):
+    x = np.ones(12, np.float32)
+    x[7] = bad
+    residual = np.full(12, 0.25, np.float32)
+    with pytest.raises(threelc.NonFiniteError, match="NaN or Inf"):
+        threelc.compress(x, residual=residual)
+    payload = threelc.compress(x, residual=residual, nonfinite="flag")
+    assert threelc.payload_info(payload).nonfinite
+    assert np.all(residual == 0.25), "the residual must not be touched"
+    assert np.all(np.isnan(threelc.decompress(payload)))
+    acc = np.zeros(12, np.float32)
+    assert np.all(np.isnan(threelc.decompress_add(payload, acc)))
+
+
+def test_nonfinite_from_overflowing_residual():
+    x = np.array([FLT_MAX, 1.0], np.float32)
+    residual = np.array([FLT_MAX, 0.0], np.float32)
+    with pytest.raises(threelc.NonFiniteError):
+        threelc.compress(x, residual=residual)
+    assert residual.tolist() == [FLT_MAX, 0.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(sparsity=2.0), ValueError, "sparsity"),
+        (dict(sparsity=0.99), ValueError, "sparsity"),
+        (dict(sparsity=float("nan")), ValueError, "sparsity"),
+        (dict(segments=[3, 3]), ValueError, "sum to 6"),
+        (dict(segments=[11, -1]), ValueError, "non-negative"),
+        (dict(segments=[[10]]), ValueError, "1-D"),
+        (dict(block=0), ValueError, "block"),
+        (dict(chunk=7), ValueError, "chunk"),
+        (dict(nonfinite="ignore"), ValueError, "nonfinite"),
+        (dict(residual=np.zeros(9, np.float32)), ValueError, "residual has 9"),
+        (dict(residual=np.zeros(10, np.float64)), TypeError, "residual must be float32"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        threelc.compress(np.ones(10, np.float32), **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(TypeError, match="float32"):
+        threelc.compress(np.ones(10))
+    with pytest.raises(ValueError, match="contiguous"):
+        threelc.compress(np.ones(20, np.float32)[::2])
+    payload = threelc.compress(np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="out has 9 values"):
+        threelc.decompress(payload, out=np.zeros(9, np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        threelc.decompress_add(payload, np.zeros(10, np.float64))
+    readonly = np.zeros(10, np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        threelc.compress(np.ones(10, np.float32), residual=readonly)
+
+
+def test_shapes_are_flattened():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert threelc.decompress(threelc.compress(x)).size == 12
+
+
+def test_payload_from_bytes():
+    payload = threelc.compress(np.linspace(-1, 1, 33, dtype=np.float32))
+    assert threelc.decompress(payload.tobytes()).tobytes() == threelc.decompress(payload).tobytes()

@@ -1,0 +1,221 @@
+"""Attach a gradient-communication hook to a DDP model by name, with byte accounting.
+
+``threelc`` is this project's hook (it writes its own per-step JSON lines).  The baselines are
+PyTorch's built-in hooks; for them this module writes JSON lines in the same format, counting
+what their allreduces move under the ring model: an allreduce of ``B`` bytes sends and receives
+``2 (N - 1) / N * B`` bytes per rank.  Those are *collective bytes* (a model of the algorithm),
+not bytes measured on a wire; ``threelc emulate`` measures the wire.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from .runlog import append_jsonl, hook_stats_path
+
+__all__ = ["HOOKS", "attach_hook", "HookHandle", "ring_allreduce_bytes"]
+
+logger = logging.getLogger(__name__)
+
+HOOKS = ("allreduce", "fp16", "powersgd", "threelc")
+
+
+def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
+    """Bytes each rank sends (and receives) in a ring allreduce of ``nbytes``."""
+    return 2.0 * (world_size - 1) / world_size * nbytes if world_size > 1 else 0.0
+
+
+class HookHandle:
+    """What the training loop holds: ``step_done(step)`` after each optimizer step.
+
+    For the baselines it writes the step's accounting line; the threelc hook writes its own, so
+    there it only keeps ``state`` for ``stats()``.
+    """
+
+    def __init__(self, name: str, state=None, accounting: "_CollectiveAccounting | None" = None):
+        self.name = name
+        self.state = state
+        self.accounting = accounting
+
+    def step_done(self, step: int) -> None:
+        if self.accounting is not None:
+            self.accounting.write_step(step)
+
+    def close(self) -> None:
+        """Release the hook's resources (the threelc hook's worker thread)."""
+        if self.state is not None and hasattr(self.state, "close"):
+            self.state.close()
+
+    def totals(self) -> dict:
+        """Totals over the run: raw_bytes, sent_bytes, received_bytes (this rank)."""
+        if self.accounting is not None:
+            return dict(self.accounting.total)
+        if self.state is not None and hasattr(self.state, "stats"):
+            return dict(self.state.stats().get("total", {}))
+        return {}
+
+
+class _CollectiveAccounting:
+    """Per-step byte accounting, in the threelc hook's JSON-lines format, for allreduce hooks."""
+
+    def __init__(self, rank: int, world_size: int, stats_dir):
+        self.rank = rank
+        self.world_size = world_size
+        self.path = hook_stats_path(stats_dir, rank) if stats_dir else None
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+        self.total = {"raw_bytes": 0, "sent_bytes": 0.0, "received_bytes": 0.0}
+        self._reset()
+
+    def _reset(self):
+        self.raw_bytes = 0
+        self.collective_bytes = 0
+        self.comm_s = 0.0
+        self.compressed = False
+
+    def add(self, raw_bytes: int, allreduced_bytes: int, compressed: bool) -> None:
+        self.raw_bytes += raw_bytes
+        self.collective_bytes += allreduced_bytes
+        self.compressed = self.compressed or compressed
+
+    def timed(self, future: torch.futures.Future, start: float) -> torch.futures.Future:
+        """Chain a callback that adds the time from issue to completion to ``comm_s``."""
+
+        def _done(fut):
+            self.comm_s += time.perf_counter() - start
+            return fut.value()
+
+        return future.then(_done)
+
+    def write_step(self, step: int) -> None:
+        moved = ring_allreduce_bytes(self.collective_bytes, self.world_size)
+        self.total["raw_bytes"] += self.raw_bytes
+        self.total["sent_bytes"] += moved
+        self.total["received_bytes"] += moved
+        if self.path is not None:
+            append_jsonl(self.path, {
+                "step": step,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "raw_bytes": self.raw_bytes,
+                "sent_bytes": moved,
+                "received_bytes": moved,
+                "ratio": self.raw_bytes / moved if moved else None,
+                "compressed": self.compressed,
+                "compress_s": 0.0,
+                "decompress_s": 0.0,
+                "comm_s": self.comm_s,
+                "time": time.time(),
+                "accounting": "ring-allreduce-model",
+            })
+        self._reset()
+
+
+def _allreduce_hook(accounting: _CollectiveAccounting):
+    def hook(process_group, bucket):
+        buffer = bucket.buffer()
+        nbytes = buffer.numel() * buffer.element_size()
+        accounting.add(nbytes, nbytes, compressed=False)
+        return accounting.timed(default_hooks.allreduce_hook(process_group, bucket), time.perf_counter())
+
+    return hook
+
+
+def _fp16_hook(accounting: _CollectiveAccounting):
+    def hook(process_group, bucket):
+        buffer = bucket.buffer()
+        accounting.add(buffer.numel() * buffer.element_size(), buffer.numel() * 2, compressed=True)
+        return accounting.timed(default_hooks.fp16_compress_hook(process_group, bucket), time.perf_counter())
+
+    return hook
+
+
+def _powersgd_hook(accounting: _CollectiveAccounting):
+    """PyTorch's PowerSGD hook, serialized, with the elements its allreduces move counted.
+
+    PowerSGD issues its second and third allreduce from future callbacks; on gloo with several
+    buckets those can run in a different order on different ranks ("collective mismatch").
+    Waiting for each bucket's future before returning keeps every rank's order identical.
+    The state's ``total_numel_after_compression`` grows by exactly what the allreduces move
+    (uncompressed tensors + P + Q) in a compressing iteration; warm-up iterations allreduce
+    the whole bucket.
+    """
+
+    def hook(state, bucket):
+        buffer = bucket.buffer()
+        nbytes = buffer.numel() * buffer.element_size()
+        compressing = state.iter >= state.start_powerSGD_iter
+        numel_before = state.total_numel_after_compression
+        start = time.perf_counter()
+        future = powerSGD_hook.powerSGD_hook(state, bucket)
+        future.wait()
+        accounting.comm_s += time.perf_counter() - start
+        moved = (state.total_numel_after_compression - numel_before) if compressing else buffer.numel()
+        accounting.add(nbytes, moved * buffer.element_size(), compressed=compressing)
+        return future
+
+    return hook
+
+
+def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps):
+    try:
+        from threelc.hooks import register
+    except ImportError as error:  # the hook is developed in parallel; say so plainly
+        raise RuntimeError(f"the threelc hook is not available ({error}); use --hook allreduce|fp16|powersgd") from error
+    options = {"sparsity": sparsity, "collective": collective, "stats_dir": stats_dir}
+    if warmup_steps is not None:
+        # Pass the warm-up only under the name the installed hook accepts.
+        accepted = inspect.signature(register).parameters
+        for name in ("start_iter", "warmup_steps"):
+            if name in accepted:
+                options[name] = warmup_steps
+                break
+        else:
+            logger.warning("the installed threelc hook takes no warm-up option; ignoring %s", warmup_steps)
+    return register(ddp_model, **options)
+
+
+def attach_hook(
+    ddp_model,
+    name: str,
+    *,
+    sparsity: float = 1.0,
+    collective: str = "auto",
+    stats_dir=None,
+    powersgd_rank: int = 1,
+    warmup_steps: int | None = None,
+) -> HookHandle:
+    """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
+
+    ``warmup_steps``: uncompressed allreduce iterations before compression starts (PowerSGD's
+    ``start_powerSGD_iter``, default 2; passed to the threelc hook if it accepts one).
+    """
+    if name not in HOOKS:
+        raise ValueError(f"unknown hook {name!r}; choose one of {', '.join(HOOKS)}")
+    if name == "threelc":
+        state = _register_threelc(ddp_model, sparsity=sparsity, collective=collective, stats_dir=stats_dir,
+                                  warmup_steps=warmup_steps)
+        return HookHandle(name, state=state)
+    accounting = _CollectiveAccounting(dist.get_rank(), dist.get_world_size(), stats_dir)
+    if name == "allreduce":
+        ddp_model.register_comm_hook(None, _allreduce_hook(accounting))
+        return HookHandle(name, accounting=accounting)
+    if name == "fp16":
+        ddp_model.register_comm_hook(None, _fp16_hook(accounting))
+        return HookHandle(name, accounting=accounting)
+    # PowerSGD needs start_powerSGD_iter >= 2 with error feedback (DDP rebuilds buckets after step 1).
+    state = powerSGD_hook.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=powersgd_rank,
+        start_powerSGD_iter=max(2, 2 if warmup_steps is None else warmup_steps),
+        use_error_feedback=True,
+        warm_start=True,
+    )
+    ddp_model.register_comm_hook(state, _powersgd_hook(accounting))
+    return HookHandle(name, state=state, accounting=accounting)

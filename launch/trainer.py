@@ -1,0 +1,220 @@
+"""The training loop the examples share: torchrun environment, DDP, hook, logging, progress.
+
+An example supplies a *task* (model, batches, loss, evaluation) and calls :func:`main`; this module
+does the rest, identically for every example:
+
+1. join the process group (gloo) from torchrun's environment, or run alone without torchrun;
+2. seed every rank identically, build the model, wrap it in DDP, attach the chosen hook;
+3. train for ``--steps`` steps; rank 0 logs ``metrics.jsonl`` (loss, wall time, step time, and
+   the task's evaluation every ``--eval-every`` steps) and draws a progress bar;
+4. under ``threelc emulate`` (``GLOO_SOCKET_IFNAME`` names an interface here), local rank 0 of
+   each node logs that interface's byte counters after every step, so wire bytes can be
+   measured over the steady-state steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import socket
+import statistics
+import time
+import warnings
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .comm import HOOKS, attach_hook
+from .linkstats import interface_exists, read_counters
+from .progress import ProgressBar
+from .runlog import RunWriter, append_jsonl, default_run_dir, link_stats_path
+
+__all__ = ["Task", "add_common_arguments", "main", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    """What an example provides to the shared loop."""
+
+    name: str  # e.g. "digits-cnn"
+    eval_metric: str  # key of the headline evaluation, e.g. "test_accuracy" or "val_loss"
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def build_optimizer(self, parameters) -> torch.optim.Optimizer: ...
+
+    def batches(self, rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An endless, seeded stream of this rank's (inputs, targets) batches."""
+
+    def loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """Held-out metrics, e.g. ``{"test_accuracy": 0.97}``; called on rank 0."""
+
+    def describe(self) -> dict:
+        """JSON-able facts for config.json (parameter count, data sizes, ...)."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every example takes (hook, steps, logging, seeds)."""
+    group = parser.add_argument_group("communication")
+    group.add_argument("--hook", choices=HOOKS, default="allreduce", help="gradient communication (default: %(default)s)")
+    group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in [1, 2) (default: %(default)s)")
+    group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default="auto",
+                       help="3LC collective (default: %(default)s)")
+    group.add_argument("--powersgd-rank", type=int, default=1, help="PowerSGD matrix rank (default: %(default)s)")
+    group.add_argument("--warmup-steps", type=int, default=None,
+                       help="uncompressed steps before compression starts (default: the hook's own)")
+    group.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (default: %(default)s)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=32, help="per-worker batch size (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=None, help="learning rate (default: the example's)")
+    group.add_argument("--seed", type=int, default=0, help="seed for model, data order and sampling (default: %(default)s)")
+    group.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
+    group = parser.add_argument_group("logging")
+    group.add_argument("--run-dir", default=default_run_dir(None),
+                       help="run folder for config.json, metrics.jsonl and per-rank hook stats "
+                            "(default: $THREELC_RUN_DIR, else no files)")
+    group.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps and at the end (default: %(default)s)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+
+
+def _init_process_group() -> None:
+    """Join torchrun's process group, or form a group of one when started without torchrun."""
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        with socket.socket() as probe:  # any free port
+            probe.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(probe.getsockname()[1]))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+
+
+def _link_logger(run_dir) -> Callable[[int], None] | None:
+    """Per-step interface counters on local rank 0 of each node, when an interface is named."""
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    if not run_dir or os.environ.get("LOCAL_RANK", "0") != "0" or not interface_exists(interface):
+        return None
+    node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")))
+    path = link_stats_path(run_dir, node_rank)
+    if path.exists():
+        path.unlink()
+
+    def log(step: int) -> None:
+        append_jsonl(path, {"step": step, "node_rank": node_rank, "interface": interface,
+                            "time": time.time(), **read_counters(interface)})
+
+    return log
+
+
+def _config(args, task: Task, world_size: int) -> dict:
+    return {
+        "task": task.name,
+        "eval_metric": task.eval_metric,
+        "hook": args.hook,
+        "sparsity": args.sparsity,
+        "collective": args.collective,
+        "powersgd_rank": args.powersgd_rank,
+        "warmup_steps": args.warmup_steps,
+        "bucket_cap_mb": args.bucket_cap_mb,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "world_size": world_size,
+        "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+        "backend": "gloo",
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "task_config": task.describe(),
+        "args": {key: value for key, value in vars(args).items() if not callable(value)},
+    }
+
+
+def train(args, task: Task) -> dict:
+    """Run the loop; returns rank 0's final record (empty dict on other ranks)."""
+    torch.set_num_threads(args.threads)
+    # A conv weight with one input channel gets gradient strides DDP's bucket view does not
+    # mirror; DDP copies it and warns on every run. Harmless here, and noise for users.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    _init_process_group()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    handle = None
+    try:
+        if args.run_dir:  # every node writes its own ranks' stats, so every rank makes the folder
+            os.makedirs(args.run_dir, exist_ok=True)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        model = task.build_model()
+        ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+        handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
+                             stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
+                             warmup_steps=args.warmup_steps)
+        optimizer = task.build_optimizer(ddp_model.parameters())
+        writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
+        log_link = _link_logger(args.run_dir)
+        batches = task.batches(rank, world_size)
+        bar = ProgressBar(args.steps, label=f"{task.name} {args.hook}", enabled=(rank == 0 and not args.no_progress))
+        if log_link:
+            log_link(0)
+        dist.barrier()  # start the clock together
+        start = time.perf_counter()
+        step_times, record = [], {}
+        for step in range(1, args.steps + 1):
+            inputs, targets = next(batches)
+            step_start = time.perf_counter()
+            loss = task.loss(ddp_model, inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_s = time.perf_counter() - step_start
+            step_times.append(step_s)
+            handle.step_done(step)
+            if log_link:
+                log_link(step)
+            if rank != 0:
+                continue
+            record = {"step": step, "loss": float(loss.detach()), "time": time.perf_counter() - start, "step_s": step_s}
+            if step % args.eval_every == 0 or step == args.steps:
+                model.eval()
+                with torch.no_grad():
+                    record.update(task.evaluate(model))
+                model.train()
+            if writer:
+                writer.log(record)
+            bar.update(step, loss=record["loss"])
+        bar.close()
+        final = {}
+        if rank == 0:
+            final = {**record, "median_step_s": statistics.median(step_times), "wall_s": time.perf_counter() - start,
+                     "hook_totals_rank0": handle.totals()}
+            if writer:
+                writer.write_json("final.json", final)
+        dist.barrier()  # let every rank finish its stats lines before anyone tears down
+        return final
+    finally:
+        if handle is not None:
+            handle.close()
+        dist.destroy_process_group()
+
+
+def main(argv, *, description: str, add_task_arguments: Callable, build_task: Callable, defaults: dict | None = None) -> int:
+    """Parse ``argv`` (common + task options), build the task, train. Returns an exit code."""
+    logging.basicConfig(level=os.environ.get("THREELC_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    add_common_arguments(parser)
+    add_task_arguments(parser.add_argument_group("model and data"))
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    final = train(args, build_task(args))
+    if final:
+        metric = {key: value for key, value in final.items() if key in ("test_accuracy", "val_loss")}
+        print(f"done: {args.steps} steps, median step {final['median_step_s'] * 1e3:.1f} ms, {metric}", flush=True)
+    return 0

@@ -1,0 +1,32 @@
+"""Helpers shared by the launch, emulate and report tests: run torchrun jobs, check availability."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+__all__ = ["torchrun", "hook_available", "TINY_DIGITS"]
+
+#: A digits run small enough for a test: ~3.5k parameters, eval twice.
+TINY_DIGITS = ["--width", "4", "--batch-size", "16", "--eval-every", "5", "--no-progress"]
+
+
+def torchrun(nproc: int, module: str, args, *, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --standalone`` on this machine; raise with output on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", module, *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def hook_available() -> bool:
+    """Whether ``threelc.hooks.register`` exists yet (the hook is developed in parallel)."""
+    try:
+        return hasattr(importlib.import_module("threelc.hooks"), "register")
+    except ImportError:
+        return False

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import codec
 
-__all__ = ["add_arguments", "run", "gradient_like", "bench_codec"]
+__all__ = ["add_arguments", "run", "gradient_like", "bench_codec", "bench_compare"]
 
 
 def gradient_like(numel: int, seed: int = 0) -> np.ndarray:
@@ -72,6 +72,80 @@ def bench_codec(numel: int, sparsities, repeats: int, block: int = 1024) -> dict
     return results
 
 
+def _general_compressors():
+    """name -> compress function for the general-purpose compressors that are installed."""
+    compressors = {}
+    try:
+        import zstandard
+    except ImportError:  # the `bench` extra is optional
+        zstandard = None
+    if zstandard is not None:
+        for level in (1, 3):
+            compressors[f"zstd-{level}"] = zstandard.ZstdCompressor(level=level).compress
+    try:
+        import lz4.frame
+    except ImportError:
+        lz4 = None
+    if lz4 is not None:
+        compressors["lz4"] = lz4.frame.compress
+    return compressors
+
+
+def bench_compare(arrays: dict, repeats: int) -> list[dict]:
+    """Ratio and single-thread GB/s of 3LC, fp16 and general compressors on the same arrays.
+
+    ``arrays`` maps a name to (float32 array, segment sizes or None).  General compressors run
+    on the raw float32 bytes and, stacked, on the 3LC payload; every rate counts float32 input
+    bytes, so the columns compare directly.
+    """
+    numba.set_num_threads(1)
+    rows = []
+    try:
+        for name, (x, segments) in arrays.items():
+            gigabytes = x.nbytes / 1e9
+
+            def add(method, payload_bytes, seconds):
+                rows.append({"data": name, "method": method, "ratio": x.nbytes / payload_bytes,
+                             "gbps": gigabytes / seconds})
+
+            add("fp16 cast", x.nbytes // 2, _best_seconds(lambda: x.astype(np.float16), repeats))
+            raw = x.tobytes()
+            for label, function in _general_compressors().items():
+                add(f"{label} (float32)", len(function(raw)), _best_seconds(lambda: function(raw), repeats))
+            for sparsity in (1.0, 1.9):
+                residual = np.zeros_like(x)
+                payload = codec.compress(x, sparsity=sparsity, segments=segments)
+                seconds = _best_seconds(lambda: codec.compress(x, sparsity=sparsity, segments=segments,
+                                                               residual=residual), repeats)
+                add(f"3LC s={sparsity}", payload.size, seconds)
+                payload_bytes = payload.tobytes()
+                for label, function in _general_compressors().items():
+                    stacked = len(function(payload_bytes))
+                    extra = _best_seconds(lambda: function(payload_bytes), repeats)
+                    add(f"3LC s={sparsity} + {label}", stacked, seconds + extra)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    return rows
+
+
+def _print_compare(rows: list[dict]) -> None:
+    print()
+    print("Against general compressors (single thread; GB/s of float32 input; 3LC with error feedback)")
+    print("{:>22} {:>26} {:>9} {:>8}".format("data", "method", "ratio", "GB/s"))
+    for row in rows:
+        print("{:>22} {:>26} {:>8.1f}x {:>8.3f}".format(row["data"], row["method"], row["ratio"], row["gbps"]))
+
+
+def _captured_arrays(numel: int) -> dict:
+    """The synthetic array and real gradients of both examples (per-parameter segments)."""
+    from threelc.launch.gradients import capture_gradients
+
+    arrays = {"heavy-tailed synthetic": (gradient_like(numel), None)}
+    arrays["digits CNN (w=96) grads"] = capture_gradients("digits", 96)
+    arrays["char transformer grads"] = capture_gradients("text", 128)
+    return arrays
+
+
 def _print_table(results: dict) -> None:
     copy = results["copy_gbps"]
     machine = results["machine"]
@@ -95,13 +169,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[1.0, 1.5, 1.9])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the best is kept)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--compare", action="store_true",
+                        help="also compare with fp16 and zstd/lz4 on synthetic and real captured gradients")
+    parser.add_argument("--compare-numel", type=int, default=4_000_000,
+                        help="values of the synthetic array in the comparison")
 
 
 def run(args) -> int:
     """Run ``threelc bench``."""
     results = bench_codec(args.numel, args.sparsity, args.repeats)
+    if args.compare:
+        results["compare"] = bench_compare(_captured_arrays(args.compare_numel), max(1, args.repeats // 2))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         _print_table(results)
+        if args.compare:
+            _print_compare(results["compare"])
     return 0

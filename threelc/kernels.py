@@ -265,28 +265,33 @@ def _expand_zero_runs(coded, groups):
 
 
 @_jit
-def _write_values(groups, first, stop, scale, out, accumulate):
-    """out[i - first] (+)= q_i * scale for chunk-relative values i in [first, stop)."""
-    # Whole groups inside the range go five at a time; the (at most two) partial ones value by value.
-    g_first = (first + 4) // 5
-    g_stop = stop // 5
-    if g_first >= g_stop:
-        g_first = g_stop = stop
-    for i in range(first, min(stop, 5 * g_first)):
-        value = _Q_TABLE[5 * np.int64(groups[i // 5]) + i % 5] * scale
-        out[i - first] = out[i - first] + value if accumulate else value
-    for g in range(g_first, g_stop):
+def _write_values(groups, start, unit_starts, unit, scales, out, accumulate):
+    """out[i] (+)= q_i * scale for the values of one chunk, ``out`` being the chunk's slice.
+
+    Groups inside one unit (nearly all of them) go five values at a time with one scale; a group
+    that straddles a unit border, or the payload's partial last group, goes value by value.
+    """
+    count = out.shape[0]
+    unit_end = unit_starts[unit + 1] - start
+    scale = scales[unit]
+    for g in range((count + 4) // 5):
         t = 5 * np.int64(groups[g])
-        o = 5 * g - first
-        if accumulate:
-            for j in range(5):
-                out[o + j] += _Q_TABLE[t + j] * scale
-        else:
-            for j in range(5):
-                out[o + j] = _Q_TABLE[t + j] * scale
-    for i in range(max(first, 5 * g_stop), stop):
-        value = _Q_TABLE[5 * np.int64(groups[i // 5]) + i % 5] * scale
-        out[i - first] = out[i - first] + value if accumulate else value
+        o = 5 * g
+        if o + 5 <= unit_end and o + 5 <= count:
+            if accumulate:
+                for j in range(5):
+                    out[o + j] += _Q_TABLE[t + j] * scale
+            else:
+                for j in range(5):
+                    out[o + j] = _Q_TABLE[t + j] * scale
+            continue
+        for i in range(o, min(o + 5, count)):
+            while i >= unit_end:
+                unit += 1
+                unit_end = unit_starts[unit + 1] - start
+                scale = scales[unit]
+            value = _Q_TABLE[t + i - o] * scale
+            out[i] = out[i] + value if accumulate else value
 
 
 @_jit_parallel
@@ -314,13 +319,7 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, a
             status[c] = True
             continue
         unit = np.searchsorted(unit_starts, start, side="right") - 1
-        position = start
-        while position < stop:
-            while unit_starts[unit + 1] <= position:
-                unit += 1
-            end = min(stop, unit_starts[unit + 1])
-            _write_values(groups, position - start, end - start, scales[unit], out[position:end], accumulate)
-            position = end
+        _write_values(groups, start, unit_starts, unit, scales, out[start:stop], accumulate)
     for c in range(n_chunks):
         if status[c]:
             return c

@@ -9,7 +9,6 @@ not bytes measured on a wire; ``threelc emulate`` measures the wire.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 
@@ -43,9 +42,10 @@ class HookHandle:
         self.state = state
         self.accounting = accounting
 
-    def step_done(self, step: int) -> None:
+    def step_done(self, iteration: int) -> None:
+        """Close iteration ``iteration`` (0 for the first step, as the threelc hook counts)."""
         if self.accounting is not None:
-            self.accounting.write_step(step)
+            self.accounting.write_step(iteration)
 
     def close(self) -> None:
         """Release the hook's resources (the threelc hook's worker thread)."""
@@ -170,14 +170,7 @@ def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_step
         raise RuntimeError(f"the threelc hook is not available ({error}); use --hook allreduce|fp16|powersgd") from error
     options = {"sparsity": sparsity, "collective": collective, "stats_dir": stats_dir}
     if warmup_steps is not None:
-        # Pass the warm-up only under the name the installed hook accepts.
-        accepted = inspect.signature(register).parameters
-        for name in ("start_iter", "warmup_steps"):
-            if name in accepted:
-                options[name] = warmup_steps
-                break
-        else:
-            logger.warning("the installed threelc hook takes no warm-up option; ignoring %s", warmup_steps)
+        options["start_iter"] = warmup_steps  # ThreeLCState's name for its allreduce warm-up
     return register(ddp_model, **options)
 
 
@@ -194,7 +187,7 @@ def attach_hook(
     """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
 
     ``warmup_steps``: uncompressed allreduce iterations before compression starts (PowerSGD's
-    ``start_powerSGD_iter``, default 2; passed to the threelc hook if it accepts one).
+    ``start_powerSGD_iter``, default 2; the threelc hook's ``start_iter``, default 10).
     """
     if name not in HOOKS:
         raise ValueError(f"unknown hook {name!r}; choose one of {', '.join(HOOKS)}")

@@ -10,6 +10,11 @@ does the rest, identically for every example:
 4. under ``threelc emulate`` (``GLOO_SOCKET_IFNAME`` names an interface here), local rank 0 of
    each node logs that interface's byte counters after every step, so wire bytes can be
    measured over the steady-state steps only.
+
+Step numbering: ``metrics.jsonl`` and ``link-node*.jsonl`` count completed steps (1 is the end of
+the first step; the link log's 0 is the moment before it), while the hook logs follow the hook's
+contract and name a step by its iteration index (0 is the first step).  So hook line ``i`` covers
+what happened between link samples ``i`` and ``i + 1`` and belongs to metrics step ``i + 1``.
 """
 
 from __future__ import annotations
@@ -97,6 +102,31 @@ def _init_process_group() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
 
 
+def _limit_numba_threads(threads: int) -> None:
+    """Give numba's parallel kernels (the 3LC codec) ``threads`` threads per process.
+
+    numba sizes its thread pool once, from ``NUMBA_NUM_THREADS`` (default: all cores), when the
+    first parallel kernel runs, and ``numba.set_num_threads`` is per thread, so it cannot reach
+    the hook's worker thread.  With several workers per machine, every worker's pool would
+    claim every core: on 2 cores with 4 workers that made steps ~10x slower.  So, unless the
+    user chose a value, set it now, before any kernel ran, as torchrun does for OpenMP.
+    """
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return
+    try:
+        import numba
+        from numba.np.ufunc import parallel
+    except ImportError:
+        return
+    if getattr(parallel, "_is_initialized", True):
+        logger.warning("numba's thread pool already started; set NUMBA_NUM_THREADS to limit it")
+        return
+    count = max(1, min(threads, numba.config.NUMBA_DEFAULT_NUM_THREADS))
+    os.environ["NUMBA_NUM_THREADS"] = str(count)  # for child processes, and numba's own checks
+    numba.config.reload_config()
+    parallel.NUM_THREADS = count  # read once at import; the pool is launched from this value
+
+
 def _link_logger(run_dir) -> Callable[[int], None] | None:
     """Per-step interface counters on local rank 0 of each node, when an interface is named."""
     interface = os.environ.get("GLOO_SOCKET_IFNAME", "")
@@ -141,6 +171,7 @@ def _config(args, task: Task, world_size: int) -> dict:
 def train(args, task: Task) -> dict:
     """Run the loop; returns rank 0's final record (empty dict on other ranks)."""
     torch.set_num_threads(args.threads)
+    _limit_numba_threads(args.threads)
     # A conv weight with one input channel gets gradient strides DDP's bucket view does not
     # mirror; DDP copies it and warns on every run. Harmless here, and noise for users.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -175,7 +206,7 @@ def train(args, task: Task) -> dict:
             optimizer.step()
             step_s = time.perf_counter() - step_start
             step_times.append(step_s)
-            handle.step_done(step)
+            handle.step_done(step - 1)  # the hook logs iteration indices: 0 is the first step
             if log_link:
                 log_link(step)
             if rank != 0:

@@ -1,0 +1,82 @@
+"""Wire bytes from link counters, set beside the hook's own accounting, per node.
+
+Two windows:
+
+* ``whole_run``: counters before the first process started and after the last one ended
+  (rendezvous, process-group setup, model broadcast and all steps included);
+* ``steady``: from the end of the last warm-up step to the end of the last step, using the
+  per-step counters the training loop logs (``link-node{I}.jsonl``).  The hook's bytes are summed
+  over the same steps for the ranks of that node, so ``overhead = wire / hook - 1`` is what the
+  protocols add on top of the payload: Ethernet/IP/TCP headers (66 bytes per frame of at most
+  1448 payload bytes, ~4.6%), TCP ACKs for the opposite direction, gloo's message headers,
+  and any retransmissions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["steady_window", "node_traffic"]
+
+logger = logging.getLogger(__name__)
+
+
+def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
+    """(first, last) iteration index of steady-state training in one rank's hook log.
+
+    Starts at the first compressed iteration if the hook ever compressed (warm-up iterations
+    use allreduce), else at the second iteration (the first includes DDP's bucket rebuild).
+    ``None`` if too short.
+    """
+    steps = [line["step"] for line in hook_lines]
+    if not steps:
+        return None
+    compressed = [line["step"] for line in hook_lines if line.get("compressed")]
+    if compressed and not all(line.get("compressed") for line in hook_lines):
+        first = compressed[0]
+    else:
+        first = min(steps) + 1
+    last = max(steps)
+    return (first, last) if last >= first else None
+
+
+def _sum(lines, key, first, last):
+    return sum(line[key] for line in lines if first <= line["step"] <= last)
+
+
+def node_traffic(node: int, ranks: list[int], *, hook: dict[int, list[dict]], link_lines: list[dict],
+                 before: dict | None, after: dict | None, nproc_per_node: int) -> dict:
+    """One node's wire bytes (both windows) beside its ranks' hook bytes."""
+    record = {"node": node, "ranks": ranks}
+    if before and after:
+        record["whole_run"] = {key: after[key] - before[key] for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+    first_rank_lines = hook.get(ranks[0], []) if ranks else []
+    window = steady_window(first_rank_lines)
+    # Link sample k is taken after k completed steps; hook iteration i runs between samples i and i + 1.
+    by_step = {line["step"]: line for line in link_lines}
+    if window is None or window[0] not in by_step or (window[1] + 1) not in by_step:
+        record["steady"] = None
+        return record
+    first, last = window
+    start, end = by_step[first], by_step[last + 1]
+    steps = last - first + 1
+    wire = {key: end[key] - start[key] for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+    hook_sent = sum(_sum(hook.get(rank, []), "sent_bytes", first, last) for rank in ranks)
+    hook_received = sum(_sum(hook.get(rank, []), "received_bytes", first, last) for rank in ranks)
+    record["steady"] = {
+        "first_iteration": first,
+        "last_iteration": last,
+        "steps": steps,
+        **wire,
+        "tx_bytes_per_step": wire["tx_bytes"] / steps,
+        "rx_bytes_per_step": wire["rx_bytes"] / steps,
+        "hook_sent_bytes": hook_sent,
+        "hook_received_bytes": hook_received,
+        "hook_sent_bytes_per_step": hook_sent / steps,
+        "tx_overhead": (wire["tx_bytes"] / hook_sent - 1) if hook_sent else None,
+        "rx_overhead": (wire["rx_bytes"] / hook_received - 1) if hook_received else None,
+        # With several processes per node the hook also counts traffic between them, which
+        # stays on loopback: then the hook's figure is an upper bound of what leaves the node.
+        "hook_includes_intra_node": nproc_per_node > 1,
+    }
+    return record

@@ -1,0 +1,158 @@
+"""The emulated cluster: real wire bytes on shaped veth links, and cleanup in every case.
+
+These tests need root and iproute2.  They skip without them, except where the environment sets
+``THREELC_REQUIRE_EMULATION=1`` (CI does): there a missing capability is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch_helpers import hook_available
+from threelc.launch import netns
+from threelc.launch.wirebytes import node_traffic, steady_window
+
+REQUIRED = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
+
+
+def _require_emulation():
+    try:
+        netns.check_requirements()
+    except netns.EmulationUnavailable as error:
+        if REQUIRED:
+            pytest.fail(f"THREELC_REQUIRE_EMULATION=1 but the emulated cluster cannot run: {error}")
+        pytest.skip(str(error))
+
+
+def _emulate(tmp_path, name, script_args, *, nodes=2, rate="100mbit", timeout=180, extra=()):
+    out = tmp_path / name
+    command = [sys.executable, "-m", "threelc.cli", "emulate", "--nodes", str(nodes), "--rate", rate,
+               "--out", str(out), "--port", str(29600 + os.getpid() % 300), *extra, "--", *script_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert _ours(process.pid) == []
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), out
+
+
+def _ours(pid: int) -> list[str]:
+    return [name for name in netns.list_namespaces() if name.startswith(f"{netns.NAME_PREFIX}{pid}-")]
+
+
+def test_parse_rate():
+    assert netns.parse_rate("100mbit") == 100e6
+    assert netns.parse_rate("1gbit") == 1e9
+    assert netns.parse_rate("12mbps") == 96e6
+    with pytest.raises(ValueError, match="tc rate"):
+        netns.parse_rate("fast")
+
+
+def test_not_root_says_so(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(netns.EmulationUnavailable, match="needs root"):
+        netns.check_requirements()
+
+
+def test_no_iproute2_says_so(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns, "_tool", lambda name: None)
+    with pytest.raises(netns.EmulationUnavailable, match="iproute2"):
+        netns.check_requirements()
+
+
+def test_steady_window_and_overhead_arithmetic():
+    hook = {0: [{"step": i, "sent_bytes": 100, "received_bytes": 200, "compressed": i >= 2} for i in range(5)]}
+    assert steady_window(hook[0]) == (2, 4)
+    assert steady_window([{"step": i, "compressed": False} for i in range(3)]) == (1, 2)
+    links = [{"step": k, "tx_bytes": 1000 + 110 * k, "rx_bytes": 50 + 220 * k, "tx_packets": k, "rx_packets": k}
+             for k in range(6)]
+    record = node_traffic(0, [0], hook=hook, link_lines=links, before=links[0], after=links[-1], nproc_per_node=1)
+    steady = record["steady"]
+    assert (steady["first_iteration"], steady["last_iteration"], steady["steps"]) == (2, 4, 3)
+    assert steady["tx_bytes"] == 330 and steady["hook_sent_bytes"] == 300
+    assert steady["tx_overhead"] == pytest.approx(0.1) and steady["rx_overhead"] == pytest.approx(0.1)
+    assert record["whole_run"]["tx_bytes"] == 550
+
+
+def test_cluster_links_are_shaped_and_removed():
+    _require_emulation()
+    with netns.EmulatedCluster(2, rate="50mbit") as cluster:
+        assert set(_ours(os.getpid())) == {cluster.switch, cluster.node_namespace(0), cluster.node_namespace(1)}
+        qdiscs = subprocess.run(["tc", "-n", cluster.node_namespace(0), "qdisc", "show", "dev", "eth0"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "tbf" in qdiscs and "50Mbit" in qdiscs
+        # 2 MB from node 0 to node 1 over a 50 Mbit/s link: at least 0.3 s, and the counters see it.
+        server = ("import socket; s = socket.create_server(('10.77.0.2', 5001)); c, _ = s.accept(); n = 0\n"
+                  "while (d := c.recv(1 << 16)): n += len(d)\nprint(n)")
+        client = "import socket; s = socket.create_connection(('10.77.0.2', 5001)); s.sendall(b'x' * 2_000_000); s.close()"
+        receiver = subprocess.Popen(cluster.exec_prefix(1) + [sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        before = cluster.counters(0)
+        start = time.monotonic()
+        subprocess.run(cluster.exec_prefix(0) + [sys.executable, "-c", client], check=True, timeout=30)
+        assert receiver.communicate(timeout=30)[0].strip() == "2000000"
+        elapsed = time.monotonic() - start
+        sent = cluster.counters(0)["tx_bytes"] - before["tx_bytes"]
+        assert elapsed > 0.3
+        assert 2_000_000 * 1.03 < sent < 2_000_000 * 1.08  # ~4.6% Ethernet/IP/TCP headers per 1448-byte frame
+    assert _ours(os.getpid()) == []
+
+
+def test_failing_job_leaves_no_namespaces(tmp_path):
+    _require_emulation()
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    process = subprocess.Popen([sys.executable, "-m", "threelc.cli", "emulate", "--nodes", "2", "--out",
+                                str(tmp_path / "out"), "--", str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "failed" in stderr
+    assert _ours(process.pid) == []
+
+
+def test_interrupted_job_leaves_no_namespaces(tmp_path):
+    _require_emulation()
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\ntime.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-m", "threelc.cli", "emulate", "--nodes", "2", "--out",
+                                str(tmp_path / "out"), "--", str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(_ours(process.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_ours(process.pid)) == 3
+    time.sleep(2)  # let the nodes start
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert _ours(process.pid) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
+def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_path):
+    _require_emulation()
+    common = ["-m", "threelc.launch.train_digits", "--width", "16", "--steps", "12", "--warmup-steps", "3",
+              "--eval-every", "12", "--no-progress"]
+    steady = {}
+    for hook in ("allreduce", "threelc"):
+        result, out = _emulate(tmp_path, hook, [*common, "--hook", hook])
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        record = json.loads((out / "emulate.json").read_text())
+        assert record["exit_codes"] == [0, 0]
+        steady[hook] = [node["steady"] for node in record["nodes"]]
+        for node in steady[hook]:
+            # The wire carries at least what the hook says it sent, plus headers (and not 2x more).
+            assert node["hook_sent_bytes"] <= node["tx_bytes"] < 2 * node["hook_sent_bytes"] + 20_000
+            assert node["hook_received_bytes"] <= node["rx_bytes"]
+    # Steady state: threelc (3LC-compressed from iteration 3) against fp32 allreduce (from iteration 1).
+    assert [node["first_iteration"] for node in steady["threelc"]] == [3, 3]
+    for fp32, compressed in zip(steady["allreduce"], steady["threelc"]):
+        assert compressed["tx_bytes_per_step"] * 10 < fp32["tx_bytes_per_step"]
+        assert abs(fp32["tx_overhead"]) < 0.15  # headers (~4.6%) + ACKs; big messages

@@ -211,23 +211,50 @@ def _index_dtype(groups: int) -> torch.dtype:
     return torch.int32 if groups < 2**31 - 1 else torch.int64
 
 
-def _zero_run_encode(packed: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_run_encode(packed: torch.Tensor, groups_per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which groups emit a coded byte, and the inclusive cumulative count of emitted groups.
 
     A byte is emitted for every non-zero group and for the first group of every piece of up to
     14 zero groups; runs restart at chunk borders.  The body length is the count's last entry,
     and chunk c's coded bytes end at entry ``chunk_last_group[c]``.
     """
-    groups_per_chunk = plan.chunk // 5
-    index = torch.arange(plan.groups, device=packed.device, dtype=_index_dtype(plan.groups))
+    groups = packed.numel()
+    index = torch.arange(groups, device=packed.device, dtype=_index_dtype(groups))
     zero = packed == _ZERO_GROUP
     # A zero run starts after the last non-zero group or at its chunk's first group, whichever
     # is later: cummax carries "last non-zero index + 1" forward.
     after_nonzero = torch.cummax(torch.where(zero, 0, index + 1), dim=0).values
     chunk_start = index - index.remainder(groups_per_chunk)
-    position_in_run = index.sub_(torch.maximum(after_nonzero, chunk_start))
-    emitted = position_in_run.remainder_(_MAX_RUN).eq(0).logical_or_(zero.logical_not_())
+    position_in_run = index - torch.maximum(after_nonzero, chunk_start)
+    emitted = (position_in_run.remainder(_MAX_RUN) == 0) | ~zero
     return emitted, torch.cumsum(emitted, dim=0, dtype=torch.int64)
+
+
+def _quantize_stage(values: torch.Tensor, scale_per_value: torch.Tensor, digit_weights: torch.Tensor,
+                    groups_per_chunk: int):
+    """Ternary values, packed groups and the zero-run emission of all chunks: stages 3 and 4.
+
+    Returns ``q`` (int8, -1/0/+1 per value), the packed bytes (uint8, one per 5-value group),
+    which groups emit a coded byte, and their inclusive cumulative count.  Pure tensor code, so
+    ``torch.compile`` can fuse it (see ``fuse`` in :func:`compress_tensor`).
+    """
+    count = values.numel()
+    groups = (count + 4) // 5
+    twice = values * 2.0  # may overflow to Inf, which compares like the exact 2v would
+    up = twice >= scale_per_value
+    down = -twice >= scale_per_value
+    q = up.to(torch.int8) - down.to(torch.int8)
+    # Digits q + 1, the tail padded with digit 1 (a zero), five to a byte, first most significant.
+    digits = torch.nn.functional.pad(q + 1, (0, 5 * groups - count), value=1).to(torch.uint8)
+    packed = (digits.view(groups, 5) * digit_weights).sum(dim=1, dtype=torch.uint8)
+    emitted, emitted_cumsum = _zero_run_encode(packed, groups_per_chunk)
+    return q, packed, emitted, emitted_cumsum
+
+
+@functools.lru_cache(maxsize=1)
+def _fused_quantize_stage():
+    """:func:`_quantize_stage` compiled by torch.compile (built once, on first use)."""
+    return torch.compile(_quantize_stage, dynamic=True)
 
 
 def _compact_body(packed, emitted, emitted_cumsum, body_length: int, plan: _Plan) -> torch.Tensor:
@@ -251,7 +278,8 @@ def _compact_body(packed, emitted, emitted_cumsum, body_length: int, plan: _Plan
 
 
 def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | None = None, segments=None,
-                    block=None, nonfinite: str = "flag", chunk: int = fmt.DEFAULT_CHUNK) -> torch.Tensor:
+                    block=None, nonfinite: str = "flag", chunk: int = fmt.DEFAULT_CHUNK,
+                    fuse: bool = False) -> torch.Tensor:
     """Compress a float32 tensor with 3LC into a payload on the same device.
 
     The payload's bytes equal ``threelc.compress`` on the same values and arguments.
@@ -273,6 +301,10 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
         "raise") because a DDP hook must still send something every rank can decode.
     chunk : int
         Values per independently coded chunk (a multiple of 5).
+    fuse : bool
+        Run the quantization, packing and zero-run stages through ``torch.compile``, which fuses
+        their element-wise passes (Triton on CUDA, C++ on CPU).  The first call per device and
+        shape compiles (seconds to a minute); the bytes are the same either way.
 
     Returns
     -------
@@ -314,15 +346,9 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
         None, None
     if count:
         scale_per_value = _unit_scales_per_value(scales, plan)
-        twice = values * 2.0  # may overflow to Inf, which compares like the exact 2v would
-        up = twice >= scale_per_value
-        down = twice.neg_() >= scale_per_value  # twice is not needed any more
-        # bool is one byte 0/1: reinterpreting it as int8 avoids a conversion pass.
-        digits_q = up.view(torch.int8) - down.view(torch.int8)
-        digits = torch.ones(5 * plan.groups, dtype=torch.uint8, device=device)  # tail padding: digit 1
-        torch.add(digits_q.view(torch.uint8), 1, out=digits[:count])
-        packed = (digits.view(plan.groups, 5) * plan.digit_weights).sum(dim=1, dtype=torch.uint8)
-        emitted, emitted_cumsum = _zero_run_encode(packed, plan)
+        stage = _fused_quantize_stage() if fuse else _quantize_stage
+        digits_q, packed, emitted, emitted_cumsum = stage(values, scale_per_value, plan.digit_weights,
+                                                          chunk // 5)
         # The one host synchronisation: the payload's size depends on both of these.
         finite_flag, body_length = torch.stack([finite.to(torch.int64), emitted_cumsum[-1]]).tolist()
         if not finite_flag:

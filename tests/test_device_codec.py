@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -259,6 +260,25 @@ def test_valid_bodies_the_encoder_never_writes_decode_like_numba():
         assert bits(decompress_tensor(torch.from_numpy(candidate))) == threelc.decompress(candidate).tobytes()
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_fused_stage_gives_the_same_bytes():
+    # torch.compile (inductor) fuses the element-wise passes; every operation in the stage is
+    # exact, so fusion must not change a bit.  One compile (dynamic shapes) serves all cases.
+    rng = np.random.default_rng(12)
+    for size, segment_sizes, block, chunk in ((1003, [500, 503], 64, 100), (4096, [1, 4000, 95], None, 55),
+                                              (70, [35, 35], None, 10)):
+        x = (rng.standard_t(3, size) * 1e-2).astype(np.float32)
+        x[size // 4 : size // 2] = 0
+        residual_numba = (rng.standard_normal(size) * 1e-3).astype(np.float32)
+        residual_device = torch.from_numpy(residual_numba.copy())
+        expected = threelc.compress(x, sparsity=1.5, residual=residual_numba, segments=segment_sizes, block=block,
+                                    chunk=chunk)
+        payload = compress_tensor(torch.from_numpy(x), sparsity=1.5, residual=residual_device,
+                                  segments=segment_sizes, block=block, chunk=chunk, fuse=True)
+        assert bits(payload) == expected.tobytes()
+        assert bits(residual_device) == residual_numba.tobytes()
+
+
 # ---- golden fixtures -----------------------------------------------------------------------------
 
 def _golden_cases():
@@ -309,7 +329,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     from threelc.launch import gpu_check
 
     out = tmp_path / "gpu_check.json"
-    assert gpu_check.main(["--device", "cpu", "--numel", "20000", "--repeats", "1", "--no-nccl",
+    assert gpu_check.main(["--device", "cpu", "--numel", "20000", "--repeats", "1", "--no-nccl", "--no-fuse",
                            "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["identical"] is True

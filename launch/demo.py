@@ -69,7 +69,19 @@ def _run_emulated(args, hook: str, run_dir: Path) -> int:
     return max(abs(code or 0) for code in record["exit_codes"])
 
 
+def _missing_modules() -> list[str]:
+    """The demo's optional dependencies that are not installed (the data set and the plots)."""
+    import importlib.util
+
+    return [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+
+
 def run(args) -> int:
+    missing = _missing_modules()
+    if missing:
+        print(f"threelc demo needs {' and '.join(missing)}: pip install scikit-learn matplotlib "
+              "(or the project's [test] extra)", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/demo-{stamp}").resolve()

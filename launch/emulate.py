@@ -213,6 +213,9 @@ def run(args) -> int:
         print("threelc emulate: give the training command after `--`, e.g. "
               "`-- -m threelc.launch.train_digits --hook threelc`", file=sys.stderr)
         return 2
+    if "--run-dir" in command:
+        print("threelc emulate: warning: --run-dir in the training command overrides --out; wire bytes per step "
+              "need the training logs in --out", file=sys.stderr)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/emulate-{stamp}").resolve()
     rate = None if str(args.rate).lower() in ("none", "0", "") else args.rate

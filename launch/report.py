@@ -90,7 +90,7 @@ def plot_runs(runs: list[Run], out_dir) -> list[Path]:
             "loss": _smooth([record["loss"] for record in run.metrics]),
             "time": [record["time"] for record in run.metrics],
             "sent": [sent.get(step, float("nan")) / 1e6 for step in steps],
-            "eval_steps": [record["step"] for record in run.metrics if metric in record],
+            "eval_sent": [sent.get(record["step"], float("nan")) / 1e6 for record in run.metrics if metric in record],
             "eval": [record[metric] for record in run.metrics if metric in record],
             "metric": metric,
         })
@@ -115,8 +115,7 @@ def plot_runs(runs: list[Run], out_dir) -> list[Path]:
         paths.append(out_dir / name)
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for item in series:
-        sent = cumulative_sent_by_step(next(run for run in runs if item["label"].startswith(run.name + " ")))
-        axes.plot([sent.get(step, float("nan")) / 1e6 for step in item["eval_steps"]], item["eval"], "o-", label=item["label"])
+        axes.plot(item["eval_sent"], item["eval"], "o-", label=item["label"])
     axes.set_xscale("log")
     axes.set_xlabel("MB sent by rank 0 (hook accounting, log scale)")
     axes.set_ylabel(", ".join(sorted({item["metric"] for item in series})))

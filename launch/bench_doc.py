@@ -1,0 +1,498 @@
+"""What ``threelc bench train`` concludes from its runs, and ``docs/benchmarks.md`` written from them.
+
+Input: the ``bench.json`` of one run of :mod:`threelc.launch.bench_train` (its ``cells`` and
+``scaling`` rows).  Definitions used throughout:
+
+* **compute floor**: fp32 allreduce's median step time on the unshaped network (links as fast
+  as this machine moves bytes between namespaces);
+* **target metric**: fp32 allreduce's final test accuracy minus 1 point (digits), or its final
+  validation loss plus 0.05 nats (text) - "as good as allreduce, within the issue's tolerance";
+* **time to target**: seconds of training steps (evaluation excluded) until the first evaluation
+  that meets the target.  Measured on the unshaped network; on a shaped link, estimated from
+  the accuracy run's steps to the target: its warm-up steps at fp32 allreduce's median step time
+  on that link, the other steps at the hook's (marked ``~``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+__all__ = ["Analysis", "analyze", "check_targets", "headline_text", "write_doc", "plot_bench"]
+
+logger = logging.getLogger(__name__)
+
+UNSHAPED = "unshaped"
+TARGET_RATE = "100mbit"
+SLOW_RATE = "10mbit"
+
+
+def _rate_bits(rate: str) -> float | None:
+    if rate == UNSHAPED:
+        return None
+    from .netns import parse_rate
+
+    return parse_rate(rate)
+
+
+def _rate_order(rate: str) -> float:
+    """Unshaped first, then fastest to slowest."""
+    bits = _rate_bits(rate)
+    return -math.inf if bits is None else -bits
+
+
+class Analysis:
+    """The rows of one example, indexed, with the derived figures (speed-ups, targets, time to target)."""
+
+    def __init__(self, results: dict, example: str):
+        self.example = example
+        self.info = results["examples"][example]
+        self.higher_is_better = self.info["higher_is_better"]
+        self.metric = self.info["metric"]
+        cells = [row for row in results["cells"] if row["example"] == example]
+        self.hooks = list(dict.fromkeys(row["hook"] for row in cells))
+        self.rates = sorted(dict.fromkeys(row["rate"] for row in cells), key=_rate_order)
+        self.cell = {(row["rate"], row["hook"]): row for row in cells}
+        self.nodes = cells[0]["nodes"] if cells else None
+        reference = self.row(UNSHAPED, "allreduce")
+        self.floor = reference.get("median_step_s") if reference else None
+        reference_final = reference.get("final_eval") if reference else None
+        if reference_final is None:
+            self.target = None
+        else:
+            slack = self.info["target_slack"]
+            self.target = reference_final - slack if self.higher_is_better else reference_final + slack
+
+    def row(self, rate: str, hook: str) -> dict | None:
+        """The successful row of (rate, hook), else ``None``."""
+        row = self.cell.get((rate, hook))
+        return row if row and not row.get("error") else None
+
+    def value(self, rate: str, hook: str, key: str):
+        row = self.row(rate, hook)
+        return None if row is None else row.get(key)
+
+    def speedup(self, rate: str, hook: str) -> float | None:
+        """fp32 allreduce's median step time over the hook's, on the same link."""
+        mine, fp32 = self.value(rate, hook, "median_step_s"), self.value(rate, "allreduce", "median_step_s")
+        return fp32 / mine if (mine and fp32) else None
+
+    def byte_ratio(self, rate: str, hook: str) -> float | None:
+        """fp32 allreduce's wire bytes per step per node over the hook's, on the same link."""
+        mine, fp32 = self.value(rate, hook, "wire_tx_per_step_node"), self.value(rate, "allreduce", "wire_tx_per_step_node")
+        return fp32 / mine if (mine and fp32) else None
+
+    def steps_to_target(self, hook: str) -> tuple[int, float] | None:
+        """(step, seconds of training steps) at which the accuracy run first met the target."""
+        row = self.row(UNSHAPED, hook)
+        if row is None or self.target is None:
+            return None
+        for step, value, elapsed in row.get("curve", []):
+            if (value >= self.target) if self.higher_is_better else (value <= self.target):
+                return step, elapsed
+        return None
+
+    def time_to_target(self, rate: str, hook: str) -> tuple[float, bool] | None:
+        """(seconds, measured?) to the target on ``rate``; see the module docstring."""
+        reached = self.steps_to_target(hook)
+        if reached is None:
+            return None
+        step, elapsed = reached
+        if rate == UNSHAPED:
+            return elapsed, True
+        mine, fp32 = self.value(rate, hook, "median_step_s"), self.value(rate, "allreduce", "median_step_s")
+        if not mine or not fp32:
+            return None
+        warmup = self.row(UNSHAPED, hook).get("warmup") or 0
+        return min(step, warmup) * fp32 + max(0, step - warmup) * mine, False
+
+
+def analyze(results: dict) -> dict[str, Analysis]:
+    """One :class:`Analysis` per example of the run."""
+    return {example: Analysis(results, example) for example in dict.fromkeys(row["example"] for row in results["cells"])}
+
+
+def headline_hook(analysis: Analysis) -> str | None:
+    """The 3LC configuration the targets are judged on: the hook's defaults (s = 1.0, ``auto``).
+
+    ``auto`` is scatter-reduce above 2 nodes, so ``threelc-s1.0-scatter_reduce`` stands in for it
+    when the run named collectives explicitly.
+    """
+    explicit = "threelc-s1.0-" + ("allgather" if (analysis.nodes or 0) <= 2 else "scatter_reduce")
+    for name in ("threelc-s1.0", explicit):
+        if name in analysis.hooks:
+            return name
+    return next((hook for hook in analysis.hooks if hook.startswith("threelc")), None)
+
+
+def check_targets(analysis: Analysis, hook: str) -> list[dict]:
+    """Issue 5's targets (item 5) for ``hook``: measured value, threshold, met (None: not measured)."""
+    floor = analysis.floor
+    step_target = analysis.value(TARGET_RATE, hook, "median_step_s")
+    step_unshaped = analysis.value(UNSHAPED, hook, "median_step_s")
+    powersgd = analysis.value(TARGET_RATE, "powersgd-r1", "median_step_s")
+    final, fp32_final = analysis.value(UNSHAPED, hook, "final_eval"), analysis.value(UNSHAPED, "allreduce", "final_eval")
+
+    def entry(name, measured, threshold, met, unit):
+        return {"target": name, "measured": measured, "threshold": threshold, "met": met, "unit": unit}
+
+    def ratio(numerator, denominator):
+        return numerator / denominator if (numerator and denominator) else None
+
+    rows = []
+    over_floor = ratio(step_target, floor)
+    rows.append(entry(f"step time at {TARGET_RATE} <= 1.1x the compute floor", over_floor, 1.1,
+                      None if over_floor is None else over_floor <= 1.1, "x floor"))
+    speedup = analysis.speedup(TARGET_RATE, hook)
+    rows.append(entry(f">= 12x faster than fp32 allreduce at {TARGET_RATE}", speedup, 12,
+                      None if speedup is None else speedup >= 12, "x"))
+    versus = ratio(powersgd, step_target)
+    rows.append(entry(f"faster than PowerSGD rank 1 at {TARGET_RATE}", versus, 1,
+                      None if versus is None else versus > 1, "x (PowerSGD / 3LC step time)"))
+    fewer = analysis.byte_ratio(TARGET_RATE, hook)
+    rows.append(entry(f">= 40x fewer wire bytes than fp32 allreduce at {TARGET_RATE}", fewer, 40,
+                      None if fewer is None else fewer >= 40, "x"))
+    if analysis.higher_is_better:
+        gap = None if (final is None or fp32_final is None) else (fp32_final - final) * 100
+        rows.append(entry("accuracy within 1 point of fp32 allreduce", gap, 1.0, None if gap is None else gap <= 1.0,
+                          "points below allreduce"))
+    else:
+        gap = None if (final is None or fp32_final is None) else final - fp32_final
+        rows.append(entry("validation loss within 0.05 nats of fp32 allreduce", gap, 0.05,
+                          None if gap is None else gap <= 0.05, "nats above allreduce"))
+    slow = analysis.speedup(SLOW_RATE, hook)
+    rows.append(entry(f">= 20x faster than fp32 allreduce at {SLOW_RATE}", slow, 20,
+                      None if slow is None else slow >= 20, "x"))
+    overhead = ratio(step_unshaped, floor)
+    rows.append(entry("unshaped: <= 1.1x fp32 allreduce's step time", overhead, 1.1,
+                      None if overhead is None else overhead <= 1.1, "x allreduce"))
+    return rows
+
+
+# ---------------------------------------------------------------------------- formatting
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:,.0f} ms" if seconds >= 0.1 else f"{seconds * 1e3:.1f} ms"
+
+
+def _bytes(value) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _times(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}x"
+
+
+def _metric(analysis: Analysis, value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" if analysis.higher_is_better else f"{value:.3f}"
+
+
+def _seconds(entry) -> str:
+    if entry is None:
+        return "not reached"
+    seconds, measured = entry
+    return ("" if measured else "~") + (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _met(value) -> str:
+    return {True: "**met**", False: "**missed**", None: "not measured"}[value]
+
+
+def _measured(row: dict) -> str:
+    value = row["measured"]
+    if value is None:
+        return "-"
+    return f"{value:.2f} {row['unit']}"
+
+
+def example_tables(analysis: Analysis) -> str:
+    """Markdown: step time per rate, speed-up, wire bytes, final metric, time to target."""
+    metric_name = "test accuracy" if analysis.higher_is_better else "validation loss"
+    header = ["hook"] + [f"step @ {rate}" for rate in analysis.rates] + [f"speed-up @ {rate}" for rate in analysis.rates
+                                                                        if rate != UNSHAPED]
+    rows = []
+    for hook in analysis.hooks:
+        rows.append([hook] + [_ms(analysis.value(rate, hook, "median_step_s")) for rate in analysis.rates]
+                    + [_times(analysis.speedup(rate, hook)) for rate in analysis.rates if rate != UNSHAPED])
+    timing = _table(header, rows)
+    byte_rate = TARGET_RATE if TARGET_RATE in analysis.rates else analysis.rates[-1]
+    header = ["hook", f"wire B/step/node @ {byte_rate}", "fewer than fp32", "hook's count", "wire overhead",
+              f"final {metric_name}", "vs fp32"] + [f"to target @ {rate}" for rate in analysis.rates]
+    rows = []
+    fp32_final = analysis.value(UNSHAPED, "allreduce", "final_eval")
+    for hook in analysis.hooks:
+        final = analysis.value(UNSHAPED, hook, "final_eval")
+        if final is None or fp32_final is None:
+            delta = "-"
+        elif analysis.higher_is_better:
+            delta = f"{(final - fp32_final) * 100:+.1f} pt"
+        else:
+            delta = f"{final - fp32_final:+.3f}"
+        overhead = analysis.value(byte_rate, hook, "wire_overhead")
+        rows.append([hook, _bytes(analysis.value(byte_rate, hook, "wire_tx_per_step_node")),
+                     _times(analysis.byte_ratio(byte_rate, hook)),
+                     _bytes(analysis.value(byte_rate, hook, "hook_bytes_per_step")),
+                     "-" if overhead is None else f"{overhead:+.1%}",
+                     _metric(analysis, final), delta]
+                    + [_seconds(analysis.time_to_target(rate, hook)) for rate in analysis.rates])
+    return timing + "\n\n" + _table(header, rows)
+
+
+def profile_table(analysis: Analysis, rate: str) -> str:
+    """Markdown: where a step's time goes on ``rate`` (rank 0's medians over steady steps)."""
+    bits = _rate_bits(rate)
+    header = ["hook", "median step", "compute floor", "wire B/step/node", "bytes / link rate", "hook: compress",
+              "hook: decompress", "hook: in collectives"]
+    rows = []
+    for hook in analysis.hooks:
+        row = analysis.row(rate, hook)
+        if row is None:
+            continue
+        profile = row.get("profile") or {}
+        wire = row.get("wire_tx_per_step_node")
+        rows.append([hook, _ms(row.get("median_step_s")), _ms(analysis.floor), _bytes(wire),
+                     _ms(wire * 8 / bits) if (wire and bits) else "-",
+                     _ms(profile.get("compress_s")), _ms(profile.get("decompress_s")), _ms(profile.get("comm_s"))])
+    return _table(header, rows)
+
+
+def scaling_table(rows: list[dict]) -> str:
+    """Markdown: measured wire bytes per node against the byte model, per N and collective."""
+    body = []
+    for row in rows:
+        body.append([str(row["nodes"]), row["hook"], _bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-",
+                     _bytes(row.get("model_bytes")), _bytes(row.get("wire_tx_per_step_node")),
+                     "-" if row.get("measured_over_model") is None else f"{row['measured_over_model']:.2f}",
+                     row.get("error") or ""])
+    return _table(["N", "hook", "C (one rank's payload)", "model B/step/node", "wire B/step/node", "wire / model", "error"], body)
+
+
+# ---------------------------------------------------------------------------- plots
+def plot_bench(results: dict, out_dir: Path) -> list[Path]:
+    """Small PNGs into ``out_dir``: step time per hook per rate, metric against bytes, scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, analysis in analyze(results).items():
+        figure, axes = plt.subplots(figsize=(7.5, 3.4))
+        width = 0.8 / max(1, len(analysis.rates))
+        for offset, rate in enumerate(analysis.rates):
+            heights = [(analysis.value(rate, hook, "median_step_s") or float("nan")) * 1e3 for hook in analysis.hooks]
+            axes.bar([i + offset * width for i in range(len(analysis.hooks))], heights, width, label=rate)
+        if analysis.floor:
+            axes.axhline(analysis.floor * 1e3, color="black", linewidth=0.8, linestyle="--", label="compute floor")
+        axes.set_yscale("log")
+        axes.set_xticks([i + 0.4 - width / 2 for i in range(len(analysis.hooks))])
+        axes.set_xticklabels([hook.replace("threelc-", "3lc-").replace("scatter_reduce", "sr").replace("allgather", "ag")
+                              for hook in analysis.hooks], rotation=30, ha="right", fontsize=7)
+        axes.set_ylabel("median step (ms, log)")
+        axes.set_title(f"{name}: step time per hook and link rate ({analysis.nodes} nodes)", fontsize=9)
+        axes.legend(fontsize=7, ncol=2)
+        axes.grid(axis="y", alpha=0.3)
+        figure.tight_layout()
+        path = out_dir / f"step_time_{name}.png"
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        paths.append(path)
+
+        figure, axes = plt.subplots(figsize=(6, 3.4))
+        for hook in analysis.hooks:
+            wire, final = analysis.value(UNSHAPED, hook, "wire_tx_per_step_node"), analysis.value(UNSHAPED, hook, "final_eval")
+            if wire and final is not None:
+                axes.scatter([wire], [final * (100 if analysis.higher_is_better else 1)], s=18)
+                axes.annotate(hook.replace("threelc-", "3lc-"), (wire, final * (100 if analysis.higher_is_better else 1)),
+                              fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axes.set_xscale("log")
+        axes.set_xlabel("wire bytes per step per node (log)")
+        axes.set_ylabel("final test accuracy (%)" if analysis.higher_is_better else "final validation loss")
+        axes.set_title(f"{name}: {analysis.metric} against bytes", fontsize=9)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = out_dir / f"accuracy_vs_bytes_{name}.png"
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        paths.append(path)
+    scaling = [row for row in results.get("scaling", []) if not row.get("error")]
+    if scaling:
+        figure, axes = plt.subplots(figsize=(6, 3.4))
+        for index, hook in enumerate(dict.fromkeys(row["hook"] for row in scaling)):
+            rows = sorted((row for row in scaling if row["hook"] == hook), key=lambda row: row["nodes"])
+            color = f"C{index}"
+            axes.plot([row["nodes"] for row in rows], [row["wire_tx_per_step_node"] for row in rows], "o", color=color,
+                      label=f"{hook} (wire)")
+            axes.plot([row["nodes"] for row in rows], [row["model_bytes"] or float("nan") for row in rows], "-",
+                      color=color, alpha=0.6, label=f"{hook} (model)")
+        axes.set_yscale("log")
+        axes.set_xlabel("nodes")
+        axes.set_ylabel("bytes per step per node (log)")
+        axes.set_title("scaling: measured wire bytes against the byte model", fontsize=9)
+        axes.legend(fontsize=6)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        path = out_dir / "scaling.png"
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- the document
+def headline_text(results: dict) -> str:
+    """A few lines with the headline figures (printed by the CLI, quoted by README)."""
+    analyses = analyze(results)
+    analysis = analyses.get("digits") or next(iter(analyses.values()), None)
+    if analysis is None:
+        return "no results"
+    hook = headline_hook(analysis)
+    if hook is None:
+        return "no threelc run"
+    lines = [f"headline ({analysis.example}, {analysis.nodes} nodes, {hook} vs fp32 allreduce):"]
+    for rate in analysis.rates:
+        step, fp32 = analysis.value(rate, hook, "median_step_s"), analysis.value(rate, "allreduce", "median_step_s")
+        lines.append(f"  {rate:>9}: step {_ms(step)} vs {_ms(fp32)} ({_times(analysis.speedup(rate, hook))} faster), "
+                     f"wire {_bytes(analysis.value(rate, hook, 'wire_tx_per_step_node'))} vs "
+                     f"{_bytes(analysis.value(rate, 'allreduce', 'wire_tx_per_step_node'))} per step per node "
+                     f"({_times(analysis.byte_ratio(rate, hook))} fewer)")
+    lines.append(f"  final {analysis.metric}: {_metric(analysis, analysis.value(UNSHAPED, hook, 'final_eval'))} vs "
+                 f"{_metric(analysis, analysis.value(UNSHAPED, 'allreduce', 'final_eval'))}")
+    for target in check_targets(analysis, hook):
+        lines.append(f"  target {target['target']}: {_measured(target)} -> {_met(target['met']).strip('*')}")
+    return "\n".join(lines)
+
+
+def _machine(results: dict) -> str:
+    machine = results.get("machine", {})
+    memory = machine.get("memory_bytes")
+    load = machine.get("load_average_at_start")
+    return (f"{machine.get('cpus')} CPU cores, {memory / 2**30:.0f} GiB memory, "
+            f"{'a GPU' if machine.get('gpu') else 'no GPU'} (CPU training, gloo), Python {machine.get('python')}, "
+            f"torch {machine.get('torch')}, Linux {machine.get('kernel')}; load average "
+            f"{'-' if not load else f'{load[0]:.1f}'} when the run started (the cores were shared with other jobs)."
+            if memory else "unknown")
+
+
+def write_doc(results: dict, doc: Path) -> Path:
+    """Write ``doc`` (markdown) and its plots into ``doc``'s folder ``bench/``; return ``doc``."""
+    doc = Path(doc)
+    plot_dir = doc.parent / "bench"
+    plots = plot_bench(results, plot_dir)
+    analyses = analyze(results)
+    settings = results["settings"]
+    parts = [
+        "# Benchmarks: 3LC against PyTorch's hooks on an emulated cluster",
+        "",
+        f"Written by `threelc bench train` from one run; regenerate it rather than editing it. "
+        f"Run started {results.get('started')}, took {results.get('wall_s', 0) / 60:.0f} min.",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"**Machine**: {_machine(results)} The cluster is emulated: {settings['nodes']} network namespaces, one "
+        "torchrun node (one training process) each, joined by veth links through a bridge, shaped in both "
+        "directions with tc's token bucket (`threelc emulate`).  Wire bytes are the kernel's link counters "
+        "(Ethernet/IP/TCP headers included), over steady-state steps only.",
+        "",
+    ]
+    for name, analysis in analyses.items():
+        hook = headline_hook(analysis)
+        if hook is None:
+            continue
+        targets = check_targets(analysis, hook)
+        parts += [f"## Targets ({name}, {analysis.nodes} nodes, judged on `{hook}`: the hook's defaults)", ""]
+        parts.append(_table(["target (issue 5)", "measured", "met?"],
+                            [[row["target"], _measured(row), _met(row["met"])] for row in targets]))
+        others = [other for other in analysis.hooks if other.startswith("threelc") and other != hook]
+        if others:
+            parts += ["", "The same targets for the other 3LC settings:", ""]
+            header = ["target"] + [f"`{other}`" for other in others]
+            table = [[row["target"]] for row in targets]
+            for other in others:
+                for index, row in enumerate(check_targets(analysis, other)):
+                    table[index].append(f"{_measured(row)} ({_met(row['met']).strip('*')})")
+            parts.append(_table(header, table))
+        if any(row["met"] is False for row in targets):
+            parts += ["", f"### Where the time goes (missed targets)", "",
+                      "Rank 0's medians over steady steps.  *bytes / link rate* is the least time the link needs for "
+                      "one step's bytes; the hook columns are the threelc hook's own statistics (compress and "
+                      "decompress run on its worker thread while backward continues; *in collectives* includes waiting "
+                      "for slower ranks).  PyTorch's hooks only report time in collectives."]
+            for rate in analysis.rates:
+                parts += ["", f"{rate}:", "", profile_table(analysis, rate)]
+        parts.append("")
+    for name, analysis in analyses.items():
+        info = analysis.info
+        target_text = (f"fp32 allreduce's final accuracy minus {info['target_slack'] * 100:.0f} point = "
+                       f"{_metric(analysis, analysis.target)}" if analysis.higher_is_better else
+                       f"fp32 allreduce's final validation loss plus {info['target_slack']} = {_metric(analysis, analysis.target)}")
+        accuracy_row = analysis.row(UNSHAPED, "allreduce") or {}
+        timing_rows = [row for row in results["cells"] if row["example"] == name and row["kind"] == "timing"]
+        parts += [
+            f"## {name}: all hooks",
+            "",
+            f"{info['module']} {' '.join(info['model_args'])} ({accuracy_row.get('parameters') or 0:,} parameters), "
+            f"per-worker batch {info['batch_size']}, {analysis.nodes} nodes.  Accuracy runs (unshaped): "
+            f"{accuracy_row.get('steps', '?')} steps, {settings['warmup_steps']} warm-up steps of allreduce for PowerSGD "
+            f"and 3LC.  Timing runs (shaped links): 2 warm-up + {timing_rows[0]['steps'] - 2 if timing_rows else '?'} "
+            f"steady steps.  Target: {target_text}.",
+            "",
+            example_tables(analysis),
+            "",
+            f"![step time](bench/step_time_{name}.png) ![{analysis.metric} against bytes](bench/accuracy_vs_bytes_{name}.png)",
+            "",
+        ]
+        failed = [row for row in results["cells"] if row["example"] == name and row.get("error")]
+        if failed:
+            parts += ["Failed runs: " + "; ".join(f"{row['rate']} {row['hook']}: {row['error']}" for row in failed), ""]
+    if results.get("scaling"):
+        parts += [
+            "## Scaling: wire bytes per node against the byte model",
+            "",
+            "digits CNN width 32 (a small model: this measures bytes, not time), unshaped links, one process per node. "
+            "C is one rank's compressed bucket, taken from the allgather run's own count at the same N (bytes per "
+            "step / (N - 1)); the model is (N - 1) C for allgather, 2 (N - 1) / N C for scatter-reduce and "
+            "2 (N - 1) / N * 4P for fp32 ring allreduce.  wire / model above 1 is protocol overhead (headers, ACKs, "
+            "gloo's framing) and, for scatter-reduce, payloads of averaged shards that differ in size from a worker's.",
+            "",
+            scaling_table(results["scaling"]),
+            "",
+            "![scaling](bench/scaling.png)",
+            "",
+        ]
+    parts += [
+        "## How it was measured",
+        "",
+        "- Every cell is a fresh `threelc emulate` job: same seeds, same data order, same model initialization.",
+        "- Accuracy runs use the unshaped network; timing runs on shaped links start compressing after 2 steps and "
+        "time only the steady steps after that.  A link's rate changes when bytes arrive, not which bytes: the "
+        "accuracy curve of a hook is the same on every link, so time to target on a shaped link (marked `~`) is the "
+        "unshaped run's steps to target, warm-up steps at fp32 allreduce's step time on that link and the rest at the "
+        "hook's.",
+        "- Median step time: rank 0's wall time of forward, backward and optimizer step, median over steady steps.",
+        "- Compute floor: fp32 allreduce on the unshaped network.",
+        "- PowerSGD: PyTorch's hook with error feedback and warm start, its start iteration equal to 3LC's warm-up; "
+        "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/comm.py).",
+        f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}.",
+        "",
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(parts), encoding="utf-8")
+    logger.info("wrote %s and %d plots", doc, len(plots))
+    return doc

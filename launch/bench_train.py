@@ -1,0 +1,503 @@
+"""``threelc bench train``: the same training with PyTorch's hooks and with 3LC, on an emulated cluster.
+
+::
+
+    threelc bench train --quick                      # the headline subset, minutes
+    threelc bench train --examples digits --rates none 100mbit 10mbit --doc docs/benchmarks.md
+
+For every example, link rate and hook this runs one job under :func:`threelc.launch.emulate.emulate`
+(N network namespaces, tbf-shaped veth links, one torchrun node each) and reads the run folder
+back with :mod:`threelc.launch.runlog`.  Two kinds of run:
+
+* **accuracy runs**, on the unshaped network: ``--steps`` steps with the hooks' real warm-up
+  (``--warmup-steps``, the threelc hook's default of 10 iterations, also PowerSGD's start
+  iteration).  They give the final test accuracy / validation loss, the accuracy curve from
+  which the steps to the target are read, and the compute floor (step time when the network
+  costs almost nothing).
+* **timing runs**, on shaped links: 2 warm-up steps (the least DDP allows, because it rebuilds
+  its buckets after the first step) and ``--timing-steps`` steady steps.  They give the median
+  step time and the wire bytes per step per node, from the link counters, over the steady steps
+  only.  A shaped link changes when bytes arrive, not which: the arithmetic, and so the accuracy
+  curve, is the unshaped run's, which is what lets a 10mbit cell cost seconds instead of hours.
+
+Time to target on a shaped link is therefore an estimate: the accuracy run's steps to the target,
+the warm-up steps at fp32 allreduce's step time on that link, the rest at the hook's.
+:mod:`threelc.launch.bench_doc` computes it, checks the issue's targets and writes the document.
+
+Then ``--scaling-nodes`` (default 2 4 8) runs a tiny model with fp32 allreduce and both 3LC
+collectives on N nodes, for wire bytes against the byte model ((N - 1) C and 2 (N - 1) / N C).
+
+Everything lands in ``--out`` (one folder per run, ``bench.json``), and ``--doc`` is rewritten
+from ``bench.json`` (``--from-json`` redoes only that step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+__all__ = [
+    "HookSpec",
+    "Example",
+    "Cell",
+    "EXAMPLES",
+    "FULL_HOOKS",
+    "QUICK_HOOKS",
+    "parse_hook",
+    "plan_cells",
+    "run_cell",
+    "run_scaling",
+    "machine_facts",
+    "add_arguments",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What the benchmark calls the unshaped network (``--rate none`` of the emulator).
+UNSHAPED = "unshaped"
+_UNSHAPED_NAMES = ("none", "unshaped", "0", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class HookSpec:
+    """One hook configuration of the matrix, named as on the command line.
+
+    Names: ``allreduce``, ``fp16``, ``powersgd-r{RANK}``, ``threelc-s{S}`` (the hook's ``auto``
+    collective) and ``threelc-s{S}-{allgather|scatter_reduce}``.
+    """
+
+    name: str
+    hook: str
+    sparsity: float = 1.0
+    collective: str = "auto"
+    powersgd_rank: int = 1
+
+    @property
+    def has_warmup(self) -> bool:
+        """Whether the hook starts with plain allreduce steps (PowerSGD's start iteration, 3LC's start_iter)."""
+        return self.hook in ("powersgd", "threelc")
+
+    def train_args(self) -> list[str]:
+        """The training script's options that select this hook."""
+        args = ["--hook", self.hook]
+        if self.hook == "threelc":
+            args += ["--sparsity", str(self.sparsity), "--collective", self.collective]
+        if self.hook == "powersgd":
+            args += ["--powersgd-rank", str(self.powersgd_rank)]
+        return args
+
+
+_HOOK_NAME = re.compile(r"^(?:(allreduce|fp16)|powersgd-r(\d+)|threelc-s([0-9.]+)(?:-(allgather|scatter_reduce|auto))?)$")
+
+
+def parse_hook(name: str) -> HookSpec:
+    """The :class:`HookSpec` named ``name``; ``ValueError`` saying the accepted forms otherwise."""
+    match = _HOOK_NAME.match(name)
+    if not match:
+        raise ValueError(f"hook {name!r}: use allreduce, fp16, powersgd-r<RANK>, threelc-s<S> or "
+                         "threelc-s<S>-<allgather|scatter_reduce>")
+    plain, rank, sparsity, collective = match.groups()
+    if plain:
+        return HookSpec(name, plain)
+    if rank:
+        return HookSpec(name, "powersgd", powersgd_rank=int(rank))
+    value = float(sparsity)
+    if not 1.0 <= value < 2.0:
+        raise ValueError(f"hook {name!r}: the sparsity multiplier must be in [1, 2)")
+    return HookSpec(name, "threelc", sparsity=value, collective=collective or "auto")
+
+
+#: The issue's matrix: fp32 allreduce, fp16, PowerSGD rank 1 and 4, 3LC at three s with each collective.
+FULL_HOOKS = ("allreduce", "fp16", "powersgd-r1", "powersgd-r4",
+              *(f"threelc-s{s}-{c}" for c in ("scatter_reduce", "allgather") for s in ("1.0", "1.5", "1.9")))
+#: ``--quick``: the headline subset (3LC with its default collective, ``auto``).
+QUICK_HOOKS = ("allreduce", "fp16", "powersgd-r1", "threelc-s1.0", "threelc-s1.9")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A training script of :mod:`threelc.launch` and how the benchmark judges it.
+
+    ``target_slack``: the target is fp32 allreduce's final metric minus this (accuracy, higher is
+    better) or plus this (validation loss, lower is better).
+    """
+
+    name: str
+    module: str
+    model_args: tuple
+    metric: str
+    higher_is_better: bool
+    target_slack: float
+    steps: int
+    quick_steps: int
+    batch_size: int
+
+    def reached(self, value: float, target: float) -> bool:
+        """Whether ``value`` meets ``target`` in this example's direction."""
+        return value >= target if self.higher_is_better else value <= target
+
+
+#: The issue's two examples.  Per-worker batch 8: four workers' forward/backward must share 2 cores,
+#: and a small batch keeps compute from hiding what the network costs (as a GPU would).
+EXAMPLES = {
+    "digits": Example("digits", "threelc.launch.train_digits", ("--width", "96"), "test_accuracy", True, 0.01,
+                      steps=150, quick_steps=100, batch_size=8),
+    "text": Example("text", "threelc.launch.train_text", ("--d-model", "128", "--layers", "2", "--context", "64"),
+                    "val_loss", False, 0.05, steps=120, quick_steps=60, batch_size=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One emulated run of the matrix."""
+
+    example: Example
+    rate: str  # tc rate, or UNSHAPED
+    hook: HookSpec
+    kind: str  # "accuracy" or "timing"
+    steps: int
+    warmup: int  # --warmup-steps for hooks that have one
+
+    @property
+    def folder(self) -> str:
+        return f"{self.example.name}/{self.rate}/{self.hook.name}"
+
+
+def normalize_rate(rate: str) -> str:
+    """``none``/``unshaped`` -> :data:`UNSHAPED`; a tc rate is checked and kept."""
+    if str(rate).lower() in _UNSHAPED_NAMES:
+        return UNSHAPED
+    from .netns import parse_rate
+
+    parse_rate(rate)  # raises ValueError on a bad rate, before anything runs
+    return str(rate)
+
+
+def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing_steps: int, quick: bool) -> list[Cell]:
+    """The runs, in order: per example, the unshaped accuracy runs first, then each rate's timing runs."""
+    cells = []
+    for example in examples:
+        full = steps or (example.quick_steps if quick else example.steps)
+        for rate in [UNSHAPED] + [rate for rate in rates if rate != UNSHAPED]:
+            for hook in hooks:
+                if rate == UNSHAPED:
+                    cells.append(Cell(example, rate, hook, "accuracy", full, warmup))
+                else:
+                    cells.append(Cell(example, rate, hook, "timing", 2 + timing_steps, 2))
+    return cells
+
+
+def _training_command(cell: Cell, *, batch_size: int | None, model_args=None) -> list[str]:
+    example = cell.example
+    eval_every = max(1, min(10, cell.steps // 10)) if cell.kind == "accuracy" else cell.steps
+    command = ["-m", example.module, *(model_args or example.model_args), *cell.hook.train_args(),
+               "--steps", str(cell.steps), "--batch-size", str(batch_size or example.batch_size),
+               "--eval-every", str(eval_every), "--no-progress"]
+    if cell.hook.has_warmup:
+        command += ["--warmup-steps", str(cell.warmup)]
+    return command
+
+
+@contextlib.contextmanager
+def _stdout_to(path: Path):
+    """Send this process's file descriptor 1 (inherited by node 0's torchrun) to ``path``.
+
+    :func:`~threelc.launch.emulate.emulate` lets node 0 write to the terminal; across dozens of
+    runs that buries the benchmark's own progress, so its output goes to ``node0.log`` instead.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "w", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _emulated_run(command: list[str], run_dir: Path, *, nodes: int, rate: str, timeout: float) -> dict:
+    from .emulate import emulate
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _stdout_to(run_dir / "node0.log"):
+        return emulate(command, nodes=nodes, rate=None if rate == UNSHAPED else rate, delay=None, nproc_per_node=1,
+                       out=run_dir, timeout=timeout, port=29500)
+
+
+def _median(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def measure_run(run_dir: Path) -> dict:
+    """The figures of one finished run folder (steady-state medians, wire bytes, accuracy curve).
+
+    The steady window is :func:`~threelc.launch.wirebytes.steady_window` of rank 0's hook log (the
+    steps after warm-up), the same window the emulator used for the wire bytes; metrics step
+    ``k`` is hook iteration ``k - 1``.
+    """
+    from .runlog import load_run
+    from .summary import summarize
+    from .wirebytes import steady_window
+
+    run = load_run(run_dir)
+    row = summarize(run)
+    hook_lines = sorted(run.hook.get(0, []), key=lambda line: line["step"])
+    window = steady_window(hook_lines)
+    steady_steps = set(range(window[0] + 1, window[1] + 2)) if window else set()
+    step_times = [record["step_s"] for record in run.metrics if record["step"] in steady_steps]
+    steady_hook = [line for line in hook_lines if window and window[0] <= line["step"] <= window[1]]
+    nodes = [node.get("steady") for node in (run.emulate or {}).get("nodes", [])]
+    metric = run.config.get("eval_metric")
+    elapsed, curve = 0.0, []
+    for record in run.metrics:
+        elapsed += record["step_s"]
+        if metric in record:
+            curve.append([record["step"], record[metric], elapsed])
+    return {
+        "parameters": row["parameters"],
+        "world_size": row["world_size"],
+        "steady_first_step": min(steady_steps) if steady_steps else None,
+        "steady_steps": len(step_times),
+        "median_step_s": _median(step_times),
+        "raw_bytes_per_step": row["raw_bytes_per_step"],
+        "hook_bytes_per_step": row["hook_bytes_per_step"],
+        "wire_tx_per_step_node": (statistics.mean(node["tx_bytes_per_step"] for node in nodes)
+                                  if nodes and all(nodes) else None),
+        "wire_rx_per_step_node": (statistics.mean(node["rx_bytes_per_step"] for node in nodes)
+                                  if nodes and all(nodes) else None),
+        "wire_overhead": (statistics.mean(node["tx_overhead"] for node in nodes)
+                          if nodes and all(nodes) and all(node["tx_overhead"] is not None for node in nodes) else None),
+        "profile": {key: _median([line.get(key) for line in steady_hook]) for key in ("compress_s", "decompress_s", "comm_s")},
+        "final_eval": row["final_eval"],
+        "curve": curve,  # [step, metric, seconds of training steps so far]
+        "wall_s": (run.emulate or {}).get("wall_s"),
+    }
+
+
+def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: int | None = None,
+             model_args=None) -> dict:
+    """Run one cell on the emulated cluster; its row for ``bench.json`` (``error`` set if it failed)."""
+    run_dir = out / cell.folder
+    command = _training_command(cell, batch_size=batch_size, model_args=model_args)
+    row = {"example": cell.example.name, "rate": cell.rate, "hook": cell.hook.name, "kind": cell.kind,
+           "steps": cell.steps, "warmup": cell.warmup if cell.hook.has_warmup else None, "nodes": nodes,
+           "run_dir": cell.folder, "command": command, "error": None}
+    try:
+        record = _emulated_run(command, run_dir, nodes=nodes, rate=cell.rate, timeout=timeout)
+        if any(code != 0 for code in record["exit_codes"]):
+            row["error"] = f"exit codes {record['exit_codes']} (see {run_dir}/node*.log)"
+        else:
+            row.update(measure_run(run_dir))
+    except TimeoutError as error:
+        row["error"] = str(error)
+    return row
+
+
+#: The scaling runs: a small digits CNN (~223k parameters), unshaped links, few steps: bytes, not time.
+SCALING_HOOKS = ("allreduce", "threelc-s1.0-allgather", "threelc-s1.0-scatter_reduce")
+SCALING_MODEL = ("--width", "32")
+
+
+def run_scaling(out: Path, node_counts, *, steps: int, timeout: float) -> list[dict]:
+    """Wire bytes per node for N nodes and each collective, beside the byte model.
+
+    The model's C is one rank's compressed bucket: the allgather run's hook bytes per step over
+    ``N - 1`` peers (the hook counts payloads and size headers exactly).  Predictions: allgather
+    ``(N - 1) C``, scatter-reduce ``2 (N - 1) / N C``, fp32 ring allreduce ``2 (N - 1) / N * 4P``.
+    ``measured / model`` - 1 is then protocol overhead (Ethernet/IP/TCP, gloo) plus, for
+    scatter-reduce, the difference between the averaged shards' payloads and the workers'.
+    """
+    example = EXAMPLES["digits"]
+    rows = []
+    for count in node_counts:
+        by_hook = {}
+        for name in SCALING_HOOKS:
+            cell = Cell(example, UNSHAPED, parse_hook(name), "timing", 2 + steps, 2)
+            cell_out = out / f"scaling/n{count}"
+            row = run_cell(cell, cell_out, nodes=count, timeout=timeout, batch_size=16, model_args=SCALING_MODEL)
+            row["run_dir"] = f"scaling/n{count}/{cell.folder}"
+            by_hook[name] = row
+            logger.info("scaling N=%d %s: %s", count, name, row.get("wire_tx_per_step_node"))
+        payload = by_hook["threelc-s1.0-allgather"].get("hook_bytes_per_step")
+        compressed = payload / (count - 1) if payload and count > 1 else None
+        for name, row in by_hook.items():
+            if name == "allreduce":
+                model = 2 * (count - 1) / count * row["raw_bytes_per_step"] if row.get("raw_bytes_per_step") else None
+            elif name.endswith("allgather"):
+                model = (count - 1) * compressed if compressed else None
+            else:
+                model = 2 * (count - 1) / count * compressed if compressed else None
+            wire = row.get("wire_tx_per_step_node")
+            rows.append({"nodes": count, "hook": name, "compressed_bucket_bytes": compressed, "model_bytes": model,
+                         "wire_tx_per_step_node": wire, "hook_bytes_per_step": row.get("hook_bytes_per_step"),
+                         "measured_over_model": (wire / model) if (wire and model) else None,
+                         "parameters": row.get("parameters"), "run_dir": row["run_dir"], "error": row.get("error")})
+    return rows
+
+
+def machine_facts() -> dict:
+    """What the numbers were measured on (the document's "machine" section)."""
+    import torch
+
+    memory = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            memory = int(handle.readline().split()[1]) * 1024
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "memory_bytes": memory, "gpu": torch.cuda.is_available(),
+            "python": platform.python_version(), "torch": torch.__version__, "kernel": platform.release(),
+            "load_average_at_start": list(load) if load else None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``threelc bench train``."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the headline subset: digits; {', '.join(QUICK_HOOKS)}; unshaped, 100mbit, 10mbit; "
+                             "fewer steps; scaling at 2 and 4 nodes")
+    parser.add_argument("--out", default=None, help="run folders and bench.json (default: runs/bench-train-TIMESTAMP)")
+    parser.add_argument("--examples", nargs="+", choices=sorted(EXAMPLES), default=None,
+                        help="examples (default: digits text; --quick: digits)")
+    parser.add_argument("--rates", nargs="+", default=None,
+                        help="link rates, tc syntax, 'none' = unshaped (default: none 100mbit 1gbit 10mbit; "
+                             "--quick: none 100mbit 10mbit); the unshaped accuracy runs always run")
+    parser.add_argument("--hooks", nargs="+", default=None,
+                        help="hooks: allreduce fp16 powersgd-r<R> threelc-s<S>[-allgather|-scatter_reduce] "
+                             "(default: the issue's 10; --quick: 5)")
+    parser.add_argument("--nodes", type=int, default=4, help="emulated nodes, one process each (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps of the accuracy runs (default: the example's; digits 150, --quick 100)")
+    parser.add_argument("--warmup-steps", type=int, default=10,
+                        help="allreduce steps before PowerSGD/3LC compress in the accuracy runs "
+                             "(default: %(default)s, the threelc hook's own)")
+    parser.add_argument("--timing-steps", type=int, default=None,
+                        help="steady steps of each timing run on a shaped link (default: 8; --quick 5)")
+    parser.add_argument("--scaling-nodes", type=int, nargs="*", default=None,
+                        help="node counts of the scaling runs; none to skip (default: 2 4 8; --quick: 2 4)")
+    parser.add_argument("--scaling-steps", type=int, default=4, help="steady steps of each scaling run (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=96, help="digits CNN width (default: %(default)s, ~2.0M parameters)")
+    parser.add_argument("--d-model", type=int, default=128, help="text transformer width (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped (default: %(default)s)")
+    parser.add_argument("--doc", default="docs/benchmarks.md",
+                        help="the markdown document to write; its plots go to DOC's folder/bench/ (default: %(default)s; "
+                             "'none' for no document)")
+    parser.add_argument("--from-json", default=None, metavar="BENCH_JSON",
+                        help="run nothing: rewrite --doc from an earlier run's bench.json")
+
+
+def _settings(args) -> dict:
+    quick = args.quick
+    rates = args.rates or (["none", "100mbit", "10mbit"] if quick else ["none", "100mbit", "1gbit", "10mbit"])
+    return {
+        "quick": quick,
+        "examples": args.examples or (["digits"] if quick else ["digits", "text"]),
+        "rates": [normalize_rate(rate) for rate in rates],
+        "hooks": args.hooks or list(QUICK_HOOKS if quick else FULL_HOOKS),
+        "nodes": args.nodes,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "timing_steps": args.timing_steps or (5 if quick else 8),
+        "scaling_nodes": args.scaling_nodes if args.scaling_nodes is not None else ([2, 4] if quick else [2, 4, 8]),
+        "scaling_steps": args.scaling_steps,
+        "timeout": args.timeout,
+    }
+
+
+def _sized(example: Example, args) -> Example:
+    """``example`` with the model size of ``--width`` / ``--d-model``."""
+    if example.name == "digits":
+        return dataclasses.replace(example, model_args=("--width", str(args.width)))
+    options = dict(zip(example.model_args[::2], example.model_args[1::2]))
+    options["--d-model"] = str(args.d_model)
+    return dataclasses.replace(example, model_args=tuple(item for pair in options.items() for item in pair))
+
+
+def _write_json(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    tmp.replace(path)  # a crash mid-write leaves the previous, complete file
+
+
+def run(args) -> int:
+    """Run ``threelc bench train``: the matrix, the scaling runs, bench.json, the document."""
+    logging.basicConfig(level=os.environ.get("THREELC_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    from . import bench_doc
+
+    doc = None if str(args.doc).lower() == "none" else Path(args.doc)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        if doc:
+            bench_doc.write_doc(results, doc)
+            print(f"wrote {doc}")
+        return 0
+    from .netns import EmulationUnavailable, check_requirements
+
+    try:
+        check_requirements()
+        settings = _settings(args)
+        hooks = [parse_hook(name) for name in settings["hooks"]]
+    except (EmulationUnavailable, ValueError) as error:
+        print(f"threelc bench train: {error}", file=sys.stderr)
+        return 2
+    if args.nodes < 2:
+        print("threelc bench train: --nodes must be at least 2", file=sys.stderr)
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"runs/bench-train-{stamp}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    examples = [_sized(EXAMPLES[name], args) for name in settings["examples"]]
+    cells = plan_cells(examples, settings["rates"], hooks, steps=settings["steps"], warmup=settings["warmup_steps"],
+                       timing_steps=settings["timing_steps"], quick=settings["quick"])
+    command = "threelc bench train " + " ".join(shlex.quote(arg) for arg in sys.argv[3:]) if sys.argv[1:3] == ["bench", "train"] \
+        else "threelc bench train (called from Python)"
+    results = {"command": command, "settings": settings, "machine": machine_facts(),
+               "examples": {example.name: dataclasses.asdict(example) for example in examples},
+               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "out": str(out), "cells": [], "scaling": []}
+    started = time.perf_counter()
+    print(f"threelc bench train: {len(cells)} runs on {args.nodes} emulated nodes, then scaling at "
+          f"{settings['scaling_nodes'] or 'no'} nodes; run folders in {out}", flush=True)
+    try:
+        for index, cell in enumerate(cells, 1):
+            cell_start = time.perf_counter()
+            row = run_cell(cell, out, nodes=args.nodes, timeout=args.timeout)
+            results["cells"].append(row)
+            _write_json(out / "bench.json", results)
+            step = row.get("median_step_s")
+            wire = row.get("wire_tx_per_step_node")
+            print(f"[{index}/{len(cells)}] {cell.example.name:6} {cell.rate:>9} {cell.hook.name:28} "
+                  + (f"FAILED: {row['error']}" if row["error"] else
+                     f"step {step * 1e3:8.1f} ms  wire {wire or 0:12,.0f} B/step/node"
+                     + (f"  {cell.example.metric} {row['final_eval']:.4f}" if cell.kind == "accuracy" and row["final_eval"] is not None else ""))
+                  + f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
+        if settings["scaling_nodes"]:
+            print("scaling runs ...", flush=True)
+            results["scaling"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],
+                                             timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("threelc bench train: interrupted; writing what finished", file=sys.stderr)
+        results["interrupted"] = True
+    results["wall_s"] = time.perf_counter() - started
+    _write_json(out / "bench.json", results)
+    print(f"wrote {out / 'bench.json'} ({results['wall_s'] / 60:.1f} min)")
+    if doc:
+        bench_doc.write_doc(results, doc)
+        print(f"wrote {doc} and its plots")
+    print(bench_doc.headline_text(results))
+    failed = [row for row in results["cells"] + results["scaling"] if row.get("error")]
+    return 1 if failed or results.get("interrupted") else 0

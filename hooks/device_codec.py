@@ -193,13 +193,18 @@ def _unit_scales_per_value(scales: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 def _unit_scales(values: torch.Tensor, plan: _Plan, sparsity32: np.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scale per unit and a 0-d bool tensor: were all values finite?"""
-    magnitudes = values.abs()
+    # max|v| = max(max v, -min v): two reads of v instead of writing |v| and reading it back.
     # unsafe=True skips torch's own length checks, which would synchronise; the plan built the
-    # lengths to match.  The max propagates NaN, and |Inf| is the max, so a non-finite value
-    # makes its unit's peak non-finite.
-    piece_peaks = torch.segment_reduce(magnitudes, "max", lengths=plan.piece_lengths, initial=0.0, unsafe=True)
-    unit_peaks = torch.segment_reduce(piece_peaks, "max", lengths=plan.unit_piece_counts, initial=0.0,
-                                      unsafe=True)
+    # lengths to match.  Both reductions propagate NaN, and an Inf is an extreme, so a unit's
+    # peak is non-finite exactly when one of its values is.
+    peaks = []
+    for reduction in ("max", "min"):
+        piece_extremes = torch.segment_reduce(values, reduction, lengths=plan.piece_lengths, initial=0.0,
+                                              unsafe=True)
+        peaks.append(torch.segment_reduce(piece_extremes, reduction, lengths=plan.unit_piece_counts,
+                                          initial=0.0, unsafe=True))
+    # abs_ turns the -0.0 of an all-zero unit's negated minimum into the +0.0 the format stores.
+    unit_peaks = torch.maximum(peaks[0], peaks[1].neg_()).abs_()
     finite = torch.isfinite(unit_peaks).all()
     # The spec takes max|v| * s in float64 and rounds once; the product of two float32 is exact.
     scales = (unit_peaks.double() * float(sparsity32)).clamp_(max=FLT_MAX).float()
@@ -227,7 +232,7 @@ def _zero_run_encode(packed: torch.Tensor, groups_per_chunk: int) -> tuple[torch
     chunk_start = index - index.remainder(groups_per_chunk)
     position_in_run = index - torch.maximum(after_nonzero, chunk_start)
     emitted = (position_in_run.remainder(_MAX_RUN) == 0) | ~zero
-    return emitted, torch.cumsum(emitted, dim=0, dtype=torch.int64)
+    return emitted, torch.cumsum(emitted, dim=0, dtype=index.dtype)
 
 
 def _quantize_stage(values: torch.Tensor, scale_per_value: torch.Tensor, digit_weights: torch.Tensor,
@@ -242,10 +247,12 @@ def _quantize_stage(values: torch.Tensor, scale_per_value: torch.Tensor, digit_w
     groups = (count + 4) // 5
     twice = values * 2.0  # may overflow to Inf, which compares like the exact 2v would
     up = twice >= scale_per_value
-    down = -twice >= scale_per_value
-    q = up.to(torch.int8) - down.to(torch.int8)
+    down = twice.neg_() >= scale_per_value  # twice is not needed any more
+    # bool is one byte 0/1: reinterpreting it as int8 saves a conversion pass in eager mode.
+    q = up.view(torch.int8) - down.view(torch.int8)
     # Digits q + 1, the tail padded with digit 1 (a zero), five to a byte, first most significant.
-    digits = torch.nn.functional.pad(q + 1, (0, 5 * groups - count), value=1).to(torch.uint8)
+    digits = torch.ones(5 * groups, dtype=torch.uint8, device=values.device)
+    torch.add(q.view(torch.uint8), 1, out=digits[:count])
     packed = (digits.view(groups, 5) * digit_weights).sum(dim=1, dtype=torch.uint8)
     emitted, emitted_cumsum = _zero_run_encode(packed, groups_per_chunk)
     return q, packed, emitted, emitted_cumsum
@@ -264,7 +271,7 @@ def _compact_body(packed, emitted, emitted_cumsum, body_length: int, plan: _Plan
     groups_per_chunk = plan.chunk // 5
     index = torch.arange(plan.groups, device=device, dtype=index_dtype)
     # Scatter each emitted group's index to its output position; the rest go to a spare slot.
-    target = torch.where(emitted, emitted_cumsum - 1, body_length)
+    target = torch.where(emitted, emitted_cumsum - 1, body_length).to(torch.int64)  # scatter wants int64
     sources = torch.empty(body_length + 1, dtype=index_dtype, device=device)
     sources.scatter_(0, target, index)
     sources = sources[:body_length].to(torch.int64)
@@ -350,7 +357,7 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
         digits_q, packed, emitted, emitted_cumsum = stage(values, scale_per_value, plan.digit_weights,
                                                           chunk // 5)
         # The one host synchronisation: the payload's size depends on both of these.
-        finite_flag, body_length = torch.stack([finite.to(torch.int64), emitted_cumsum[-1]]).tolist()
+        finite_flag, body_length = torch.stack([finite.to(torch.int64), emitted_cumsum[-1].to(torch.int64)]).tolist()
         if not finite_flag:
             if nonfinite == "raise":
                 raise NonFiniteError("input (plus residual) holds NaN or Inf; nothing was compressed")
@@ -441,18 +448,19 @@ def _decode_groups(body: torch.Tensor, chunk_ends: torch.Tensor, plan: _Plan):
     say, so a corrupt body yields garbage values and a flag, never an out-of-bounds access.
     """
     device = body.device
-    groups_per_byte = torch.where(body > 242, body.to(torch.int64) - _RUN_BASE, 1)
-    group_ends = torch.cumsum(groups_per_byte, dim=0)
+    index_dtype = _index_dtype(plan.groups)
+    groups_per_byte = torch.where(body > 242, body.to(index_dtype) - _RUN_BASE, 1)
+    group_ends = torch.cumsum(groups_per_byte, dim=0, dtype=torch.int64)
     # Chunk c is right iff chunks 0..c together expand to exactly their groups: comparing running
     # totals flags the same first bad chunk as checking each chunk alone.
     bad_chunks = group_ends[chunk_ends - 1] != plan.chunk_group_ends
     # Each group's byte: mark where every byte's groups start, then a running count of marks.
     starts = (group_ends - groups_per_byte).clamp_(max=plan.groups)
-    marks = torch.zeros(plan.groups + 1, dtype=torch.int32, device=device)
-    marks.scatter_(0, starts, torch.ones(starts.shape, dtype=torch.int32, device=device))
-    source = torch.cumsum(marks[: plan.groups], dim=0, dtype=torch.int64).sub_(1)
-    coded = body[source]
-    packed = torch.where(coded > 242, _ZERO_GROUP, coded).to(torch.uint8)
+    marks = torch.zeros(plan.groups + 1, dtype=index_dtype, device=device)
+    marks.scatter_(0, starts, torch.ones(starts.shape, dtype=index_dtype, device=device))
+    source = torch.cumsum(marks[: plan.groups], dim=0, dtype=index_dtype).sub_(1)
+    coded = torch.index_select(body, 0, source)
+    packed = torch.where(coded > 242, _ZERO_GROUP, coded).to(index_dtype)
     return packed, bad_chunks
 
 
@@ -485,7 +493,7 @@ def _decode_into(payload: torch.Tensor, out: torch.Tensor | None, accumulate: bo
     chunk_lengths = _table_view(payload, scales_offset + 4 * len(layout.scales), plan.n_chunks, torch.int32)
     chunk_ends = torch.cumsum(chunk_lengths, dim=0, dtype=torch.int64)
     packed, bad_chunks = _decode_groups(payload[body_offset:], chunk_ends, plan)
-    ternary = plan.q_table[packed.to(torch.int64)].view(-1)
+    ternary = torch.index_select(plan.q_table, 0, packed).view(-1)
     scale_per_value = _unit_scales_per_value(scales, plan)
     values = ternary[:count]
     if accumulate:

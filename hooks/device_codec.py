@@ -56,6 +56,7 @@ __all__ = [
     "compress_raw_tensor",
     "decompress_tensor",
     "decompress_add_tensor",
+    "payload_info_tensor",
     "TILE",
 ]
 
@@ -261,6 +262,7 @@ def _quantize_stage(values: torch.Tensor, scale_per_value: torch.Tensor, digit_w
 @functools.lru_cache(maxsize=1)
 def _fused_quantize_stage():
     """:func:`_quantize_stage` compiled by torch.compile (built once, on first use)."""
+    logger.debug("threelc: compiling the fused quantize stage (torch.compile, dynamic shapes)")
     return torch.compile(_quantize_stage, dynamic=True)
 
 
@@ -420,6 +422,16 @@ def _parse_on_host(payload: torch.Tensor) -> tuple[fmt.Layout, int]:
     proxy[: prefix.size] = prefix
     layout = fmt.parse(proxy)
     return layout, size - layout.header.body_length
+
+
+def payload_info_tensor(payload: torch.Tensor) -> fmt.Header:
+    """The validated header of a payload held in a tensor (like ``threelc.payload_info``).
+
+    Copies only the header and tables to the host (two small synchronisations on a device).
+    """
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise fmt.FormatError("payload must be a 1-D uint8 torch.Tensor")
+    return _parse_on_host(payload)[0].header
 
 
 def _table_view(payload: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ from threelc.hooks.device_codec import (
     compress_tensor,
     decompress_add_tensor,
     decompress_tensor,
+    payload_info_tensor,
 )
 
 from awkward import AWKWARD, AWKWARD_IDS, FLT_MAX, TINY
@@ -161,6 +162,15 @@ def test_raw_payloads_match():
     payload = compress_raw_tensor(torch.from_numpy(x))
     assert bits(payload) == threelc.compress_raw(x).tobytes()
     assert bits(decompress_tensor(payload)) == x.tobytes()
+
+
+def test_payload_info_matches_numba_codec():
+    x = np.random.default_rng(6).standard_normal(321).astype(np.float32)
+    for payload in (threelc.compress(x, segments=[300, 21], block=16, chunk=50, sparsity=1.25),
+                    threelc.compress_raw(x), threelc.compress(np.full(3, np.nan, np.float32), nonfinite="flag")):
+        assert payload_info_tensor(torch.from_numpy(payload)) == threelc.payload_info(payload)
+    with pytest.raises(fmt.FormatError):
+        payload_info_tensor(torch.zeros(47, dtype=torch.uint8))
 
 
 def test_misaligned_payload_tensor_decodes():

@@ -163,20 +163,28 @@ def _print_table(results: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``threelc bench``."""
-    parser.add_argument("what", choices=["codec"], help="what to benchmark")
-    parser.add_argument("--numel", type=int, default=25_000_000, help="values in the test array")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[1.0, 1.5, 1.9])
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the best is kept)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--compare", action="store_true",
-                        help="also compare with fp16 and zstd/lz4 on synthetic and real captured gradients")
-    parser.add_argument("--compare-numel", type=int, default=4_000_000,
-                        help="values of the synthetic array in the comparison")
+    """Arguments of ``threelc bench``: ``codec`` here, ``train`` in :mod:`threelc.launch.bench_train`."""
+    benches = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    codec_parser = benches.add_parser("codec", help="codec ratio and throughput against memory bandwidth")
+    codec_parser.add_argument("--numel", type=int, default=25_000_000, help="values in the test array")
+    codec_parser.add_argument("--sparsity", type=float, nargs="+", default=[1.0, 1.5, 1.9])
+    codec_parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (the best is kept)")
+    codec_parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    codec_parser.add_argument("--compare", action="store_true",
+                              help="also compare with fp16 and zstd/lz4 on synthetic and real captured gradients")
+    codec_parser.add_argument("--compare-numel", type=int, default=4_000_000,
+                              help="values of the synthetic array in the comparison")
+    codec_parser.set_defaults(run=run_codec)
+    train_parser = benches.add_parser("train", help="training against PyTorch's hooks on an emulated cluster")
+    # Imported here, not at the top: `threelc bench codec` must not need torch.
+    from threelc.launch import bench_train
+
+    bench_train.add_arguments(train_parser)
+    train_parser.set_defaults(run=bench_train.run)
 
 
-def run(args) -> int:
-    """Run ``threelc bench``."""
+def run_codec(args) -> int:
+    """Run ``threelc bench codec``."""
     results = bench_codec(args.numel, args.sparsity, args.repeats)
     if args.compare:
         results["compare"] = bench_compare(_captured_arrays(args.compare_numel), max(1, args.repeats // 2))
@@ -187,3 +195,8 @@ def run(args) -> int:
         if args.compare:
             _print_compare(results["compare"])
     return 0
+
+
+def run(args) -> int:
+    """Run ``threelc bench WHAT``."""
+    return args.run(args)

@@ -15,7 +15,7 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
-    "bench": ("threelc.bench", "benchmarks: `bench codec` (codec speed and ratio)"),
+    "bench": ("threelc.bench", "benchmarks: `bench codec` (codec speed and ratio), `bench train` (emulated cluster)"),
     "demo": ("threelc.launch.demo", "train on digits with allreduce and 3LC under torchrun, print the savings"),
     "report": ("threelc.launch.report", "compare run folders: table and plots"),
     "emulate": ("threelc.launch.emulate", "run a torchrun job on N emulated nodes with shaped links"),
@@ -32,8 +32,8 @@ def main(argv=None) -> int:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(module_name)
+            sub.set_defaults(run=module.run)  # a module may set a more specific run below
             module.add_arguments(sub)
-            sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -1,1 +1,19 @@
-"""The DDP communication hook (see hook.py)."""
+"""The 3LC DDP communication hook: ``threelc.hooks``.
+
+Two lines in a DDP training script::
+
+    from threelc.hooks import register
+    state = register(ddp_model, sparsity=1.0)        # or:
+    ddp_model.register_comm_hook(ThreeLCState(process_group=None), threelc_hook)
+
+Layout: :mod:`.state` (options, residuals, checkpointing), :mod:`.hook` (the hook and the
+per-bucket algorithm), :mod:`.collectives` (size headers and uneven payload exchange),
+:mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.stats` (per-rank
+statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark).
+"""
+
+from .hook import register, threelc_hook
+from .state import ConfigMismatchError, ThreeLCState
+from .stats import STAT_KEYS
+
+__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "STAT_KEYS"]

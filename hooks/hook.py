@@ -1,0 +1,304 @@
+"""threelc_hook: the DDP communication hook that averages gradient buckets through 3LC payloads.
+
+Data flow of one bucket (see docs/HOOK.md for the full design)::
+
+    autograd thread                       worker thread (one per state, FIFO)
+    ---------------                       -----------------------------------
+    threelc_hook(state, bucket)
+      read index, layout, iteration  -->  [first call] compare config fingerprints
+      submit job, return future           warm-up / small bucket: allreduce (mean)
+                                          else: compress (worker residual)
+                                                exchange sizes + layout fingerprint
+                                                allgather | scatter-reduce-allgather
+                                                decode in rank order, average
+                                          write the mean into the bucket, resolve future
+
+Every rank decodes the same bytes in the same order with the same float32 arithmetic, so the
+replicas receive bitwise identical gradients.
+"""
+
+# No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects the hook's
+# annotations and rejects them as strings.
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import threelc
+from threelc import format as payload_format
+
+from . import collectives
+from .state import ConfigMismatchError, ThreeLCState, fingerprint
+from .worker import CODEC_LOCK
+
+__all__ = ["threelc_hook", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _BucketJob:
+    """What the worker needs to know about one bucket; read on the autograd thread."""
+
+    buffer: torch.Tensor
+    index: int
+    is_last: bool
+    iteration: int
+    compress: bool
+    layout: tuple  # sizes of the bucket's parameter tensors
+    check_config: bool
+
+
+def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    r"""Average a gradient bucket across ranks through 3LC-compressed payloads.
+
+    Implements 3LC (Lim, Andersen, Kaminsky, MLSys 2019, arXiv:1802.07389) as a DDP
+    communication hook.  For each bucket:
+
+    1. During the first ``state.start_iter`` iterations, and for buckets with fewer than
+       ``state.min_numel`` values, average with a plain allreduce.
+    2. Otherwise add the worker residual and compress (3-value quantization with sparsity
+       multiplication, base-3^5 packing, zero-run encoding), one scale per parameter tensor,
+       bucket or block (``state.scale``); the residual keeps what was not sent.  A payload larger
+       than the raw values is replaced by the raw values.
+    3. Exchange payload sizes and a layout fingerprint, then the payloads ("allgather"), or
+       shard j of every rank to rank j ("scatter_reduce"; rank j averages, adds its server
+       residual, compresses again, and every rank gathers the compressed shards).
+    4. Decode the payloads in rank order, average, and write the mean into the bucket in its
+       own dtype.  If any payload was flagged non-finite, the whole bucket becomes NaN on every
+       rank (so ``torch.amp.GradScaler`` skips the step everywhere) and the residuals roll back.
+
+    The work runs on the state's worker thread; this function only enqueues it, so the
+    collectives are issued in bucket order on every rank while backward continues.
+
+    Args:
+        state (ThreeLCState): configuration and residuals.
+        bucket (dist.GradBucket): the flattened gradients of several parameters.
+
+    Returns:
+        A future that resolves to the averaged bucket (its shape, dtype and device).
+
+    Example::
+        >>> # xdoctest: +SKIP
+        >>> state = ThreeLCState(process_group=None, sparsity=1.0)
+        >>> ddp_model.register_comm_hook(state, threelc_hook)
+    """
+    group = state.group()
+    world_size = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    iteration = state.iteration
+    is_last = bucket.is_last()
+    if is_last:
+        state.iteration += 1
+        if state.iteration == state.start_iter:
+            logger.info("threelc: compression starts after %d iterations", state.iteration)
+
+    if world_size == 1:
+        # Nothing to exchange: the mean is the gradient itself, and it stays exact.
+        state.wait()
+        state._stats.add_raw(buffer.numel() * buffer.element_size())
+        if is_last:
+            state._stats.finish_step(iteration, dist.get_rank(), world_size)
+        future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
+        future.set_result(buffer)
+        return future
+
+    compress = iteration >= state.start_iter and buffer.numel() >= max(state.min_numel, 1)
+    layout = ()
+    if compress:
+        layout = tuple(int(parameter.numel()) for parameter in bucket.parameters())
+        padding = buffer.numel() - sum(layout)
+        if padding > 0:  # DDP may pad a bucket; the padding is one more segment
+            layout += (padding,)
+    job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
+                     compress=compress, layout=layout, check_config=not state._config_checked)
+    state._config_checked = True
+    devices = [buffer.device] if buffer.is_cuda else None
+    return state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
+
+
+def register(ddp_model, **options) -> ThreeLCState:
+    """Create a :class:`ThreeLCState` and register :func:`threelc_hook` on a DDP model.
+
+    ``options`` are ThreeLCState's keyword arguments; ``process_group`` defaults to the
+    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).
+
+    Example::
+        >>> # xdoctest: +SKIP
+        >>> state = threelc.hooks.register(ddp_model, sparsity=1.0)
+    """
+    process_group = options.pop("process_group", None)
+    if process_group is None:
+        process_group = getattr(ddp_model, "process_group", None)
+    state = ThreeLCState(process_group=process_group, **options)
+    ddp_model.register_comm_hook(state, threelc_hook)
+    return state
+
+
+# ---------------------------------------------------------------------------- worker side
+def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
+    """Average one bucket (runs on the worker thread; see the module docstring)."""
+    group = state.group()
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    stats = state._stats
+    try:
+        if state._failure is not None:
+            raise RuntimeError("threelc: an earlier bucket failed on this rank; refusing to issue more "
+                               f"collectives: {state._failure}") from state._failure
+        device = collectives.comm_device(group, job.buffer.device)
+        if job.check_config:
+            _check_config(state, group, world_size, job.iteration, device)
+        stats.add_raw(job.buffer.numel() * job.buffer.element_size())
+        if not job.compress:
+            return collectives.allreduce_mean(job.buffer, group, stats)
+        stats.mark_compressed()
+        # The codec works on float32 host memory; a float32 CPU bucket is used in place.
+        if job.buffer.device.type == "cpu" and job.buffer.dtype == torch.float32:
+            work = job.buffer.detach()
+        else:
+            work = job.buffer.detach().to(device="cpu", dtype=torch.float32)
+        values = work.numpy().reshape(-1)
+        if state.resolved_collective(world_size) == "allgather":
+            _allgather_mean(state, job, values, group, rank, world_size, device)
+        else:
+            _scatter_reduce_mean(state, job, values, group, rank, world_size, device)
+        if work is not job.buffer:
+            job.buffer.copy_(work.view(job.buffer.shape))
+        return job.buffer
+    except BaseException as error:
+        if state._failure is None:
+            state._failure = error
+        raise
+    finally:
+        if job.is_last:
+            stats.finish_step(job.iteration, dist.get_rank(), world_size)
+
+
+def _check_config(state: ThreeLCState, group, world_size: int, iteration: int, device) -> None:
+    """Compare configuration fingerprints; on mismatch every rank raises the same error."""
+    text = state.fingerprint_text(world_size, iteration)
+    fingerprints = collectives.exchange_header([fingerprint(text)], group, device, state._stats)[:, 0]
+    if np.all(fingerprints == fingerprints[0]):
+        return
+    # Every rank saw the same fingerprints, so every rank takes this branch: gather the texts to
+    # say exactly what differs.
+    texts = [None] * world_size
+    dist.all_gather_object(texts, text, group=group)
+    lines = "\n".join(f"  rank {rank}: {rank_text}" for rank, rank_text in enumerate(texts))
+    raise ConfigMismatchError(f"threelc: the ranks run the hook with different configurations:\n{lines}")
+
+
+def _check_layouts(fingerprints: np.ndarray, index: int) -> None:
+    if not np.all(fingerprints == fingerprints[0]):
+        raise ConfigMismatchError(
+            f"threelc: bucket {index} has different layouts on different ranks (fingerprints "
+            f"{fingerprints.tolist()}); are the models or DDP's bucket_cap_mb different?")
+
+
+def _layout_fingerprint(job: _BucketJob, count: int) -> int:
+    return fingerprint(f"{job.index}:{count}:{job.layout}")
+
+
+def _encode(state: ThreeLCState, values: np.ndarray, residual, backup, segments) -> np.ndarray:
+    """Compress with error feedback; send the raw values instead if they are smaller."""
+    options = state.codec_options()
+    if state.scale == "bucket":
+        segments = None
+    with CODEC_LOCK:
+        payload = threelc.compress(values, residual=residual, segments=segments, nonfinite="flag", **options)
+    if payload.size > payload_format.HEADER_SIZE + 4 * values.size:
+        # Only tiny inputs get here.  Raw values carry v = x + residual exactly: nothing is left
+        # to feed back.  (A non-finite payload is a bare header and never takes this branch.)
+        sent = values if residual is None else values + backup
+        payload = threelc.compress_raw(np.ascontiguousarray(sent, dtype=np.float32))
+        if residual is not None:
+            residual[...] = 0.0
+    return payload
+
+
+def _any_nonfinite(payloads) -> bool:
+    return any(threelc.payload_info(payload).nonfinite for payload in payloads)
+
+
+def _allgather_mean(state, job, values, group, rank, world_size, device) -> None:
+    """Each rank sends its compressed bucket to all others; all decode the N payloads."""
+    stats = state._stats
+    count = values.size
+    entry = state.residual_for(job.index, job.layout, count, None) if state.error_feedback else None
+    residual = backup = None
+    if entry is not None:
+        residual, backup = entry.worker, entry.worker_backup
+        np.copyto(backup, residual)
+    with stats.timer("compress_s"):
+        payload = _encode(state, values, residual, backup, job.layout)
+    header = collectives.exchange_header([_layout_fingerprint(job, count), payload.size], group, device, stats)
+    _check_layouts(header[:, 0], job.index)
+    payloads = collectives.allgather_payload(payload, header[:, 1], group, device, stats)
+    with stats.timer("decompress_s"), CODEC_LOCK:
+        values[...] = 0.0
+        for rank_payload in payloads:
+            threelc.decompress_add(rank_payload, values)
+        np.divide(values, np.float32(world_size), out=values)
+    if _any_nonfinite(payloads):
+        values[...] = np.nan
+        if residual is not None:
+            np.copyto(residual, backup)
+
+
+def _scatter_reduce_mean(state, job, values, group, rank, world_size, device) -> None:
+    """Shard j of every rank goes to rank j, which averages, recompresses and shares it."""
+    stats = state._stats
+    count = values.size
+    bounds = collectives.shard_bounds(count, world_size)
+    own_start, own_stop = int(bounds[rank]), int(bounds[rank + 1])
+    entry = (state.residual_for(job.index, job.layout, count, own_stop - own_start)
+             if state.error_feedback else None)
+    if entry is not None:
+        np.copyto(entry.worker_backup, entry.worker)
+        np.copyto(entry.server_backup, entry.server)
+    shard_segments = [collectives.segments_in_range(job.layout, int(bounds[j]), int(bounds[j + 1]))
+                      for j in range(world_size)]
+
+    # Scatter-reduce: compress every shard with the worker residual, send shard j to rank j.
+    shard_payloads = []
+    with stats.timer("compress_s"):
+        for j in range(world_size):
+            shard = slice(int(bounds[j]), int(bounds[j + 1]))
+            residual = None if entry is None else entry.worker[shard]
+            backup = None if entry is None else entry.worker_backup[shard]
+            shard_payloads.append(_encode(state, values[shard], residual, backup, shard_segments[j]))
+    header = collectives.exchange_header([_layout_fingerprint(job, count), *(p.size for p in shard_payloads)],
+                                         group, device, stats)
+    _check_layouts(header[:, 0], job.index)
+    receive_sizes = header[:, 1 + rank].copy()
+    receive_sizes[rank] = 0
+    empty = np.zeros(0, np.uint8)
+    outgoing = [empty if j == rank else shard_payloads[j] for j in range(world_size)]
+    received = collectives.exchange_payloads(outgoing, receive_sizes, group, device, stats)
+    received[rank] = shard_payloads[rank]
+
+    # This rank's shard: average in rank order, add the server residual, compress again.
+    shard_mean = np.zeros(own_stop - own_start, dtype=np.float32)
+    with stats.timer("decompress_s"), CODEC_LOCK:
+        for rank_payload in received:
+            threelc.decompress_add(rank_payload, shard_mean)
+        np.divide(shard_mean, np.float32(world_size), out=shard_mean)
+    with stats.timer("compress_s"):
+        server = None if entry is None else entry.server
+        server_backup = None if entry is None else entry.server_backup
+        mean_payload = _encode(state, shard_mean, server, server_backup, shard_segments[rank])
+
+    # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
+    mean_payloads = collectives.allgather_payload(mean_payload, None, group, device, stats)
+    with stats.timer("decompress_s"), CODEC_LOCK:
+        for j, shard_payload in enumerate(mean_payloads):
+            threelc.decompress(shard_payload, out=values[int(bounds[j]):int(bounds[j + 1])])
+    if _any_nonfinite(mean_payloads):
+        values[...] = np.nan
+        if entry is not None:
+            np.copyto(entry.worker, entry.worker_backup)
+            np.copyto(entry.server, entry.server_backup)

@@ -1,0 +1,323 @@
+"""ThreeLCState: the 3LC hook's configuration and internal state (residuals, iteration, stats)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from threelc import format as payload_format
+
+from .stats import HookStats
+from .worker import BucketWorker
+
+__all__ = ["ThreeLCState", "COLLECTIVES", "SCALES", "ConfigMismatchError"]
+
+logger = logging.getLogger(__name__)
+
+COLLECTIVES = ("auto", "allgather", "scatter_reduce")
+SCALES = ("tensor", "bucket", "block")
+#: Version of the dictionary :meth:`ThreeLCState.state_dict` returns.
+STATE_DICT_VERSION = 1
+#: Environment variable naming the statistics folder when ``stats_dir`` is not given.
+STATS_DIR_ENV = "THREELC_STATS_DIR"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The ranks of one process group run the hook with different configurations or buckets."""
+
+
+class _BucketResidual:
+    """Error-feedback memory of one bucket: the worker residual and, for scatter-reduce, the
+    server residual of the shard this rank owns.  ``layout`` is the tuple of parameter sizes the
+    residuals were made for; a bucket with another layout gets other residuals."""
+
+    __slots__ = ("layout", "worker", "server", "worker_backup", "server_backup")
+
+    def __init__(self, layout: tuple, worker: np.ndarray, server: np.ndarray | None = None):
+        self.layout = layout
+        self.worker = worker
+        self.server = server
+        # Copies taken before each compressed step, to roll back a step whose result is
+        # non-finite (AMP skips it, so what it "sent" never reached the model).
+        self.worker_backup = np.empty_like(worker)
+        self.server_backup = None if server is None else np.empty_like(server)
+
+
+class ThreeLCState:
+    r"""Configuration and state of :func:`~threelc.hooks.threelc_hook`.
+
+    3LC (Lim, Andersen, Kaminsky, "3LC: Lightweight and Effective Traffic Compression for
+    Distributed Machine Learning", MLSys 2019, arXiv:1802.07389) compresses each gradient bucket
+    in three steps, with error feedback around them:
+
+    1. error feedback: ``v = gradient + residual`` (the residual is this rank's float32 memory of
+       what earlier steps failed to send);
+    2. 3-value quantization with sparsity multiplication: per scale unit (a parameter tensor, the
+       bucket, or a block), ``M = max|v|`` and ``q = round(v / (M * sparsity))`` in {-1, 0, +1};
+    3. base-3^5 packing: five ternary digits per byte (1.6 bits per value);
+    4. zero-run encoding: runs of 2..14 all-zero bytes become one byte;
+    5. ``residual = v - decompress(payload)``.
+
+    The hook then exchanges payloads (``collective``) and every rank decodes the same bytes in
+    the same order, so all replicas apply the same, bitwise identical, averaged gradient.
+
+    Parameters
+    ----------
+    process_group : ProcessGroup, optional
+        The group to average over; ``None`` means the default (world) group.
+    sparsity : float, default 1.0
+        The sparsity multiplier s in [1, 2): larger s zeroes more values (smaller payloads).
+    collective : {"auto", "allgather", "scatter_reduce"}, default "auto"
+        ``"allgather"``: every rank sends its compressed bucket to every other rank and averages
+        the N decoded payloads; bytes per rank ~ (N - 1) C.  ``"scatter_reduce"``: shard j of
+        every rank's bucket goes to rank j, which averages, adds its server residual, compresses
+        again, and all ranks gather the compressed shards; bytes per rank ~ 2 (N - 1) / N C,
+        like a ring allreduce, at the price of a second lossy step and twice the collectives.
+        ``"auto"`` picks allgather for world sizes up to 2 (the bytes are the same there, and it
+        quantizes once) and scatter_reduce above (fewer bytes, and decoding stays O(bucket)
+        instead of O(N * bucket)).
+    scale : {"tensor", "bucket", "block"}, default "tensor"
+        One scale (max |v|) per parameter tensor of the bucket, as in the paper; one per bucket
+        (or shard); or one per ``block_size`` values of each tensor.  See docs/HOOK.md for
+        the accuracy-per-byte measurement behind the default.
+    block_size : int, default 1024
+        Values per scale with ``scale="block"``.
+    start_iter : int, default 10
+        Iterations that use plain allreduce before compression starts; must be >= 2 because
+        DDP rebuilds its buckets after the first iteration, which changes bucket sizes.
+        Compressing from the very first steps can also cost accuracy for good.
+    min_numel : int, default 1024
+        Buckets with fewer values are averaged with plain allreduce: compressing them saves
+        fewer bytes than the payload header and a second collective cost.
+    error_feedback : bool, default True
+        Keep residuals (worker and server).  Without them 3LC is biased and loses accuracy.
+    stats_dir : str, optional
+        Append one JSON line per step to ``{stats_dir}/hook-rank{rank}.jsonl``; defaults to the
+        environment variable ``THREELC_STATS_DIR``, and to no log when neither is set.
+
+    Raises
+    ------
+    ValueError
+        If an option is out of range; the message says which and why.
+
+    Examples
+    --------
+    >>> state = ThreeLCState(process_group=None, sparsity=1.0)       # doctest: +SKIP
+    >>> ddp_model.register_comm_hook(state, threelc_hook)              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        process_group=None,
+        *,
+        sparsity: float = 1.0,
+        collective: str = "auto",
+        scale: str = "tensor",
+        block_size: int = 1024,
+        start_iter: int = 10,
+        min_numel: int = 1024,
+        error_feedback: bool = True,
+        stats_dir: str | None = None,
+    ):
+        # Hyperparameters.
+        sparsity32 = np.float32(sparsity) if isinstance(sparsity, (int, float, np.floating)) else None
+        if isinstance(sparsity, bool) or sparsity32 is None or not (np.isfinite(sparsity32) and 1.0 <= sparsity32 < 2.0):
+            raise ValueError(f"sparsity must be a number in [1, 2) (the paper's sparsity multiplier s), got {sparsity!r}")
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if not _is_int(block_size) or not 1 <= block_size < 2**32:
+            raise ValueError(f"block_size must be a positive integer below 2**32, got {block_size!r}")
+        if not _is_int(start_iter) or start_iter < 2:
+            # DDP rebuilds its buckets after the first iteration; residuals made for the first
+            # layout would not fit the second.
+            raise ValueError(f"start_iter must be an integer >= 2 because DDP rebuilds its buckets after the "
+                             f"first iteration, got {start_iter!r}")
+        if not _is_int(min_numel) or min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if stats_dir is None:
+            stats_dir = os.environ.get(STATS_DIR_ENV) or None
+        if stats_dir is not None and not isinstance(stats_dir, (str, os.PathLike)):
+            raise ValueError(f"stats_dir must be a path or None, got {stats_dir!r}")
+
+        self.process_group = process_group
+        self.sparsity = float(sparsity32)
+        self.collective = collective
+        self.scale = scale
+        self.block_size = int(block_size)
+        self.start_iter = int(start_iter)
+        self.min_numel = int(min_numel)
+        self.error_feedback = error_feedback
+        self.stats_dir = os.fspath(stats_dir) if stats_dir is not None else None
+
+        # Internal state.
+        #: Iterations completed (advanced when DDP hands over the last bucket of an iteration).
+        self.iteration = 0
+        self._residuals: dict[int, _BucketResidual] = {}
+        # Residuals displaced by a bucket layout change, kept for one return: after a restart,
+        # DDP's first iteration uses its initial buckets before rebuilding the saved layout.
+        self._parked: dict[int, _BucketResidual] = {}
+        self._stats = HookStats(self.stats_dir)
+        self._worker: BucketWorker | None = None
+        self._config_checked = False
+        # The first exception of a bucket job: later jobs fail fast instead of issuing
+        # collectives that the other ranks may never match.
+        self._failure: BaseException | None = None
+        logger.info("threelc: %r", self)
+
+    # ------------------------------------------------------------------ configuration
+    def config(self) -> dict:
+        """The hyperparameters as a JSON-able dict (``ThreeLCState(**config)`` rebuilds them)."""
+        return {"sparsity": self.sparsity, "collective": self.collective, "scale": self.scale,
+                "block_size": self.block_size, "start_iter": self.start_iter, "min_numel": self.min_numel,
+                "error_feedback": self.error_feedback, "stats_dir": self.stats_dir}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+        return f"ThreeLCState({options})"
+
+    def group(self):
+        """The process group in use (the default group when none was given)."""
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def resolved_collective(self, world_size: int) -> str:
+        """The collective for this world size (``"auto"`` resolved; see the class docstring)."""
+        if self.collective != "auto":
+            return self.collective
+        return "allgather" if world_size <= 2 else "scatter_reduce"
+
+    def codec_options(self) -> dict:
+        """Keyword arguments of :func:`threelc.compress` for this configuration."""
+        return {"sparsity": self.sparsity, "block": self.block_size if self.scale == "block" else None}
+
+    def fingerprint_text(self, world_size: int, iteration: int) -> str:
+        """What every rank must agree on before compressed steps: format, options, iteration."""
+        return (f"format={payload_format.VERSION} sparsity={np.float32(self.sparsity)!r} "
+                f"collective={self.resolved_collective(world_size)} scale={self.scale} "
+                f"block_size={self.block_size} start_iter={self.start_iter} min_numel={self.min_numel} "
+                f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration}")
+
+    # ------------------------------------------------------------------ residuals
+    def residual_for(self, index: int, layout: tuple, count: int, server_count: int | None) -> _BucketResidual:
+        """The bucket's residuals, created (zero) on first use or when its layout changed."""
+        entry = self._residuals.get(index)
+        if entry is not None and entry.layout == layout:
+            pass
+        else:
+            parked = self._parked.pop(index, None)
+            if entry is not None:
+                logger.info("threelc: bucket %d changed layout (%d -> %d values); its residuals are set aside",
+                            index, entry.worker.size, count)
+                self._parked[index] = entry
+            if parked is not None and parked.layout == layout:
+                entry = parked
+            else:
+                entry = _BucketResidual(layout, np.zeros(count, dtype=np.float32))
+            self._residuals[index] = entry
+        if server_count is not None and (entry.server is None or entry.server.size != server_count):
+            entry.server = np.zeros(server_count, dtype=np.float32)
+            entry.server_backup = np.empty_like(entry.server)
+        return entry
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict:
+        """This rank's statistics: ``{"step": {...}, "total": {...}}``.
+
+        Keys of both: step, rank, world_size, raw_bytes, sent_bytes, received_bytes, ratio,
+        compressed, compress_s, decompress_s, comm_s (see :mod:`threelc.hooks.stats`).
+        """
+        self.wait()
+        return self._stats.snapshot()
+
+    # ------------------------------------------------------------------ worker
+    def worker(self) -> BucketWorker:
+        """The FIFO worker thread, started on first use (and again after unpickling)."""
+        if self._worker is None or not self._worker.alive:
+            self._worker = BucketWorker()
+        return self._worker
+
+    def wait(self) -> None:
+        """Block until every bucket handed to the hook so far has been processed."""
+        if self._worker is not None:
+            self._worker.drain()
+
+    def close(self) -> None:
+        """Stop the worker thread (it restarts if the hook is called again)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Residuals (worker and server), iteration count and cumulative statistics.
+
+        Residuals differ between ranks: every rank saves and loads its own.  Tensors are CPU
+        float32 copies, so ``torch.save`` works on the result.
+        """
+        self.wait()
+        residuals = {}
+        for index, entry in self._residuals.items():
+            residuals[index] = {
+                "layout": list(entry.layout),
+                "worker": torch.from_numpy(entry.worker.copy()),
+                "server": None if entry.server is None else torch.from_numpy(entry.server.copy()),
+            }
+        return {"version": STATE_DICT_VERSION, "config": self.config(), "iteration": self.iteration,
+                "residuals": residuals, "stats": self._stats.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed)."""
+        self.wait()
+        if state_dict.get("version") != STATE_DICT_VERSION:
+            raise ValueError(f"unsupported ThreeLCState state_dict version {state_dict.get('version')!r} "
+                             f"(this version reads {STATE_DICT_VERSION})")
+        saved = state_dict.get("config", {})
+        changed = {key: (saved[key], value) for key, value in self.config().items()
+                   if key in saved and saved[key] != value and key != "stats_dir"}
+        if changed:
+            logger.warning("threelc: loading a state saved with other options (saved, now): %s", changed)
+        self.iteration = int(state_dict["iteration"])
+        self._residuals = {}
+        self._parked = {}
+        for index, entry in state_dict["residuals"].items():
+            server = entry["server"]
+            self._residuals[int(index)] = _BucketResidual(
+                tuple(int(size) for size in entry["layout"]),
+                _float32_array(entry["worker"]),
+                None if server is None else _float32_array(server))
+        self._stats.load_state_dict(state_dict["stats"])
+        self._failure = None
+        self._config_checked = False
+
+    def __getstate__(self) -> dict:
+        # The process group, the worker thread and its lock cannot be pickled; like PyTorch's
+        # PowerSGDState, a pickled state uses the default group once unpickled.
+        return {"config": self.config(), "state": self.state_dict()}
+
+    def __setstate__(self, pickled: dict) -> None:
+        self.__init__(process_group=None, **pickled["config"])
+        self.load_state_dict(pickled["state"])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _float32_array(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.array(value, dtype=np.float32, copy=True).reshape(-1)
+
+
+def fingerprint(text: str) -> int:
+    """A stable signed 64-bit hash of ``text`` (the same in every process, unlike ``hash``)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)

@@ -1,0 +1,181 @@
+"""Per-rank traffic and timing statistics of the 3LC hook, and their JSON-lines log.
+
+One :class:`HookStats` per :class:`~threelc.hooks.ThreeLCState`.  Only the hook's worker thread
+writes to it (one bucket at a time), and a step is closed before the future of its last bucket is
+completed, so when ``loss.backward()`` returns, :meth:`HookStats.snapshot` already includes that
+step.
+
+The schema is a contract: ``threelc report`` and the demo read it.  Both the ``"step"`` and the
+``"total"`` dictionaries (and every line of the log, which is a ``"step"`` dictionary plus
+``"time"``) have exactly these keys:
+
+===============  ==========================================================================
+step             iteration index of the step (``"total"``: number of steps completed)
+rank             global rank of this process
+world_size       size of the hook's process group
+raw_bytes        the gradient bytes of the buckets, in the bucket dtype
+sent_bytes       bytes this rank sent to other ranks, as the collectives move them
+received_bytes   bytes this rank received from other ranks
+ratio            raw_bytes / sent_bytes (``null`` when nothing was sent, e.g. world size 1)
+compressed       whether any bucket of the step was 3LC-compressed (false during warm-up)
+compress_s       seconds in the 3LC encoder
+decompress_s     seconds in the 3LC decoder
+comm_s           seconds in collectives (including waiting for slower ranks)
+===============  ==========================================================================
+
+Bytes are counted as the collectives move them: payloads and the small size headers exchanged
+before them, never a rank's bytes to itself.  A plain allreduce (warm-up, small buckets) is
+counted as a ring allreduce moves it: ``2 (N - 1) / N * raw`` bytes sent and as many received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+__all__ = ["HookStats", "STAT_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: The keys of every statistics dictionary, in order.
+STAT_KEYS = ("step", "rank", "world_size", "raw_bytes", "sent_bytes", "received_bytes", "ratio",
+             "compressed", "compress_s", "decompress_s", "comm_s")
+
+
+class _Counters:
+    """Byte counts and timings summed over buckets (one step, or the whole run)."""
+
+    __slots__ = ("raw_bytes", "sent_bytes", "received_bytes", "compressed", "compress_s", "decompress_s",
+                 "comm_s")
+
+    def __init__(self):
+        self.raw_bytes = 0
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self.compressed = False
+        self.compress_s = 0.0
+        self.decompress_s = 0.0
+        self.comm_s = 0.0
+
+    def add(self, other: "_Counters") -> None:
+        self.raw_bytes += other.raw_bytes
+        self.sent_bytes += other.sent_bytes
+        self.received_bytes += other.received_bytes
+        self.compressed = self.compressed or other.compressed
+        self.compress_s += other.compress_s
+        self.decompress_s += other.decompress_s
+        self.comm_s += other.comm_s
+
+    def as_dict(self, step: int, rank: int, world_size: int) -> dict:
+        return {
+            "step": step,
+            "rank": rank,
+            "world_size": world_size,
+            "raw_bytes": self.raw_bytes,
+            "sent_bytes": self.sent_bytes,
+            "received_bytes": self.received_bytes,
+            "ratio": self.raw_bytes / self.sent_bytes if self.sent_bytes else None,
+            "compressed": self.compressed,
+            "compress_s": self.compress_s,
+            "decompress_s": self.decompress_s,
+            "comm_s": self.comm_s,
+        }
+
+
+class HookStats:
+    """Accumulates the current step's counters, closes steps, and appends them to the log.
+
+    Parameters
+    ----------
+    stats_dir : str or None
+        Folder of the JSON-lines log; ``None`` keeps statistics in memory only.
+    """
+
+    def __init__(self, stats_dir: str | None):
+        self.stats_dir = stats_dir
+        self.current = _Counters()
+        self.total = _Counters()
+        self.steps_completed = 0
+        self.last_step: dict | None = None
+        self.rank = 0
+        self.world_size = 1
+
+    # The worker thread calls these while it processes buckets.
+    def add_raw(self, nbytes: int) -> None:
+        self.current.raw_bytes += int(nbytes)
+
+    def add_traffic(self, sent: int, received: int) -> None:
+        self.current.sent_bytes += int(sent)
+        self.current.received_bytes += int(received)
+
+    def add_allreduce(self, raw_bytes: int, world_size: int) -> None:
+        """Count a plain allreduce as a ring moves it: 2 (N - 1) / N of the raw bytes each way."""
+        moved = (2 * (world_size - 1) * int(raw_bytes)) // world_size
+        self.add_traffic(moved, moved)
+
+    def mark_compressed(self) -> None:
+        self.current.compressed = True
+
+    def timer(self, field: str) -> "_Timer":
+        """Context manager adding its elapsed seconds to ``field`` of the current step."""
+        return _Timer(self.current, field)
+
+    def finish_step(self, step: int, rank: int, world_size: int) -> dict:
+        """Close the current step: fold it into the totals and append it to the log."""
+        self.rank, self.world_size = rank, world_size
+        record = self.current.as_dict(step, rank, world_size)
+        self.total.add(self.current)
+        self.current = _Counters()
+        self.steps_completed += 1
+        self.last_step = record
+        if self.stats_dir:
+            self._append(record)
+        return record
+
+    def snapshot(self) -> dict:
+        """``{"step": <last completed step>, "total": <cumulative>}`` (see the module docstring)."""
+        step = self.last_step
+        if step is None:
+            step = _Counters().as_dict(-1, self.rank, self.world_size)
+        return {
+            "step": dict(step),
+            "total": self.total.as_dict(self.steps_completed, self.rank, self.world_size),
+        }
+
+    def _append(self, record: dict) -> None:
+        path = os.path.join(self.stats_dir, f"hook-rank{record['rank']}.jsonl")
+        line = json.dumps({**record, "time": time.time()})
+        try:
+            os.makedirs(self.stats_dir, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(line + "\n")
+        except OSError as error:
+            # Statistics must never stop training: warn once per failure and carry on.
+            logger.warning("threelc: cannot append statistics to %s: %s", path, error)
+
+    # Checkpointing: the cumulative counters travel with the hook state.
+    def state_dict(self) -> dict:
+        return {"steps_completed": self.steps_completed,
+                **{name: getattr(self.total, name) for name in _Counters.__slots__}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_completed = int(state["steps_completed"])
+        for name in _Counters.__slots__:
+            setattr(self.total, name, type(getattr(self.total, name))(state[name]))
+
+
+class _Timer:
+    __slots__ = ("counters", "field", "start")
+
+    def __init__(self, counters: _Counters, field: str):
+        self.counters, self.field = counters, field
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.counters, self.field, getattr(self.counters, self.field) + time.perf_counter() - self.start)
+        return False

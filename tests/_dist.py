@@ -1,0 +1,75 @@
+"""Spawn N real gloo ranks for a test, with a hard timeout so a broken test never hangs.
+
+    results = run_ranks(fn, world_size, *args)
+
+runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes inside an initialized gloo
+process group and returns the per-rank return values (anything ``torch.save`` can store).  ``fn``
+must be a module-level function of an importable module (the spawned processes import it).
+Each rank uses one torch thread and one numba thread: the CI machine has 2 cores for everyone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+__all__ = ["run_ranks", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, folder, collective_timeout_s, args):
+    import numba
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout_s))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(folder, f"rank{rank}.err"), "w") as err:
+            err.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_timeout_s: float = 60) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results.
+
+    Raises AssertionError with the failing ranks' tracebacks, or TimeoutError after
+    ``timeout_s`` seconds (the processes are then terminated).
+    """
+    with tempfile.TemporaryDirectory(prefix="threelc-ranks-") as folder:
+        context = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder, collective_timeout_s, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout_s} s")
+        except ProcessException as error:
+            errors = [open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))
+                      if name.endswith(".err")]
+            raise AssertionError("\n".join(errors) or str(error)) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                    process.join(5)
+        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]

@@ -1,0 +1,137 @@
+"""ThreeLCState and the hook's helpers, in one process (no process group needed)."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from threelc.hooks import STAT_KEYS, ThreeLCState
+from threelc.hooks.collectives import segments_in_range, shard_bounds
+from threelc.hooks.stats import HookStats
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"sparsity": 2.0}, "sparsity"),
+    ({"sparsity": 0.5}, "sparsity"),
+    ({"sparsity": float("nan")}, "sparsity"),
+    ({"sparsity": "1"}, "sparsity"),
+    ({"sparsity": True}, "sparsity"),
+    ({"collective": "ring"}, "collective"),
+    ({"scale": "row"}, "scale"),
+    ({"block_size": 0}, "block_size"),
+    ({"block_size": 2.5}, "block_size"),
+    ({"start_iter": 1}, "rebuilds its buckets"),
+    ({"start_iter": 0}, "start_iter"),
+    ({"min_numel": -1}, "min_numel"),
+    ({"error_feedback": 1}, "error_feedback"),
+    ({"stats_dir": 3}, "stats_dir"),
+])
+def test_bad_options_raise_value_error_that_says_why(options, words):
+    with pytest.raises(ValueError, match=words):
+        ThreeLCState(**options)
+
+
+def test_defaults_and_repr():
+    state = ThreeLCState()
+    assert state.config() == {"sparsity": 1.0, "collective": "auto", "scale": "tensor", "block_size": 1024,
+                              "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None}
+    assert repr(state).startswith("ThreeLCState(sparsity=1.0, collective='auto'")
+    assert state.resolved_collective(2) == "allgather"
+    assert state.resolved_collective(3) == "scatter_reduce"
+    assert ThreeLCState(collective="scatter_reduce").resolved_collective(2) == "scatter_reduce"
+
+
+def test_stats_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("THREELC_STATS_DIR", str(tmp_path))
+    assert ThreeLCState().stats_dir == str(tmp_path)
+    assert ThreeLCState(stats_dir=str(tmp_path / "x")).stats_dir == str(tmp_path / "x")
+
+
+def test_residuals_follow_bucket_layout_and_come_back_after_a_rebuild():
+    state = ThreeLCState()
+    first = state.residual_for(0, (3, 4), 7, None)
+    first.worker[:] = 1.0
+    assert state.residual_for(0, (3, 4), 7, None) is first
+    # A new layout gets fresh zero residuals; the old ones are set aside, not lost...
+    other = state.residual_for(0, (7,), 7, None)
+    assert other is not first and not other.worker.any()
+    # ...and return when the layout does (DDP's first step after a restart, then the rebuild).
+    assert state.residual_for(0, (3, 4), 7, None) is first
+    assert state.residual_for(0, (3, 4), 7, 4).server.shape == (4,)
+
+
+def test_state_dict_round_trip_and_pickle_drops_the_process_group():
+    state = ThreeLCState(process_group=object(), sparsity=1.25, collective="scatter_reduce")
+    entry = state.residual_for(2, (5, 5), 10, 5)
+    entry.worker[:] = np.arange(10)
+    entry.server[:] = -1.0
+    state.iteration = 17
+    saved = state.state_dict()
+    assert saved["iteration"] == 17 and saved["config"]["sparsity"] == 1.25
+    assert torch.equal(saved["residuals"][2]["worker"], torch.arange(10, dtype=torch.float32))
+
+    restored = ThreeLCState(sparsity=1.25, collective="scatter_reduce")
+    restored.load_state_dict(saved)
+    assert restored.iteration == 17
+    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
+    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).server, -np.ones(5))
+
+    unpickled = pickle.loads(pickle.dumps(state))
+    assert unpickled.process_group is None
+    assert unpickled.config() == state.config() and unpickled.iteration == 17
+    np.testing.assert_array_equal(unpickled.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
+
+
+def test_load_state_dict_rejects_unknown_version():
+    with pytest.raises(ValueError, match="version"):
+        ThreeLCState().load_state_dict({"version": 99})
+
+
+@pytest.mark.parametrize("count, world_size", [(0, 3), (2, 4), (10, 3), (1001, 8)])
+def test_shard_bounds_cover_the_bucket(count, world_size):
+    bounds = shard_bounds(count, world_size)
+    assert bounds[0] == 0 and bounds[-1] == count and len(bounds) == world_size + 1
+    sizes = np.diff(bounds)
+    assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+
+
+def test_segments_in_range_intersects_parameters_with_shards():
+    sizes = [4, 0, 3, 5]
+    assert segments_in_range(sizes, 0, 12) == [4, 3, 5]
+    assert segments_in_range(sizes, 2, 9) == [2, 3, 2]
+    assert segments_in_range(sizes, 5, 6) == [1]
+    assert segments_in_range(sizes, 6, 6) == []
+    bounds = shard_bounds(12, 5)
+    pieces = [segments_in_range(sizes, bounds[j], bounds[j + 1]) for j in range(5)]
+    assert [sum(p) for p in pieces] == list(np.diff(bounds))
+
+
+def test_stats_schema_and_json_lines(tmp_path):
+    stats = HookStats(str(tmp_path))
+    stats.add_raw(1000)
+    stats.add_allreduce(1000, 4)  # ring allreduce: 2 (N - 1) / N of the raw bytes each way
+    first = stats.finish_step(0, rank=3, world_size=4)
+    assert first["sent_bytes"] == first["received_bytes"] == 1500 and first["compressed"] is False
+    stats.add_raw(1000)
+    stats.add_traffic(10, 30)
+    stats.mark_compressed()
+    with stats.timer("compress_s"):
+        pass
+    stats.finish_step(1, rank=3, world_size=4)
+    snapshot = stats.snapshot()
+    assert tuple(snapshot["step"]) == STAT_KEYS and tuple(snapshot["total"]) == STAT_KEYS
+    assert snapshot["step"]["ratio"] == 100.0 and snapshot["step"]["compressed"] is True
+    assert snapshot["total"]["step"] == 2 and snapshot["total"]["raw_bytes"] == 2000
+    assert snapshot["total"]["sent_bytes"] == 1510 and snapshot["total"]["received_bytes"] == 1530
+    lines = [json.loads(line) for line in (tmp_path / "hook-rank3.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    assert all(tuple(line) == STAT_KEYS + ("time",) for line in lines)
+
+
+def test_stats_before_any_step_and_with_nothing_sent():
+    stats = HookStats(None)
+    assert stats.snapshot()["step"]["step"] == -1
+    stats.add_raw(8)
+    assert stats.finish_step(0, 0, 1)["ratio"] is None  # nothing sent: no ratio, not infinity

@@ -1,0 +1,127 @@
+"""``threelc bench train``: the analysis on fixed numbers, and a tiny configuration end to end.
+
+The end-to-end test needs root and iproute2 (the emulated cluster).  It skips without them,
+except where the environment sets ``THREELC_REQUIRE_EMULATION=1`` (CI does): there it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch_helpers import hook_available
+from threelc.launch import bench_doc, netns
+from threelc.launch.bench_train import EXAMPLES, FULL_HOOKS, QUICK_HOOKS, parse_hook, plan_cells
+
+REQUIRED = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
+
+
+def test_parse_hook_names():
+    assert parse_hook("powersgd-r4").powersgd_rank == 4
+    spec = parse_hook("threelc-s1.9-allgather")
+    assert (spec.hook, spec.sparsity, spec.collective) == ("threelc", 1.9, "allgather")
+    assert parse_hook("threelc-s1.5").collective == "auto"
+    assert parse_hook("threelc-s1.0").train_args() == ["--hook", "threelc", "--sparsity", "1.0", "--collective", "auto"]
+    for bad in ("powersgd", "threelc-s2.0", "zstd"):
+        with pytest.raises(ValueError):
+            parse_hook(bad)
+    assert len(FULL_HOOKS) == 10 and set(QUICK_HOOKS) <= set(FULL_HOOKS) | {"threelc-s1.0", "threelc-s1.9"}
+
+
+def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
+    hooks = [parse_hook("allreduce"), parse_hook("threelc-s1.0")]
+    cells = plan_cells([EXAMPLES["digits"]], ["100mbit", "10mbit"], hooks, steps=None, warmup=10, timing_steps=5,
+                       quick=True)
+    assert [(cell.rate, cell.kind, cell.steps, cell.warmup) for cell in cells] == [
+        ("unshaped", "accuracy", 100, 10)] * 2 + [("100mbit", "timing", 7, 2)] * 2 + [("10mbit", "timing", 7, 2)] * 2
+
+
+def _cell(rate, hook, step_s, wire, *, final=None, curve=(), warmup=None):
+    return {"example": "digits", "rate": rate, "hook": hook, "kind": "accuracy" if rate == "unshaped" else "timing",
+            "nodes": 4, "warmup": warmup, "error": None, "median_step_s": step_s, "wire_tx_per_step_node": wire,
+            "hook_bytes_per_step": wire, "wire_overhead": 0.05, "final_eval": final, "curve": list(curve),
+            "steps": 100 if rate == "unshaped" else 7, "parameters": 2_000_000,
+            "profile": {"compress_s": 0.01, "decompress_s": 0.01, "comm_s": 0.02}}
+
+
+def _results():
+    cells = [
+        _cell("unshaped", "allreduce", 0.10, 12e6, final=0.97, curve=[(10, 0.5, 1.0), (20, 0.965, 2.0)]),
+        _cell("unshaped", "powersgd-r1", 0.12, 1e6, final=0.95, curve=[(10, 0.5, 1.0), (20, 0.9, 2.4)], warmup=10),
+        _cell("unshaped", "threelc-s1.0", 0.105, 0.2e6, final=0.965, curve=[(10, 0.5, 1.0), (20, 0.962, 2.1)],
+              warmup=10),
+        _cell("100mbit", "allreduce", 1.0, 12.5e6),
+        _cell("100mbit", "powersgd-r1", 0.2, 1.1e6),
+        _cell("100mbit", "threelc-s1.0", 0.11, 0.25e6),
+        _cell("10mbit", "allreduce", 10.0, 12.5e6),
+        _cell("10mbit", "threelc-s1.0", 0.4, 0.25e6),
+    ]
+    return {"command": "threelc bench train (test)", "settings": {"nodes": 4, "warmup_steps": 10},
+            "machine": {"cpus": 2, "memory_bytes": 2**34, "gpu": False}, "examples": {"digits": {
+                "module": "threelc.launch.train_digits", "model_args": ["--width", "96"], "metric": "test_accuracy",
+                "higher_is_better": True, "target_slack": 0.01, "batch_size": 8}},
+            "cells": cells, "scaling": []}
+
+
+def test_analysis_targets_and_time_to_target():
+    analysis = bench_doc.analyze(_results())["digits"]
+    assert analysis.floor == 0.10 and analysis.target == pytest.approx(0.96)
+    assert bench_doc.headline_hook(analysis) == "threelc-s1.0"
+    assert analysis.speedup("100mbit", "threelc-s1.0") == pytest.approx(1.0 / 0.11)
+    assert analysis.byte_ratio("100mbit", "threelc-s1.0") == pytest.approx(50)
+    # Measured unshaped; on 10mbit: 10 warm-up steps at allreduce's 10 s, then 10 steps at 0.4 s.
+    assert analysis.time_to_target("unshaped", "threelc-s1.0") == (2.1, True)
+    assert analysis.time_to_target("10mbit", "threelc-s1.0") == (pytest.approx(10 * 10.0 + 10 * 0.4), False)
+    assert analysis.time_to_target("100mbit", "powersgd-r1") is None  # 0.9 never reaches 0.96
+    met = {row["target"]: row["met"] for row in bench_doc.check_targets(analysis, "threelc-s1.0")}
+    assert list(met.values()) == [True, False, True, True, True, True, True]
+
+
+def test_doc_written_from_results(tmp_path):
+    doc = bench_doc.write_doc(_results(), tmp_path / "docs" / "benchmarks.md")
+    text = doc.read_text()
+    assert "threelc bench train (test)" in text and "**missed**" in text and "Where the time goes" in text
+    assert "| threelc-s1.0 | 250.00 kB | 50.0x |" in text
+    for name in ("step_time_digits.png", "accuracy_vs_bytes_digits.png"):
+        assert (tmp_path / "docs" / "bench" / name).stat().st_size > 3_000
+
+
+def _require_emulation():
+    try:
+        netns.check_requirements()
+    except netns.EmulationUnavailable as error:
+        if REQUIRED:
+            pytest.fail(f"THREELC_REQUIRE_EMULATION=1 but the emulated cluster cannot run: {error}")
+        pytest.skip(str(error))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
+def test_bench_train_end_to_end_tiny(tmp_path):
+    _require_emulation()
+    out, doc = tmp_path / "run", tmp_path / "docs" / "benchmarks.md"
+    command = [sys.executable, "-m", "threelc.cli", "bench", "train", "--examples", "digits", "--rates", "none",
+               "--hooks", "allreduce", "threelc-s1.0", "--nodes", "2", "--steps", "12", "--warmup-steps", "2",
+               "--width", "8", "--scaling-nodes", "--out", str(out), "--doc", str(doc), "--timeout", "120"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "bench.json").read_text())
+    rows = {row["hook"]: row for row in results["cells"]}
+    assert set(rows) == {"allreduce", "threelc-s1.0"}
+    fp32, compressed = rows["allreduce"], rows["threelc-s1.0"]
+    for row in (fp32, compressed):
+        assert row["error"] is None and row["median_step_s"] > 0 and 0.0 <= row["final_eval"] <= 1.0
+        assert row["wire_tx_per_step_node"] > 0 and len(row["curve"]) >= 2
+    # A ring allreduce of the 14,794 float32 gradients moves 2 (N - 1) / N * 4P = 59,176 bytes per node per
+    # step; the wire adds headers.  3LC's payloads are a few hundred bytes: far fewer even with headers.
+    assert 59_176 <= fp32["wire_tx_per_step_node"] < 59_176 * 1.2
+    assert compressed["wire_tx_per_step_node"] < fp32["wire_tx_per_step_node"] / 10
+    assert compressed["steady_first_step"] == 3  # 2 warm-up steps of allreduce excluded
+    text = doc.read_text()
+    assert "```\nthreelc bench train --examples digits" in text and "## Targets (digits, 2 nodes" in text
+    assert (doc.parent / "bench" / "step_time_digits.png").exists()
+    assert "headline (digits, 2 nodes, threelc-s1.0" in result.stdout

@@ -10,9 +10,9 @@ why torch operations rather than numba CUDA kernels, and what they cost.
 Encoding, stage by stage (docs/FORMAT.md has the byte layout):
 
 1. ``v = x + residual`` (float32).
-2. Per unit (a segment, or a block of a segment): ``peak = max|v|`` by a two-level segmented max
-   (units cut at a fixed tile grid, then tiles merged per unit) so that one huge segment still
-   spreads over the whole device.  ``scale = float32(min(float64(peak) * s, FLT_MAX))``.
+2. Per unit (a segment, or a block of a segment): ``peak = max(max v, -min v)`` by two-level
+   segmented reductions (units cut at a fixed tile grid, then pieces merged per unit) so that
+   one huge segment still spreads over the whole device.  ``scale = float32(min(float64(peak) * s, FLT_MAX))``.
 3. ``q = [2v >= scale] - [-2v >= scale]`` (exact in float32), digit ``q + 1``; tail padded with
    digit 1; five digits to a byte ``81a + 27b + 9c + 3d + e``.
 4. Zero-run encoding without a loop over runs: a byte is emitted for every non-zero group and

@@ -14,7 +14,8 @@ It measures, on a 64M-value float32 CUDA tensor split into segments like a DDP b
    on samples (gradient-like, zero-heavy, block mode, small chunks, non-finite);
 4. if NCCL accepts two ranks on one GPU, a 2-process exchange of device payloads (sizes, then
    padded all_gather, decode and average on the device), checked against the CPU codec;
-   otherwise the error is recorded and the codec figures stand alone.
+   otherwise the error is recorded and the codec figures stand alone.  (The same exchange runs
+   with gloo on CPU in the tests: ``run_exchange(numel, "cpu")``.)
 
 It prints a table and writes every figure to ``--out`` as JSON.  Without a CUDA device it exits
 with status 2 and says so; ``--device cpu --numel 20000`` runs the same steps on CPU as a smoke
@@ -187,20 +188,26 @@ def measure_throughput(device: torch.device, numel: int, repeats: int, sparsity:
     }
 
 
-def _nccl_worker(rank: int, world: int, init_file: str, numel: int, queue) -> None:
-    """One rank of the NCCL exchange: compress, gather sizes and payloads, decode and average."""
+def _exchange_worker(rank: int, world: int, init_file: str, numel: int, device_type: str, queue) -> None:
+    """One rank of the exchange: compress, gather sizes and payloads, decode and average.
+
+    NCCL on GPU 0 for the check; gloo on CPU runs the same steps as a smoke test of this code.
+    """
     try:
         import torch.distributed as dist
 
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        device = torch.device("cuda", 0)
+        if device_type == "cuda":
+            torch.cuda.set_device(0)
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+        synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
         x = _gradient_like(numel, device, 100 + rank)
         residual = torch.zeros_like(x)
         segments = _segments(numel, 16, 5)
         timings = []
         for _ in range(4):
-            torch.cuda.synchronize()
+            synchronize()
             began = time.perf_counter()
             payload = compress_tensor(x, sparsity=1.5, residual=residual, segments=segments)
             # Uneven payloads: exchange sizes, pad to the largest, gather, trim each one.
@@ -216,7 +223,7 @@ def _nccl_worker(rank: int, world: int, init_file: str, numel: int, queue) -> No
             for peer, peer_size in enumerate(sizes):
                 decompress_tensor(gathered[peer][:peer_size], total, accumulate=True)
             total /= world
-            torch.cuda.synchronize()
+            synchronize()
             timings.append(time.perf_counter() - began)
         payloads = [gathered[peer][:sizes[peer]].cpu().numpy() for peer in range(world)]
         queue.put({"rank": rank, "ok": True, "step_ms": float(np.median(timings[1:]) * 1e3),
@@ -226,17 +233,19 @@ def _nccl_worker(rank: int, world: int, init_file: str, numel: int, queue) -> No
         queue.put({"rank": rank, "ok": False, "error": f"{type(error).__name__}: {error}"})
 
 
-def run_nccl(numel: int, timeout_s: float = 180.0) -> dict:
-    """Two NCCL ranks on GPU 0; NCCL may refuse two ranks on one device, which is recorded."""
+def run_exchange(numel: int, device_type: str = "cuda", timeout_s: float = 150.0) -> dict:
+    """Two ranks exchanging device payloads: NCCL on GPU 0 (which may refuse two ranks on one
+    device; the error is then recorded), or gloo on CPU as a smoke test."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    if not dist.is_nccl_available():
+    if device_type == "cuda" and not dist.is_nccl_available():
         return {"ok": False, "error": "this torch build has no NCCL"}
     context = mp.get_context("spawn")
     queue = context.Queue()
     init_file = os.path.join(tempfile.mkdtemp(prefix="threelc_nccl_"), "init")
-    processes = [context.Process(target=_nccl_worker, args=(rank, 2, init_file, numel, queue)) for rank in range(2)]
+    processes = [context.Process(target=_exchange_worker, args=(rank, 2, init_file, numel, device_type, queue))
+                 for rank in range(2)]
     for process in processes:
         process.start()
     reports = []
@@ -363,7 +372,7 @@ def main(argv=None) -> int:
     if args.no_nccl or device.type != "cuda":
         report["nccl"] = {"skipped": True}
     else:
-        report["nccl"] = run_nccl(args.nccl_numel)
+        report["nccl"] = run_exchange(args.nccl_numel)
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
     _print_table(report)

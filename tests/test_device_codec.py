@@ -347,6 +347,18 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert report["encode_gbps"] > 0 and report["decode_gbps"] > 0 and report["copy_gbps"] > 0
 
 
+@pytest.mark.slow
+def test_gpu_check_exchange_runs_on_gloo():
+    # The NCCL step's code (size exchange, padded all_gather, decode, average, comparison with
+    # the numba codec) run with gloo on CPU, so a GPU session does not find its bugs.
+    from threelc.launch import gpu_check
+
+    report = gpu_check.run_exchange(20003, "cpu", timeout_s=120.0)
+    assert report["ok"], report.get("error")
+    assert report["ranks_agree"] and report["matches_cpu_codec"]
+    assert len(report["payload_bytes"]) == 2
+
+
 def test_gpu_check_refuses_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -106,6 +106,7 @@ class _Plan:
 
 @functools.lru_cache(maxsize=64)
 def _plan(count: int, segments: tuple, block: int, chunk: int, device: torch.device) -> _Plan:
+    """Build the layout's plan once (host numpy, then a few small copies to the device)."""
     segment_sizes = np.array(segments, dtype=np.int64)
     unit_starts = _units(segment_sizes, block)
     unit_sizes = np.diff(unit_starts)
@@ -347,41 +348,43 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
     plan = _get_plan(count, _segment_sizes(segments, count), block, chunk, device)
 
     values = x + residual_flat if residual is not None else x
-    if count:
-        scales, finite = _unit_scales(values, plan, sparsity32)
-    else:
-        scales, finite = torch.zeros(plan.n_units, dtype=torch.float32, device=device), None
-    body_length, chunk_lengths, digits_q, scale_per_value = 0, torch.zeros(0, dtype=torch.int32, device=device), \
-        None, None
-    if count:
-        scale_per_value = _unit_scales_per_value(scales, plan)
-        stage = _fused_quantize_stage() if fuse else _quantize_stage
-        digits_q, packed, emitted, emitted_cumsum = stage(values, scale_per_value, plan.digit_weights,
-                                                          chunk // 5)
-        # The one host synchronisation: the payload's size depends on both of these.
-        finite_flag, body_length = torch.stack([finite.to(torch.int64), emitted_cumsum[-1].to(torch.int64)]).tolist()
-        if not finite_flag:
-            if nonfinite == "raise":
-                raise NonFiniteError("input (plus residual) holds NaN or Inf; nothing was compressed")
-            header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=fmt.FLAG_NONFINITE, count=count,
-                                     segment_count=0, block=0, chunk=0, chunk_count=0, body_length=0,
-                                     sparsity=float(sparsity32))
-            return _to_device(header, device)
-        if residual is not None:
-            # residual = v - q * scale; q * scale is exact, so this equals the numba kernel's update.
-            torch.addcmul(values, digits_q, scale_per_value, value=-1, out=residual_flat)
-        chunk_ends = emitted_cumsum[plan.chunk_last_group]
-        chunk_lengths = torch.diff(chunk_ends, prepend=chunk_ends.new_zeros(1)).to(torch.int32)
-        body = _compact_body(packed, emitted, emitted_cumsum, body_length, plan)
-    else:
-        body = torch.zeros(0, dtype=torch.uint8, device=device)
-    header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=0, count=count,
-                             segment_count=len(plan.segment_sizes), block=block, chunk=chunk,
-                             chunk_count=plan.n_chunks, body_length=body_length, sparsity=float(sparsity32))
+    if count == 0:
+        empty_scales = torch.zeros(plan.n_units, dtype=torch.float32, device=device)  # empty segments: scale 0
+        return _assemble_payload(plan, block, sparsity32, empty_scales,
+                                 torch.zeros(0, dtype=torch.int32, device=device),
+                                 torch.zeros(0, dtype=torch.uint8, device=device))
+    scales, finite = _unit_scales(values, plan, sparsity32)
+    scale_per_value = _unit_scales_per_value(scales, plan)
+    stage = _fused_quantize_stage() if fuse else _quantize_stage
+    q, packed, emitted, emitted_cumsum = stage(values, scale_per_value, plan.digit_weights, chunk // 5)
+    # The one host synchronisation: the payload's size depends on both of these.
+    finite_flag, body_length = torch.stack([finite.to(torch.int64), emitted_cumsum[-1].to(torch.int64)]).tolist()
+    if not finite_flag:
+        if nonfinite == "raise":
+            raise NonFiniteError("input (plus residual) holds NaN or Inf; nothing was compressed")
+        header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=fmt.FLAG_NONFINITE, count=count,
+                                 segment_count=0, block=0, chunk=0, chunk_count=0, body_length=0,
+                                 sparsity=float(sparsity32))
+        return _to_device(header, device)
+    if residual is not None:
+        # residual = v - q * scale; q * scale is exact, so this equals the numba kernel's update.
+        torch.addcmul(values, q, scale_per_value, value=-1, out=residual_flat)
+    chunk_ends = emitted_cumsum[plan.chunk_last_group]
+    chunk_lengths = torch.diff(chunk_ends, prepend=chunk_ends.new_zeros(1)).to(torch.int32)
+    body = _compact_body(packed, emitted, emitted_cumsum, body_length, plan)
+    return _assemble_payload(plan, block, sparsity32, scales, chunk_lengths, body)
+
+
+def _assemble_payload(plan: _Plan, block: int, sparsity32: np.float32, scales: torch.Tensor,
+                      chunk_lengths: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """Header, segment sizes, scales, chunk lengths and body, concatenated on the device."""
+    header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=0, count=plan.count,
+                             segment_count=len(plan.segment_sizes), block=block, chunk=plan.chunk,
+                             chunk_count=plan.n_chunks, body_length=body.numel(), sparsity=float(sparsity32))
     return torch.cat([
-        _to_device(header, device),
+        _to_device(header, body.device),
         plan.segment_table,
-        scales.view(torch.uint8),
+        scales.view(torch.uint8),  # float32 and int32 tables are little-endian in memory
         chunk_lengths.view(torch.uint8),
         body,
     ])

@@ -3,8 +3,10 @@
 Input: the ``bench.json`` of one run of :mod:`threelc.launch.bench_train` (its ``cells`` and
 ``scaling`` rows).  Definitions used throughout:
 
-* **compute floor**: fp32 allreduce's median step time on the unshaped network (links as fast
-  as this machine moves bytes between namespaces);
+* **compute floor**: the fastest median step time of any hook on the unshaped network: the step
+  with the network as far out of the way as this machine allows.  Not fp32 allreduce's own
+  unshaped step: moving its megabytes per step per node through veth links costs the shared
+  CPU cores far more than a real NIC would, so it is no floor;
 * **target metric**: fp32 allreduce's final test accuracy minus 1 point (digits), or its final
   validation loss plus 0.05 nats (text) - "as good as allreduce, within the issue's tolerance";
 * **time to target**: seconds of training steps (evaluation excluded) until the first evaluation
@@ -55,8 +57,12 @@ class Analysis:
         self.rates = sorted(dict.fromkeys(row["rate"] for row in cells), key=_rate_order)
         self.cell = {(row["rate"], row["hook"]): row for row in cells}
         self.nodes = cells[0]["nodes"] if cells else None
+        unshaped = {hook: self.value(UNSHAPED, hook, "median_step_s") for hook in self.hooks}
+        unshaped = {hook: step for hook, step in unshaped.items() if step}
+        #: (hook, seconds) of the compute floor (see the module docstring).
+        self.floor_hook = min(unshaped, key=unshaped.get) if unshaped else None
+        self.floor = unshaped.get(self.floor_hook)
         reference = self.row(UNSHAPED, "allreduce")
-        self.floor = reference.get("median_step_s") if reference else None
         reference_final = reference.get("final_eval") if reference else None
         if reference_final is None:
             self.target = None
@@ -126,6 +132,20 @@ def headline_hook(analysis: Analysis) -> str | None:
     return next((hook for hook in analysis.hooks if hook.startswith("threelc")), None)
 
 
+def break_even_rate(analysis: Analysis, hook: str) -> tuple[float, float] | None:
+    """(codec seconds per step, link rate in bit/s) below which compressing with ``hook`` pays.
+
+    The rule a hook could switch itself off by: compression pays when the link needs longer for
+    fp32 allreduce's bytes than the codec needs per step (rank 0's compress + decompress on the
+    unshaped run), i.e. on links slower than ``fp32 bytes * 8 / codec seconds``.  It ignores
+    that the codec overlaps backward and the compressed bytes' own time, which roughly cancel.
+    """
+    profile = (analysis.row(UNSHAPED, hook) or {}).get("profile") or {}
+    codec = (profile.get("compress_s") or 0) + (profile.get("decompress_s") or 0)
+    fp32 = analysis.value(UNSHAPED, "allreduce", "wire_tx_per_step_node")
+    return (codec, fp32 * 8 / codec) if (codec and fp32) else None
+
+
 def check_targets(analysis: Analysis, hook: str) -> list[dict]:
     """Issue 5's targets (item 5) for ``hook``: measured value, threshold, met (None: not measured)."""
     floor = analysis.floor
@@ -164,7 +184,7 @@ def check_targets(analysis: Analysis, hook: str) -> list[dict]:
     slow = analysis.speedup(SLOW_RATE, hook)
     rows.append(entry(f">= 20x faster than fp32 allreduce at {SLOW_RATE}", slow, 20,
                       None if slow is None else slow >= 20, "x"))
-    overhead = ratio(step_unshaped, floor)
+    overhead = ratio(step_unshaped, analysis.value(UNSHAPED, "allreduce", "median_step_s"))
     rows.append(entry("unshaped: <= 1.1x fp32 allreduce's step time", overhead, 1.1,
                       None if overhead is None else overhead <= 1.1, "x allreduce"))
     return rows
@@ -249,6 +269,21 @@ def example_tables(analysis: Analysis) -> str:
                      _metric(analysis, final), delta]
                     + [_seconds(analysis.time_to_target(rate, hook)) for rate in analysis.rates])
     return timing + "\n\n" + _table(header, rows)
+
+
+def curve_table(analysis: Analysis, columns: int = 10) -> str:
+    """Markdown: each hook's evaluation at up to ``columns`` evenly spaced evaluated steps (unshaped runs)."""
+    curves = {hook: {step: value for step, value, _ in (analysis.row(UNSHAPED, hook) or {}).get("curve", [])}
+              for hook in analysis.hooks}
+    steps = sorted(set().union(*curves.values())) if curves else []
+    if not steps:
+        return ""
+    stride = max(1, math.ceil(len(steps) / columns))
+    shown = steps[::-1][::stride][::-1]  # always include the last step
+    scale = 100 if analysis.higher_is_better else 1
+    rows = [[hook] + ["-" if step not in curves[hook] else f"{curves[hook][step] * scale:.{1 if scale == 100 else 3}f}"
+                      for step in shown] for hook in analysis.hooks]
+    return _table(["step"] + [str(step) for step in shown], rows)
 
 
 def profile_table(analysis: Analysis, rate: str) -> str:
@@ -419,6 +454,13 @@ def write_doc(results: dict, doc: Path) -> Path:
         parts += [f"## Targets ({name}, {analysis.nodes} nodes, judged on `{hook}`: the hook's defaults)", ""]
         parts.append(_table(["target (issue 5)", "measured", "met?"],
                             [[row["target"], _measured(row), _met(row["met"])] for row in targets]))
+        even = break_even_rate(analysis, hook)
+        if even:
+            parts += ["", f"Switch-off rule (documented, not automatic: the hook itself compresses every bucket of at "
+                      f"least `min_numel` values after warm-up): `{hook}` spends {_ms(even[0])} per step in its codec, "
+                      f"the time fp32 allreduce's {_bytes(analysis.value(UNSHAPED, 'allreduce', 'wire_tx_per_step_node'))} "
+                      f"per step per node take on a {even[1] / 1e9:.2f} Gbit/s link; on faster links plain allreduce "
+                      f"is the better choice for this model on these cores."]
         others = [other for other in analysis.hooks if other.startswith("threelc") and other != hook]
         if others:
             parts += ["", "The same targets for the other 3LC settings:", ""]
@@ -451,9 +493,14 @@ def write_doc(results: dict, doc: Path) -> Path:
             f"per-worker batch {info['batch_size']}, {analysis.nodes} nodes.  Accuracy runs (unshaped): "
             f"{accuracy_row.get('steps', '?')} steps, {settings['warmup_steps']} warm-up steps of allreduce for PowerSGD "
             f"and 3LC.  Timing runs (shaped links): 2 warm-up + {timing_rows[0]['steps'] - 2 if timing_rows else '?'} "
-            f"steady steps.  Target: {target_text}.",
+            f"steady steps.  Target: {target_text}.  Compute floor: {_ms(analysis.floor)} "
+            f"(`{analysis.floor_hook}`, unshaped).",
             "",
             example_tables(analysis),
+            "",
+            f"{'Test accuracy (%)' if analysis.higher_is_better else 'Validation loss'} during the accuracy runs:",
+            "",
+            curve_table(analysis),
             "",
             f"![step time](bench/step_time_{name}.png) ![{analysis.metric} against bytes](bench/accuracy_vs_bytes_{name}.png)",
             "",
@@ -486,7 +533,9 @@ def write_doc(results: dict, doc: Path) -> Path:
         "unshaped run's steps to target, warm-up steps at fp32 allreduce's step time on that link and the rest at the "
         "hook's.",
         "- Median step time: rank 0's wall time of forward, backward and optimizer step, median over steady steps.",
-        "- Compute floor: fp32 allreduce on the unshaped network.",
+        "- Compute floor: the fastest median step of any hook on the unshaped network (per example, named in its "
+        "section).  fp32 allreduce's unshaped step is no floor here: moving its megabytes per step through veth "
+        "costs the shared CPU cores much more than a NIC would.",
         "- PowerSGD: PyTorch's hook with error feedback and warm start, its start iteration equal to 3LC's warm-up; "
         "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/comm.py).",
         f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}.",

@@ -445,6 +445,7 @@ def run(args) -> int:
             bench_doc.write_doc(results, doc)
             print(f"wrote {doc}")
         return 0
+    from .emulate import Terminated
     from .netns import EmulationUnavailable, check_requirements
 
     try:
@@ -489,7 +490,7 @@ def run(args) -> int:
             print("scaling runs ...", flush=True)
             results["scaling"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],
                                              timeout=args.timeout)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # the emulator has already removed its namespaces
         print("threelc bench train: interrupted; writing what finished", file=sys.stderr)
         results["interrupted"] = True
     results["wall_s"] = time.perf_counter() - started

@@ -36,7 +36,7 @@ HOOKS = ("allreduce", "threelc")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="torchrun workers (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default: %(default)s)")
     parser.add_argument("--width", type=int, default=32, help="CNN width; ~218*width^2 parameters (default: %(default)s)")
     parser.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/demo-TIMESTAMP)")

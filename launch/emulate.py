@@ -83,8 +83,13 @@ def _node_env(cluster: EmulatedCluster, out: Path) -> dict:
     return env
 
 
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM each still-running node's process group, then SIGKILL what is left."""
+def _stop(processes: list[subprocess.Popen], cluster: EmulatedCluster) -> None:
+    """Stop every node: SIGTERM to each torchrun (it stops its workers), then SIGKILL stragglers.
+
+    torchrun starts its workers in sessions of their own, so a process-group signal does not
+    reach them; whatever still runs inside one of our namespaces after the grace period is
+    killed by pid (``ip netns pids``): only processes this run started live there.
+    """
     alive = [proc for proc in processes if proc.poll() is None]
     for proc in alive:
         try:
@@ -96,14 +101,17 @@ def _stop(processes: list[subprocess.Popen]) -> None:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            pass
+    for pid in cluster.pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for proc in alive:
+        proc.wait()
 
 
-def _wait(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+def _wait(processes: list[subprocess.Popen], cluster: EmulatedCluster, timeout: float) -> list[int | None]:
     """Wait for all nodes; stop the rest as soon as one fails or the time is up."""
     deadline = time.monotonic() + timeout
     while True:
@@ -112,10 +120,10 @@ def _wait(processes: list[subprocess.Popen], timeout: float) -> list[int | None]
             return codes
         if any(code not in (None, 0) for code in codes):
             logger.warning("a node failed; stopping the others")
-            _stop(processes)
+            _stop(processes, cluster)
             return [proc.returncode for proc in processes]
         if time.monotonic() > deadline:
-            _stop(processes)
+            _stop(processes, cluster)
             raise TimeoutError(f"the job ran past --timeout {timeout:g}s and was stopped")
         time.sleep(0.2)
 
@@ -127,7 +135,10 @@ def emulate(command: list[str], *, nodes: int, rate: str | None, delay: str | No
     cluster = EmulatedCluster(nodes, rate=rate, delay=delay)
     processes: list[subprocess.Popen] = []
     logs = []
+    # Ctrl-C must clean up even where SIGINT was inherited as ignored (a background job of a
+    # non-interactive shell): install Python's handler explicitly.
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.time()
     try:
         cluster.create()
@@ -144,10 +155,10 @@ def emulate(command: list[str], *, nodes: int, rate: str | None, delay: str | No
             processes.append(subprocess.Popen(
                 _node_command(cluster, node, nproc_per_node=nproc_per_node, port=port, command=command),
                 env=env, stdout=stdout, stderr=stderr, start_new_session=True))
-        codes = _wait(processes, timeout)
+        codes = _wait(processes, cluster, timeout)
         after = [cluster.counters(node) for node in range(nodes)]
     finally:
-        _stop(processes)
+        _stop(processes, cluster)
         for log in logs:
             log.close()
         cluster.destroy()

@@ -259,6 +259,14 @@ class EmulatedCluster:
         return {"tx_bytes": stats["tx"]["bytes"], "rx_bytes": stats["rx"]["bytes"],
                 "tx_packets": stats["tx"]["packets"], "rx_packets": stats["rx"]["packets"]}
 
+    def pids(self) -> list[int]:
+        """Processes running inside this cluster's namespaces now."""
+        found = []
+        for name in list(self.namespaces):
+            result = subprocess.run([self.tools["ip"], "netns", "pids", name], capture_output=True, text=True, check=False)
+            found += [int(token) for token in result.stdout.split() if token.isdigit()]
+        return found
+
     def describe(self) -> dict:
         return {"nodes": self.nodes, "rate": self.rate, "rate_bits_per_s": self.rate_bits, "delay": self.delay,
                 "prefix": self.prefix, "addresses": [self.address(node) for node in range(self.nodes)],

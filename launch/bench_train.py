@@ -154,7 +154,7 @@ class Example:
 #: and a small batch keeps compute from hiding what the network costs (as a GPU would).
 EXAMPLES = {
     "digits": Example("digits", "threelc.launch.train_digits", ("--width", "96"), "test_accuracy", True, 0.01,
-                      steps=150, quick_steps=100, batch_size=8),
+                      steps=300, quick_steps=200, batch_size=8),
     "text": Example("text", "threelc.launch.train_text", ("--d-model", "128", "--layers", "2", "--context", "64"),
                     "val_loss", False, 0.05, steps=120, quick_steps=60, batch_size=8),
 }
@@ -381,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the issue's 10; --quick: 5)")
     parser.add_argument("--nodes", type=int, default=4, help="emulated nodes, one process each (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps of the accuracy runs (default: the example's; digits 150, --quick 100)")
+                        help="steps of the accuracy runs (default: the example's; digits 300, --quick 200)")
     parser.add_argument("--warmup-steps", type=int, default=10,
                         help="allreduce steps before PowerSGD/3LC compress in the accuracy runs "
                              "(default: %(default)s, the threelc hook's own)")

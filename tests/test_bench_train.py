@@ -37,7 +37,7 @@ def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
     cells = plan_cells([EXAMPLES["digits"]], ["100mbit", "10mbit"], hooks, steps=None, warmup=10, timing_steps=5,
                        quick=True)
     assert [(cell.rate, cell.kind, cell.steps, cell.warmup) for cell in cells] == [
-        ("unshaped", "accuracy", 100, 10)] * 2 + [("100mbit", "timing", 7, 2)] * 2 + [("10mbit", "timing", 7, 2)] * 2
+        ("unshaped", "accuracy", 200, 10)] * 2 + [("100mbit", "timing", 7, 2)] * 2 + [("10mbit", "timing", 7, 2)] * 2
 
 
 def _cell(rate, hook, step_s, wire, *, final=None, curve=(), warmup=None):

@@ -129,8 +129,12 @@ def _wait(processes: list[subprocess.Popen], cluster: EmulatedCluster, timeout: 
 
 
 def emulate(command: list[str], *, nodes: int, rate: str | None, delay: str | None, nproc_per_node: int, out: Path,
-            timeout: float, port: int) -> dict:
-    """Run ``command`` on the emulated cluster; return (and write) the ``emulate.json`` record."""
+            timeout: float, port: int, quiet: bool = False) -> dict:
+    """Run ``command`` on the emulated cluster; return (and write) the ``emulate.json`` record.
+
+    ``quiet``: node 0's output also goes to ``OUT/node0.log`` instead of this process's terminal
+    (for benchmarks that run many jobs).
+    """
     out.mkdir(parents=True, exist_ok=True)
     cluster = EmulatedCluster(nodes, rate=rate, delay=delay)
     processes: list[subprocess.Popen] = []
@@ -145,7 +149,7 @@ def emulate(command: list[str], *, nodes: int, rate: str | None, delay: str | No
         env = _node_env(cluster, out)
         before = [cluster.counters(node) for node in range(nodes)]
         for node in range(nodes):
-            if node == 0:
+            if node == 0 and not quiet:
                 stdout = stderr = None
             else:
                 log = open(out / f"node{node}.log", "w", encoding="utf-8")

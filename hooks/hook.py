@@ -118,7 +118,14 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
                      compress=compress, layout=layout, check_config=not state._config_checked)
     state._config_checked = True
     devices = [buffer.device] if buffer.is_cuda else None
-    return state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
+    future = state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
+    if is_last:
+        # Right after the last bucket, DDP issues collectives of its own on the same process
+        # group from this thread (with find_unused_parameters=True, the allreduce of the
+        # used-parameter map).  Letting the worker finish first keeps the order identical on every
+        # rank; it costs no overlap, because DDP waits for every bucket's future next anyway.
+        state.wait()
+    return future
 
 
 def register(ddp_model, **options) -> ThreeLCState:

@@ -18,6 +18,7 @@ worker (``weakref.finalize``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -33,6 +34,17 @@ logger = logging.getLogger(__name__)
 CODEC_LOCK = threading.Lock()
 
 _STOP = object()
+
+# Workers still running at interpreter exit.  A daemon thread that ran numba's parallel kernels
+# and is torn down without being joined can abort the process at exit ("terminate called without
+# an active exception"), so they are stopped and joined first.
+_LIVE_WORKERS: "weakref.WeakSet[BucketWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_workers() -> None:
+    for worker in list(_LIVE_WORKERS):
+        worker.close(timeout=10.0)  # a worker stuck in a collective must not hang the exit
 
 
 def _serve(jobs: "queue.Queue") -> None:
@@ -61,6 +73,7 @@ class BucketWorker:
         self._thread = threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True)
         self._thread.start()
         weakref.finalize(self, self._jobs.put, _STOP)
+        _LIVE_WORKERS.add(self)
 
     def submit(self, job, devices=None) -> torch.futures.Future:
         """Queue ``job()``; the returned future resolves to its result or raises its exception."""
@@ -72,11 +85,11 @@ class BucketWorker:
         """Block until every submitted job has finished."""
         self._jobs.join()
 
-    def close(self) -> None:
-        """Finish the queued jobs, then stop the thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued jobs, then stop the thread (waiting at most ``timeout`` seconds)."""
         if self._thread.is_alive():
             self._jobs.put(_STOP)
-            self._thread.join()
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:

@@ -17,8 +17,13 @@ def torchrun(nproc: int, module: str, args, *, timeout: float = 120, env=None) -
     """Run ``python -m torch.distributed.run --standalone`` on this machine; raise with output on failure."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", module, *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    for attempt in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        # --standalone picks a free port, closes it, then binds it again: on a busy machine
+        # another process can take it in between. That is the launcher's race, not ours: retry once.
+        if result.returncode == 0 or "address already in use" not in (result.stdout + result.stderr).lower():
+            break
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -20,6 +20,7 @@ replicas receive bitwise identical gradients.
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects the hook's
 # annotations and rejects them as strings.
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -157,25 +158,15 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
             raise RuntimeError("threelc: an earlier bucket failed on this rank; refusing to issue more "
                                f"collectives: {state._failure}") from state._failure
         device = collectives.comm_device(group, job.buffer.device)
-        if job.check_config:
-            _check_config(state, group, world_size, job.iteration, device)
-        stats.add_raw(job.buffer.numel() * job.buffer.element_size())
-        if not job.compress:
-            return collectives.allreduce_mean(job.buffer, group, stats)
-        stats.mark_compressed()
-        # The codec works on float32 host memory; a float32 CPU bucket is used in place.
-        if job.buffer.device.type == "cpu" and job.buffer.dtype == torch.float32:
-            work = job.buffer.detach()
-        else:
-            work = job.buffer.detach().to(device="cpu", dtype=torch.float32)
-        values = work.numpy().reshape(-1)
-        if state.resolved_collective(world_size) == "allgather":
-            _allgather_mean(state, job, values, group, rank, world_size, device)
-        else:
-            _scatter_reduce_mean(state, job, values, group, rank, world_size, device)
-        if work is not job.buffer:
-            job.buffer.copy_(work.view(job.buffer.shape))
-        return job.buffer
+        # The worker thread's current CUDA device is not the training thread's: use the bucket's.
+        with torch.cuda.device(job.buffer.device) if job.buffer.is_cuda else contextlib.nullcontext():
+            if job.check_config:
+                _check_config(state, group, world_size, job.iteration, device)
+            stats.add_raw(job.buffer.numel() * job.buffer.element_size())
+            if not job.compress:
+                return collectives.allreduce_mean(job.buffer, group, stats)
+            stats.mark_compressed()
+            return _compressed_mean(state, job, group, rank, world_size, device)
     except BaseException as error:
         if state._failure is None:
             state._failure = error
@@ -183,6 +174,22 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
     finally:
         if job.is_last:
             stats.finish_step(job.iteration, dist.get_rank(), world_size)
+
+
+def _compressed_mean(state, job, group, rank, world_size, device) -> torch.Tensor:
+    """Average a bucket through 3LC payloads; returns the bucket, overwritten with the mean."""
+    # The codec works on float32 host memory: a float32 CPU bucket in place, anything else
+    # (fp16/bf16, CUDA) through a float32 host copy.
+    in_place = job.buffer.device.type == "cpu" and job.buffer.dtype == torch.float32
+    work = job.buffer.detach() if in_place else job.buffer.detach().to(device="cpu", dtype=torch.float32)
+    values = work.numpy().reshape(-1)
+    if state.resolved_collective(world_size) == "allgather":
+        _allgather_mean(state, job, values, group, rank, world_size, device)
+    else:
+        _scatter_reduce_mean(state, job, values, group, rank, world_size, device)
+    if not in_place:
+        job.buffer.copy_(work.view(job.buffer.shape))
+    return job.buffer
 
 
 def _check_config(state: ThreeLCState, group, world_size: int, iteration: int, device) -> None:
@@ -246,8 +253,9 @@ def _allgather_mean(state, job, values, group, rank, world_size, device) -> None
     _check_layouts(header[:, 0], job.index)
     payloads = collectives.allgather_payload(payload, header[:, 1], group, device, stats)
     with stats.timer("decompress_s"), CODEC_LOCK:
-        values[...] = 0.0
-        for rank_payload in payloads:
+        # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
+        threelc.decompress(payloads[0], out=values)
+        for rank_payload in payloads[1:]:
             threelc.decompress_add(rank_payload, values)
         np.divide(values, np.float32(world_size), out=values)
     if _any_nonfinite(payloads):

@@ -5,7 +5,8 @@
 Spawns ``--world-size`` ranks on 127.0.0.1, trains an MLP of ``--layers`` square Linear layers
 (``width**2`` weights each) with a tiny batch so that gradient exchange dominates, and prints per
 step: the wall time of ``backward()`` (which includes waiting for the hook), its difference to
-plain allreduce, and the hook's own compress / decompress / communication seconds and traffic.
+plain allreduce, and the hook's own compress / decompress / communication seconds and traffic
+(medians over the timed steps; bytes are means).
 On loopback the network is nearly free, so the difference is the hook's computational overhead;
 on a real network the bytes column is what compression saves.
 """
@@ -43,9 +44,8 @@ def _measure(rank: int, world_size: int, args, variant: str) -> dict:
         state = register(ddp, collective=variant, sparsity=args.sparsity, start_iter=2)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(rank)
-    times = []
+    times, compress_s, decompress_s, comm_s = [], [], [], []
     raw = sent = 0
-    compress_s = decompress_s = comm_s = 0.0
     for step in range(args.warmup + args.steps):
         batch = torch.randn(args.batch, args.width, generator=generator)
         loss = ddp(batch).pow(2).mean()
@@ -62,17 +62,18 @@ def _measure(rank: int, world_size: int, args, variant: str) -> dict:
             stats = state.stats()["step"]
             raw += stats["raw_bytes"]
             sent += stats["sent_bytes"]
-            compress_s += stats["compress_s"]
-            decompress_s += stats["decompress_s"]
-            comm_s += stats["comm_s"]
+            compress_s.append(stats["compress_s"])
+            decompress_s.append(stats["decompress_s"])
+            comm_s.append(stats["comm_s"])
     if state is None:
         parameters = sum(p.numel() * p.element_size() for p in model.parameters())
         raw = parameters * args.steps
         sent = 2 * (world_size - 1) * raw // world_size
-    n = args.steps
-    return {"variant": variant, "backward_s": statistics.median(times), "sent_bytes": sent / n,
-            "ratio": raw / sent if sent else None, "compress_s": compress_s / n, "decompress_s": decompress_s / n,
-            "comm_s": comm_s / n}
+    # Medians: on a shared machine a few steps stall, and means would follow them.
+    median = lambda values: statistics.median(values) if values else 0.0  # noqa: E731
+    return {"variant": variant, "backward_s": median(times), "sent_bytes": sent / args.steps,
+            "ratio": raw / sent if sent else None, "compress_s": median(compress_s),
+            "decompress_s": median(decompress_s), "comm_s": median(comm_s)}
 
 
 def _rank_main(rank: int, world_size: int, port: int, args, queue) -> None:

@@ -257,21 +257,16 @@ class ThreeLCState:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Residuals (worker and server), iteration count and cumulative statistics.
+        """Residuals (worker and server, including any set aside by a layout change), iteration
+        count and cumulative statistics.
 
         Residuals differ between ranks: every rank saves and loads its own.  Tensors are CPU
         float32 copies, so ``torch.save`` works on the result.
         """
         self.wait()
-        residuals = {}
-        for index, entry in self._residuals.items():
-            residuals[index] = {
-                "layout": list(entry.layout),
-                "worker": torch.from_numpy(entry.worker.copy()),
-                "server": None if entry.server is None else torch.from_numpy(entry.server.copy()),
-            }
         return {"version": STATE_DICT_VERSION, "config": self.config(), "iteration": self.iteration,
-                "residuals": residuals, "stats": self._stats.state_dict()}
+                "residuals": _export(self._residuals), "parked": _export(self._parked),
+                "stats": self._stats.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed)."""
@@ -285,14 +280,8 @@ class ThreeLCState:
         if changed:
             logger.warning("threelc: loading a state saved with other options (saved, now): %s", changed)
         self.iteration = int(state_dict["iteration"])
-        self._residuals = {}
-        self._parked = {}
-        for index, entry in state_dict["residuals"].items():
-            server = entry["server"]
-            self._residuals[int(index)] = _BucketResidual(
-                tuple(int(size) for size in entry["layout"]),
-                _float32_array(entry["worker"]),
-                None if server is None else _float32_array(server))
+        self._residuals = _import(state_dict["residuals"])
+        self._parked = _import(state_dict.get("parked", {}))
         self._stats.load_state_dict(state_dict["stats"])
         self._failure = None
         self._config_checked = False
@@ -309,6 +298,20 @@ class ThreeLCState:
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _export(entries: dict) -> dict:
+    return {index: {"layout": list(entry.layout),
+                    "worker": torch.from_numpy(entry.worker.copy()),
+                    "server": None if entry.server is None else torch.from_numpy(entry.server.copy())}
+            for index, entry in entries.items()}
+
+
+def _import(saved: dict) -> dict:
+    return {int(index): _BucketResidual(tuple(int(size) for size in entry["layout"]),
+                                        _float32_array(entry["worker"]),
+                                        None if entry["server"] is None else _float32_array(entry["server"]))
+            for index, entry in saved.items()}
 
 
 def _float32_array(value) -> np.ndarray:

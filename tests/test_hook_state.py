@@ -78,6 +78,13 @@ def test_state_dict_round_trip_and_pickle_drops_the_process_group():
     np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
     np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).server, -np.ones(5))
 
+    # Residuals set aside by a layout change travel too.
+    state.residual_for(2, (10,), 10, 5)
+    parked = ThreeLCState(sparsity=1.25, collective="scatter_reduce")
+    parked.load_state_dict(state.state_dict())
+    np.testing.assert_array_equal(parked.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
+    state.residual_for(2, (5, 5), 10, 5)
+
     unpickled = pickle.loads(pickle.dumps(state))
     assert unpickled.process_group is None
     assert unpickled.config() == state.config() and unpickled.iteration == 17

@@ -17,6 +17,7 @@ Input: the ``bench.json`` of one run of :mod:`threelc.launch.bench_train` (its `
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -214,9 +215,12 @@ def _metric(analysis: Analysis, value) -> str:
     return f"{value:.1%}" if analysis.higher_is_better else f"{value:.3f}"
 
 
-def _seconds(entry) -> str:
-    if entry is None:
-        return "not reached"
+def _time_to_target(analysis: Analysis, rate: str, hook: str) -> str:
+    if analysis.steps_to_target(hook) is None:
+        return "not reached" if analysis.row(UNSHAPED, hook) and analysis.target is not None else "-"
+    entry = analysis.time_to_target(rate, hook)
+    if entry is None:  # no step time on this link
+        return "-"
     seconds, measured = entry
     return ("" if measured else "~") + (f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s")
 
@@ -267,7 +271,7 @@ def example_tables(analysis: Analysis) -> str:
                      _bytes(analysis.value(byte_rate, hook, "hook_bytes_per_step")),
                      "-" if overhead is None else f"{overhead:+.1%}",
                      _metric(analysis, final), delta]
-                    + [_seconds(analysis.time_to_target(rate, hook)) for rate in analysis.rates])
+                    + [_time_to_target(analysis, rate, hook) for rate in analysis.rates])
     return timing + "\n\n" + _table(header, rows)
 
 
@@ -309,10 +313,13 @@ def scaling_table(rows: list[dict]) -> str:
     body = []
     for row in rows:
         body.append([str(row["nodes"]), row["hook"], _bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-",
-                     _bytes(row.get("model_bytes")), _bytes(row.get("wire_tx_per_step_node")),
+                     _bytes(row.get("model_bytes")), _bytes(row.get("hook_bytes_per_step")),
+                     "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",
+                     _bytes(row.get("wire_tx_per_step_node")),
                      "-" if row.get("measured_over_model") is None else f"{row['measured_over_model']:.2f}",
                      row.get("error") or ""])
-    return _table(["N", "hook", "C (one rank's payload)", "model B/step/node", "wire B/step/node", "wire / model", "error"], body)
+    return _table(["N", "hook", "C (one rank's payload)", "model B/step/node", "hook's count", "hook / model",
+                   "wire B/step/node", "wire / model", "error"], body)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -428,13 +435,17 @@ def write_doc(results: dict, doc: Path) -> Path:
     doc = Path(doc)
     plot_dir = doc.parent / "bench"
     plots = plot_bench(results, plot_dir)
+    # The numbers behind the document, so it can be checked or re-rendered (--from-json) later.
+    (plot_dir / "bench.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     analyses = analyze(results)
     settings = results["settings"]
     parts = [
         "# Benchmarks: 3LC against PyTorch's hooks on an emulated cluster",
         "",
         f"Written by `threelc bench train` from one run; regenerate it rather than editing it. "
-        f"Run started {results.get('started')}, took {results.get('wall_s', 0) / 60:.0f} min.",
+        f"Run started {results.get('started')}, took {results.get('wall_s', 0) / 60:.0f} min"
+        + (f"; its run folders were read again on {results['remeasured']} (`--from-json ... --remeasure`) with "
+           "the per-step median estimator of wire bytes described below." if results.get("remeasured") else "."),
         "",
         "```",
         results["command"],
@@ -454,13 +465,20 @@ def write_doc(results: dict, doc: Path) -> Path:
         parts += [f"## Targets ({name}, {analysis.nodes} nodes, judged on `{hook}`: the hook's defaults)", ""]
         parts.append(_table(["target (issue 5)", "measured", "met?"],
                             [[row["target"], _measured(row), _met(row["met"])] for row in targets]))
+        ceilings = [f"{analysis.value(rate, 'allreduce', 'median_step_s') / analysis.floor:.1f}x at {rate}"
+                    for rate in (TARGET_RATE, SLOW_RATE)
+                    if analysis.floor and analysis.value(rate, "allreduce", "median_step_s")]
+        if ceilings:
+            parts += ["", "Ceiling: no hook can be faster than fp32 allreduce by more than fp32 allreduce's step time over "
+                      f"the compute floor ({analysis.floor_hook}, {_ms(analysis.floor)}) on this machine: "
+                      f"{', '.join(ceilings)}."]
         even = break_even_rate(analysis, hook)
         if even:
             parts += ["", f"Switch-off rule (documented, not automatic: the hook itself compresses every bucket of at "
                       f"least `min_numel` values after warm-up): `{hook}` spends {_ms(even[0])} per step in its codec, "
-                      f"the time fp32 allreduce's {_bytes(analysis.value(UNSHAPED, 'allreduce', 'wire_tx_per_step_node'))} "
-                      f"per step per node take on a {even[1] / 1e9:.2f} Gbit/s link; on faster links plain allreduce "
-                      f"is the better choice for this model on these cores."]
+                      f"as long as fp32 allreduce's {_bytes(analysis.value(UNSHAPED, 'allreduce', 'wire_tx_per_step_node'))} "
+                      f"per step per node need on a {even[1] / 1e9:.2f} Gbit/s link.  Compress on slower links; on "
+                      f"faster ones plain allreduce is the better choice for this model on these cores."]
         others = [other for other in analysis.hooks if other.startswith("threelc") and other != hook]
         if others:
             parts += ["", "The same targets for the other 3LC settings:", ""]
@@ -515,8 +533,10 @@ def write_doc(results: dict, doc: Path) -> Path:
             "digits CNN width 32 (a small model: this measures bytes, not time), unshaped links, one process per node. "
             "C is one rank's compressed bucket, taken from the allgather run's own count at the same N (bytes per "
             "step / (N - 1)); the model is (N - 1) C for allgather, 2 (N - 1) / N C for scatter-reduce and "
-            "2 (N - 1) / N * 4P for fp32 ring allreduce.  wire / model above 1 is protocol overhead (headers, ACKs, "
-            "gloo's framing) and, for scatter-reduce, payloads of averaged shards that differ in size from a worker's.",
+            "2 (N - 1) / N * 4P for fp32 ring allreduce.  *hook / model* checks the collective's algorithm (what the "
+            "hook itself counts: payloads and size headers); *wire / model* adds the protocols: Ethernet/IP/TCP "
+            "headers and ACKs, and gloo's framing, a fixed cost per message that weighs heavily on payloads of a "
+            "few kB (scatter-reduce sends 2 (N - 1) messages per bucket and step, plus size headers).",
             "",
             scaling_table(results["scaling"]),
             "",
@@ -533,12 +553,21 @@ def write_doc(results: dict, doc: Path) -> Path:
         "unshaped run's steps to target, warm-up steps at fp32 allreduce's step time on that link and the rest at the "
         "hook's.",
         "- Median step time: rank 0's wall time of forward, backward and optimizer step, median over steady steps.",
+        "- Wire bytes per step per node: for each node, the median of the per-step deltas of its link's tx counter "
+        "over the steady steps, averaged over nodes.  A median, because a sender's last bytes of a collective can "
+        "still be in its socket buffer when it samples its counters, so they count in the next step: after the "
+        "warm-up's allreduce that tail reaches ~1 MB and would be charged to the first compressed step.  *hook's "
+        "count* is what the hook says it sent (for PyTorch's hooks, the ring-allreduce model of launch/comm.py); "
+        "*wire overhead* = wire / hook's count - 1.",
+        "- Noise: the cores were shared with other jobs during the run, and a timing run has few steady steps; "
+        "step times that differ by less than ~15% (e.g. PowerSGD rank 1 against 3LC) are not a ranking.",
         "- Compute floor: the fastest median step of any hook on the unshaped network (per example, named in its "
         "section).  fp32 allreduce's unshaped step is no floor here: moving its megabytes per step through veth "
         "costs the shared CPU cores much more than a NIC would.",
         "- PowerSGD: PyTorch's hook with error feedback and warm start, its start iteration equal to 3LC's warm-up; "
         "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/comm.py).",
-        f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}.",
+        f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}; every figure above, per run, in "
+        "`bench/bench.json` (`threelc bench train --from-json docs/bench/bench.json` re-renders this page).",
         "",
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,9 @@ __all__ = [
     "plan_cells",
     "run_cell",
     "run_scaling",
+    "scaling_rows",
+    "measure_run",
+    "remeasure",
     "machine_facts",
     "add_arguments",
     "run",
@@ -244,6 +247,31 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, float | None]:
+    """Per node, the median of the per-step tx (rx) counter deltas over the steady steps; mean over nodes.
+
+    Why a median, not total / steps as :func:`~threelc.launch.wirebytes.node_traffic` reports: a
+    sender's last bytes of a collective can still sit in its socket buffer when it takes its
+    step's sample (it needs nothing more from its peers), so they are counted in the next step.
+    After the warm-up's megabytes of allreduce, that tail (up to ~1 MB measured) lands in the first
+    steady step and, averaged over a few steps, would be charged to the compressing hook.
+    """
+    if not window or not links:
+        return None, None
+    first, last = window
+    per_node = {"tx_bytes": [], "rx_bytes": []}
+    for lines in links.values():
+        by_step = {line["step"]: line for line in lines}
+        for key, values in per_node.items():
+            deltas = [by_step[i + 1][key] - by_step[i][key] for i in range(first, last + 1)
+                      if i in by_step and i + 1 in by_step]
+            if deltas:
+                values.append(statistics.median(deltas))
+    if len(per_node["tx_bytes"]) != len(links):
+        return None, None
+    return statistics.mean(per_node["tx_bytes"]), statistics.mean(per_node["rx_bytes"])
+
+
 def measure_run(run_dir: Path) -> dict:
     """The figures of one finished run folder (steady-state medians, wire bytes, accuracy curve).
 
@@ -263,6 +291,7 @@ def measure_run(run_dir: Path) -> dict:
     step_times = [record["step_s"] for record in run.metrics if record["step"] in steady_steps]
     steady_hook = [line for line in hook_lines if window and window[0] <= line["step"] <= window[1]]
     nodes = [node.get("steady") for node in (run.emulate or {}).get("nodes", [])]
+    tx_median, rx_median = _median_wire(run.links, window)
     metric = run.config.get("eval_metric")
     elapsed, curve = 0.0, []
     for record in run.metrics:
@@ -277,12 +306,12 @@ def measure_run(run_dir: Path) -> dict:
         "median_step_s": _median(step_times),
         "raw_bytes_per_step": row["raw_bytes_per_step"],
         "hook_bytes_per_step": row["hook_bytes_per_step"],
-        "wire_tx_per_step_node": (statistics.mean(node["tx_bytes_per_step"] for node in nodes)
-                                  if nodes and all(nodes) else None),
-        "wire_rx_per_step_node": (statistics.mean(node["rx_bytes_per_step"] for node in nodes)
-                                  if nodes and all(nodes) else None),
-        "wire_overhead": (statistics.mean(node["tx_overhead"] for node in nodes)
-                          if nodes and all(nodes) and all(node["tx_overhead"] is not None for node in nodes) else None),
+        "wire_tx_per_step_node": tx_median,
+        "wire_rx_per_step_node": rx_median,
+        # The emulator's figure: total over the steady window / steps (see _median_wire for why not this one).
+        "wire_tx_mean_per_step_node": (statistics.mean(node["tx_bytes_per_step"] for node in nodes)
+                                       if nodes and all(nodes) else None),
+        "wire_overhead": (tx_median / row["hook_bytes_per_step"] - 1) if (tx_median and row["hook_bytes_per_step"]) else None,
         "profile": {key: _median([line.get(key) for line in steady_hook]) for key in ("compress_s", "decompress_s", "comm_s")},
         "final_eval": row["final_eval"],
         "curve": curve,  # [step, metric, seconds of training steps so far]
@@ -315,6 +344,21 @@ SCALING_MODEL = ("--width", "32")
 
 
 def run_scaling(out: Path, node_counts, *, steps: int, timeout: float) -> list[dict]:
+    """Run :data:`SCALING_HOOKS` on each node count (unshaped); their rows, for :func:`scaling_rows`."""
+    example = EXAMPLES["digits"]
+    rows = []
+    for count in node_counts:
+        for name in SCALING_HOOKS:
+            cell = Cell(example, UNSHAPED, parse_hook(name), "timing", 2 + steps, 2)
+            row = run_cell(cell, out / f"scaling/n{count}", nodes=count, timeout=timeout, batch_size=16,
+                           model_args=SCALING_MODEL)
+            row["run_dir"] = f"scaling/n{count}/{cell.folder}"
+            rows.append(row)
+            logger.info("scaling N=%d %s: %s", count, name, row.get("wire_tx_per_step_node"))
+    return rows
+
+
+def scaling_rows(cells: list[dict]) -> list[dict]:
     """Wire bytes per node for N nodes and each collective, beside the byte model.
 
     The model's C is one rank's compressed bucket: the allgather run's hook bytes per step over
@@ -323,18 +367,10 @@ def run_scaling(out: Path, node_counts, *, steps: int, timeout: float) -> list[d
     ``measured / model`` - 1 is then protocol overhead (Ethernet/IP/TCP, gloo) plus, for
     scatter-reduce, the difference between the averaged shards' payloads and the workers'.
     """
-    example = EXAMPLES["digits"]
     rows = []
-    for count in node_counts:
-        by_hook = {}
-        for name in SCALING_HOOKS:
-            cell = Cell(example, UNSHAPED, parse_hook(name), "timing", 2 + steps, 2)
-            cell_out = out / f"scaling/n{count}"
-            row = run_cell(cell, cell_out, nodes=count, timeout=timeout, batch_size=16, model_args=SCALING_MODEL)
-            row["run_dir"] = f"scaling/n{count}/{cell.folder}"
-            by_hook[name] = row
-            logger.info("scaling N=%d %s: %s", count, name, row.get("wire_tx_per_step_node"))
-        payload = by_hook["threelc-s1.0-allgather"].get("hook_bytes_per_step")
+    for count in sorted({cell["nodes"] for cell in cells}):
+        by_hook = {cell["hook"]: cell for cell in cells if cell["nodes"] == count}
+        payload = (by_hook.get("threelc-s1.0-allgather") or {}).get("hook_bytes_per_step")
         compressed = payload / (count - 1) if payload and count > 1 else None
         for name, row in by_hook.items():
             if name == "allreduce":
@@ -344,11 +380,35 @@ def run_scaling(out: Path, node_counts, *, steps: int, timeout: float) -> list[d
             else:
                 model = 2 * (count - 1) / count * compressed if compressed else None
             wire = row.get("wire_tx_per_step_node")
+            hook_bytes = row.get("hook_bytes_per_step")
             rows.append({"nodes": count, "hook": name, "compressed_bucket_bytes": compressed, "model_bytes": model,
-                         "wire_tx_per_step_node": wire, "hook_bytes_per_step": row.get("hook_bytes_per_step"),
+                         "wire_tx_per_step_node": wire, "hook_bytes_per_step": hook_bytes,
                          "measured_over_model": (wire / model) if (wire and model) else None,
+                         "hook_over_model": (hook_bytes / model) if (hook_bytes and model) else None,
                          "parameters": row.get("parameters"), "run_dir": row["run_dir"], "error": row.get("error")})
     return rows
+
+
+def remeasure(results: dict) -> dict:
+    """``results`` with every row measured again from its run folder (under ``results["out"]``).
+
+    For a document made with a newer :func:`measure_run` from the runs of an earlier invocation:
+    the runs stay the same, only the reading of their logs changes.
+    """
+    out = Path(results["out"])
+    for row in results["cells"] + results.get("scaling_cells", []):
+        if not row.get("error"):
+            row.update(measure_run(out / row["run_dir"]))
+    if "scaling_cells" not in results and results.get("scaling"):  # bench.json from before scaling_cells
+        results["scaling_cells"] = []
+        for row in results["scaling"]:
+            cell = {"nodes": row["nodes"], "hook": row["hook"], "run_dir": row["run_dir"], "error": row.get("error")}
+            if not row.get("error"):
+                cell.update(measure_run(out / row["run_dir"]))
+            results["scaling_cells"].append(cell)
+    results["scaling"] = scaling_rows(results.get("scaling_cells", []))
+    results["remeasured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return results
 
 
 def machine_facts() -> dict:
@@ -398,6 +458,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'none' for no document)")
     parser.add_argument("--from-json", default=None, metavar="BENCH_JSON",
                         help="run nothing: rewrite --doc from an earlier run's bench.json")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="with --from-json: read the figures again from that run's folders (its 'out')")
 
 
 def _settings(args) -> dict:
@@ -441,6 +503,8 @@ def run(args) -> int:
     doc = None if str(args.doc).lower() == "none" else Path(args.doc)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        if args.remeasure:
+            results = remeasure(results)
         if doc:
             bench_doc.write_doc(results, doc)
             print(f"wrote {doc}")
@@ -469,7 +533,7 @@ def run(args) -> int:
     results = {"command": command, "settings": settings, "machine": machine_facts(),
                "examples": {example.name: dataclasses.asdict(example) for example in examples},
                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "out": str(out), "cells": [], "scaling": []}
+               "out": str(out), "cells": [], "scaling_cells": [], "scaling": []}
     started = time.perf_counter()
     print(f"threelc bench train: {len(cells)} runs on {args.nodes} emulated nodes, then scaling at "
           f"{settings['scaling_nodes'] or 'no'} nodes; run folders in {out}", flush=True)
@@ -488,8 +552,9 @@ def run(args) -> int:
                   + f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
         if settings["scaling_nodes"]:
             print("scaling runs ...", flush=True)
-            results["scaling"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],
-                                             timeout=args.timeout)
+            results["scaling_cells"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],
+                                                   timeout=args.timeout)
+            results["scaling"] = scaling_rows(results["scaling_cells"])
     except (KeyboardInterrupt, Terminated):  # the emulator has already removed its namespaces
         print("threelc bench train: interrupted; writing what finished", file=sys.stderr)
         results["interrupted"] = True
@@ -500,5 +565,5 @@ def run(args) -> int:
         bench_doc.write_doc(results, doc)
         print(f"wrote {doc} and its plots")
     print(bench_doc.headline_text(results))
-    failed = [row for row in results["cells"] + results["scaling"] if row.get("error")]
+    failed = [row for row in results["cells"] + results["scaling_cells"] if row.get("error")]
     return 1 if failed or results.get("interrupted") else 0

@@ -253,7 +253,7 @@ def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, fl
     Why a median, not total / steps as :func:`~threelc.launch.wirebytes.node_traffic` reports: a
     sender's last bytes of a collective can still sit in its socket buffer when it takes its
     step's sample (it needs nothing more from its peers), so they are counted in the next step.
-    After the warm-up's megabytes of allreduce, that tail (up to ~1 MB measured) lands in the first
+    After the warm-up's megabytes of allreduce, that tail (up to 0.8 MB in docs/benchmarks.md's run) lands in the first
     steady step and, averaged over a few steps, would be charged to the compressing hook.
     """
     if not window or not links:

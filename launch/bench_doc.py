@@ -556,7 +556,7 @@ def write_doc(results: dict, doc: Path) -> Path:
         "- Wire bytes per step per node: for each node, the median of the per-step deltas of its link's tx counter "
         "over the steady steps, averaged over nodes.  A median, because a sender's last bytes of a collective can "
         "still be in its socket buffer when it samples its counters, so they count in the next step: after the "
-        "warm-up's allreduce that tail reaches ~1 MB and would be charged to the first compressed step.  *hook's "
+        "warm-up's allreduce that tail reached 0.8 MB in this run and would be charged to the first compressed step.  *hook's "
         "count* is what the hook says it sent (for PyTorch's hooks, the ring-allreduce model of launch/comm.py); "
         "*wire overhead* = wire / hook's count - 1.",
         "- Noise: the cores were shared with other jobs during the run, and a timing run has few steady steps; "

@@ -312,7 +312,8 @@ def scaling_table(rows: list[dict]) -> str:
     """Markdown: measured wire bytes per node against the byte model, per N and collective."""
     body = []
     for row in rows:
-        body.append([str(row["nodes"]), row["hook"], _bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-",
+        payload = _bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
+        body.append([str(row["nodes"]), row["hook"], payload,
                      _bytes(row.get("model_bytes")), _bytes(row.get("hook_bytes_per_step")),
                      "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",
                      _bytes(row.get("wire_tx_per_step_node")),
@@ -501,7 +502,8 @@ def write_doc(results: dict, doc: Path) -> Path:
         info = analysis.info
         target_text = (f"fp32 allreduce's final accuracy minus {info['target_slack'] * 100:.0f} point = "
                        f"{_metric(analysis, analysis.target)}" if analysis.higher_is_better else
-                       f"fp32 allreduce's final validation loss plus {info['target_slack']} = {_metric(analysis, analysis.target)}")
+                       f"fp32 allreduce's final validation loss plus {info['target_slack']} = "
+                       f"{_metric(analysis, analysis.target)}")
         accuracy_row = analysis.row(UNSHAPED, "allreduce") or {}
         timing_rows = [row for row in results["cells"] if row["example"] == name and row["kind"] == "timing"]
         parts += [
@@ -556,7 +558,8 @@ def write_doc(results: dict, doc: Path) -> Path:
         "- Wire bytes per step per node: for each node, the median of the per-step deltas of its link's tx counter "
         "over the steady steps, averaged over nodes.  A median, because a sender's last bytes of a collective can "
         "still be in its socket buffer when it samples its counters, so they count in the next step: after the "
-        "warm-up's allreduce that tail reached 0.8 MB in this run and would be charged to the first compressed step.  *hook's "
+        "warm-up's allreduce that tail can reach hundreds of kB (0.8 MB once in the run of 2026-11-28) and would be "
+        "charged to the first compressed step.  *hook's "
         "count* is what the hook says it sent (for PyTorch's hooks, the ring-allreduce model of launch/comm.py); "
         "*wire overhead* = wire / hook's count - 1.",
         "- Noise: the cores were shared with other jobs during the run, and a timing run has few steady steps; "

@@ -528,8 +528,10 @@ def run(args) -> int:
     examples = [_sized(EXAMPLES[name], args) for name in settings["examples"]]
     cells = plan_cells(examples, settings["rates"], hooks, steps=settings["steps"], warmup=settings["warmup_steps"],
                        timing_steps=settings["timing_steps"], quick=settings["quick"])
-    command = "threelc bench train " + " ".join(shlex.quote(arg) for arg in sys.argv[3:]) if sys.argv[1:3] == ["bench", "train"] \
-        else "threelc bench train (called from Python)"
+    if sys.argv[1:3] == ["bench", "train"]:
+        command = "threelc bench train " + " ".join(shlex.quote(arg) for arg in sys.argv[3:])
+    else:
+        command = "threelc bench train (called from Python)"
     results = {"command": command, "settings": settings, "machine": machine_facts(),
                "examples": {example.name: dataclasses.asdict(example) for example in examples},
                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -543,13 +545,15 @@ def run(args) -> int:
             row = run_cell(cell, out, nodes=args.nodes, timeout=args.timeout)
             results["cells"].append(row)
             _write_json(out / "bench.json", results)
-            step = row.get("median_step_s")
-            wire = row.get("wire_tx_per_step_node")
-            print(f"[{index}/{len(cells)}] {cell.example.name:6} {cell.rate:>9} {cell.hook.name:28} "
-                  + (f"FAILED: {row['error']}" if row["error"] else
-                     f"step {step * 1e3:8.1f} ms  wire {wire or 0:12,.0f} B/step/node"
-                     + (f"  {cell.example.metric} {row['final_eval']:.4f}" if cell.kind == "accuracy" and row["final_eval"] is not None else ""))
-                  + f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
+            if row["error"]:
+                figures = f"FAILED: {row['error']}"
+            else:
+                figures = (f"step {row['median_step_s'] * 1e3:8.1f} ms  "
+                           f"wire {row.get('wire_tx_per_step_node') or 0:12,.0f} B/step/node")
+                if cell.kind == "accuracy" and row["final_eval"] is not None:
+                    figures += f"  {cell.example.metric} {row['final_eval']:.4f}"
+            print(f"[{index}/{len(cells)}] {cell.example.name:6} {cell.rate:>9} {cell.hook.name:28} {figures}"
+                  f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
         if settings["scaling_nodes"]:
             print("scaling runs ...", flush=True)
             results["scaling_cells"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],

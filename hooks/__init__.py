@@ -9,7 +9,8 @@ Two lines in a DDP training script::
 Layout: :mod:`.state` (options, residuals, checkpointing), :mod:`.hook` (the hook and the
 per-bucket algorithm), :mod:`.collectives` (size headers and uneven payload exchange),
 :mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.stats` (per-rank
-statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark).
+statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
+:mod:`.device_codec` is the torch codec for device buffers (its own issue).
 """
 
 from .hook import register, threelc_hook

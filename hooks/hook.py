@@ -51,6 +51,7 @@ class _BucketJob:
     iteration: int
     compress: bool
     layout: tuple  # sizes of the bucket's parameter tensors
+    names: tuple | None  # their names, when the state knows them
     check_config: bool
 
 
@@ -109,14 +110,16 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         return future
 
     compress = iteration >= state.start_iter and buffer.numel() >= max(state.min_numel, 1)
-    layout = ()
+    layout, names = (), None
     if compress:
-        layout = tuple(int(parameter.numel()) for parameter in bucket.parameters())
+        parameters = bucket.parameters()
+        layout = tuple(int(parameter.numel()) for parameter in parameters)
         padding = buffer.numel() - sum(layout)
         if padding > 0:  # DDP may pad a bucket; the padding is one more segment
             layout += (padding,)
+        names = state.parameter_names(parameters, bucket.index(), padding)
     job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
-                     compress=compress, layout=layout, check_config=not state._config_checked)
+                     compress=compress, layout=layout, names=names, check_config=not state._config_checked)
     state._config_checked = True
     devices = [buffer.device] if buffer.is_cuda else None
     future = state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
@@ -143,6 +146,7 @@ def register(ddp_model, **options) -> ThreeLCState:
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
     state = ThreeLCState(process_group=process_group, **options)
+    state.bind_parameters(ddp_model.module)
     ddp_model.register_comm_hook(state, threelc_hook)
     return state
 
@@ -242,7 +246,8 @@ def _allgather_mean(state, job, values, group, rank, world_size, device) -> None
     """Each rank sends its compressed bucket to all others; all decode the N payloads."""
     stats = state._stats
     count = values.size
-    entry = state.residual_for(job.index, job.layout, count, None) if state.error_feedback else None
+    entry = (state.residual_for(job.index, job.layout, count, names=job.names, world_size=world_size)
+             if state.error_feedback else None)
     residual = backup = None
     if entry is not None:
         residual, backup = entry.worker, entry.worker_backup
@@ -270,7 +275,7 @@ def _scatter_reduce_mean(state, job, values, group, rank, world_size, device) ->
     count = values.size
     bounds = collectives.shard_bounds(count, world_size)
     own_start, own_stop = int(bounds[rank]), int(bounds[rank + 1])
-    entry = (state.residual_for(job.index, job.layout, count, own_stop - own_start)
+    entry = (state.residual_for(job.index, job.layout, count, (own_start, own_stop), job.names, world_size)
              if state.error_feedback else None)
     if entry is not None:
         np.copyto(entry.worker_backup, entry.worker)

@@ -33,19 +33,35 @@ class ConfigMismatchError(RuntimeError):
 
 class _BucketResidual:
     """Error-feedback memory of one bucket: the worker residual and, for scatter-reduce, the
-    server residual of the shard this rank owns.  ``layout`` is the tuple of parameter sizes the
-    residuals were made for; a bucket with another layout gets other residuals."""
+    server residual of the shard this rank owns (``server_start`` is its offset in the bucket).
+    ``layout`` is the tuple of parameter sizes the residuals were made for, and ``names`` the
+    parameters' names when the state knows them (see :meth:`ThreeLCState.bind_parameters`)."""
 
-    __slots__ = ("layout", "worker", "server", "worker_backup", "server_backup")
+    __slots__ = ("layout", "names", "worker", "server", "server_start", "worker_backup", "server_backup")
 
-    def __init__(self, layout: tuple, worker: np.ndarray, server: np.ndarray | None = None):
+    def __init__(self, layout: tuple, worker: np.ndarray, server: np.ndarray | None = None,
+                 server_start: int = 0, names: tuple | None = None):
         self.layout = layout
+        self.names = names
         self.worker = worker
         self.server = server
+        self.server_start = server_start
         # Copies taken before each compressed step, to roll back a step whose result is
         # non-finite (AMP skips it, so what it "sent" never reached the model).
         self.worker_backup = np.empty_like(worker)
         self.server_backup = None if server is None else np.empty_like(server)
+
+    def fold_server(self, world_size: int) -> None:
+        """Move the server residual into the worker residual, keeping what is owed unchanged.
+
+        The mean owes ``server`` directly but only ``worker / world_size``; adding
+        ``world_size * server`` to the worker residual keeps the owed total exact when the shard
+        this rank owns changes (a new bucket layout, a new world size).
+        """
+        if self.server is not None:
+            stop = self.server_start + self.server.size
+            self.worker[self.server_start:stop] += np.float32(world_size) * self.server
+        self.server = self.server_backup = None
 
 
 class ThreeLCState:
@@ -99,6 +115,10 @@ class ThreeLCState:
     stats_dir : str, optional
         Append one JSON line per step to ``{stats_dir}/hook-rank{rank}.jsonl``; defaults to the
         environment variable ``THREELC_STATS_DIR``, and to no log when neither is set.
+
+    Residuals live in the state, per bucket; :meth:`bind_parameters` (called by
+    :func:`~threelc.hooks.register`) lets them follow parameters across DDP's bucket rebuilds.
+    :meth:`state_dict` / :meth:`load_state_dict` checkpoint them; :meth:`stats` reports traffic.
 
     Raises
     ------
@@ -165,6 +185,10 @@ class ThreeLCState:
         # Residuals displaced by a bucket layout change, kept for one return: after a restart,
         # DDP's first iteration uses its initial buckets before rebuilding the saved layout.
         self._parked: dict[int, _BucketResidual] = {}
+        # With parameter names (bind_parameters), residuals follow parameters across bucket
+        # layouts instead: name -> (entry, offset, size) of the latest copy of its residual.
+        self._parameter_names: dict[int, str] = {}
+        self._by_name: dict[str, tuple] = {}
         self._stats = HookStats(self.stats_dir)
         self._worker: BucketWorker | None = None
         self._config_checked = False
@@ -206,26 +230,77 @@ class ThreeLCState:
                 f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration}")
 
     # ------------------------------------------------------------------ residuals
-    def residual_for(self, index: int, layout: tuple, count: int, server_count: int | None) -> _BucketResidual:
-        """The bucket's residuals, created (zero) on first use or when its layout changed."""
+    def bind_parameters(self, module) -> None:
+        """Learn the module's parameter names, so residuals follow parameters, not buckets.
+
+        :func:`~threelc.hooks.register` calls this.  With names, a bucket whose layout changes
+        (DDP's rebuild after iteration 1; DDP's initial layout in the first iteration after a
+        restart) takes each parameter's residual from wherever it was, instead of starting from
+        zero; checkpoints record the names.  Without names, residuals are keyed by bucket index
+        and layout only.
+        """
+        self._parameter_names = {id(parameter): name for name, parameter in module.named_parameters()}
+
+    def parameter_names(self, parameters, index: int, padding: int) -> tuple | None:
+        """Names of a bucket's parameters (plus its padding), or None if any is unknown."""
+        if not self._parameter_names:
+            return None
+        names = tuple(self._parameter_names.get(id(parameter)) for parameter in parameters)
+        if None in names:
+            return None
+        return names + ((f"<padding of bucket {index}>",) if padding > 0 else ())
+
+    def residual_for(self, index: int, layout: tuple, count: int, server_range: tuple | None = None,
+                     names: tuple | None = None, world_size: int = 1) -> _BucketResidual:
+        """The bucket's residuals, created on first use or when its layout changed.
+
+        ``server_range`` is the ``(start, stop)`` of the shard this rank owns (scatter-reduce).
+        """
         entry = self._residuals.get(index)
-        if entry is not None and entry.layout == layout:
-            pass
-        else:
-            parked = self._parked.pop(index, None)
-            if entry is not None:
-                logger.info("threelc: bucket %d changed layout (%d -> %d values); its residuals are set aside",
-                            index, entry.worker.size, count)
-                self._parked[index] = entry
-            if parked is not None and parked.layout == layout:
-                entry = parked
+        if (entry is None or entry.layout != layout
+                or (names is not None and (entry.names != names or not self._holds_latest(entry)))):
+            if names is not None:
+                entry = self._migrated(layout, count, names, world_size)
             else:
-                entry = _BucketResidual(layout, np.zeros(count, dtype=np.float32))
+                entry = self._unparked(index, entry, layout, count)
             self._residuals[index] = entry
-        if server_count is not None and (entry.server is None or entry.server.size != server_count):
-            entry.server = np.zeros(server_count, dtype=np.float32)
-            entry.server_backup = np.empty_like(entry.server)
+        if server_range is not None:
+            start, stop = server_range
+            if entry.server is None or entry.server_start != start or entry.server.size != stop - start:
+                entry.fold_server(world_size)
+                entry.server = np.zeros(stop - start, dtype=np.float32)
+                entry.server_start = start
+                entry.server_backup = np.empty_like(entry.server)
         return entry
+
+    def _holds_latest(self, entry: _BucketResidual) -> bool:
+        """Whether no other entry took over one of this entry's parameters since."""
+        return all(self._by_name.get(name, (None,))[0] is entry for name in entry.names)
+
+    def _migrated(self, layout: tuple, count: int, names: tuple, world_size: int) -> _BucketResidual:
+        """A new entry whose parameters bring their residuals from the entries that held them."""
+        entry = _BucketResidual(layout, np.zeros(count, dtype=np.float32), names=names)
+        offset = 0
+        for name, size in zip(names, layout):
+            source = self._by_name.get(name)
+            if source is not None and source[2] == size:
+                source_entry, source_offset, _ = source
+                source_entry.fold_server(world_size)
+                entry.worker[offset:offset + size] = source_entry.worker[source_offset:source_offset + size]
+            self._by_name[name] = (entry, offset, size)
+            offset += size
+        return entry
+
+    def _unparked(self, index: int, entry, layout: tuple, count: int) -> _BucketResidual:
+        """Without names: zero residuals for a new layout; the old ones wait for its return."""
+        parked = self._parked.pop(index, None)
+        if entry is not None:
+            logger.info("threelc: bucket %d changed layout (%d -> %d values); its residuals are set aside",
+                        index, entry.worker.size, count)
+            self._parked[index] = entry
+        if parked is not None and parked.layout == layout:
+            return parked
+        return _BucketResidual(layout, np.zeros(count, dtype=np.float32))
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict:
@@ -282,6 +357,12 @@ class ThreeLCState:
         self.iteration = int(state_dict["iteration"])
         self._residuals = _import(state_dict["residuals"])
         self._parked = _import(state_dict.get("parked", {}))
+        self._by_name = {}
+        for entry in self._residuals.values():
+            if entry.names is not None:
+                offsets = np.concatenate([[0], np.cumsum(entry.layout, dtype=np.int64)])
+                self._by_name.update({name: (entry, int(offset), int(size))
+                                      for name, offset, size in zip(entry.names, offsets, entry.layout)})
         self._stats.load_state_dict(state_dict["stats"])
         self._failure = None
         self._config_checked = False
@@ -302,15 +383,19 @@ def _is_int(value) -> bool:
 
 def _export(entries: dict) -> dict:
     return {index: {"layout": list(entry.layout),
+                    "names": None if entry.names is None else list(entry.names),
                     "worker": torch.from_numpy(entry.worker.copy()),
-                    "server": None if entry.server is None else torch.from_numpy(entry.server.copy())}
+                    "server": None if entry.server is None else torch.from_numpy(entry.server.copy()),
+                    "server_start": entry.server_start}
             for index, entry in entries.items()}
 
 
 def _import(saved: dict) -> dict:
     return {int(index): _BucketResidual(tuple(int(size) for size in entry["layout"]),
                                         _float32_array(entry["worker"]),
-                                        None if entry["server"] is None else _float32_array(entry["server"]))
+                                        None if entry["server"] is None else _float32_array(entry["server"]),
+                                        int(entry.get("server_start", 0)),
+                                        None if entry.get("names") is None else tuple(entry["names"]))
             for index, entry in saved.items()}
 
 

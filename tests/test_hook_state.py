@@ -59,12 +59,52 @@ def test_residuals_follow_bucket_layout_and_come_back_after_a_rebuild():
     assert other is not first and not other.worker.any()
     # ...and return when the layout does (DDP's first step after a restart, then the rebuild).
     assert state.residual_for(0, (3, 4), 7, None) is first
-    assert state.residual_for(0, (3, 4), 7, 4).server.shape == (4,)
+    assert state.residual_for(0, (3, 4), 7, (3, 7)).server.shape == (4,)
+
+
+def test_named_residuals_follow_parameters_across_layouts_and_checkpoints():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))  # sizes 6, 3, 3, 1
+    state = ThreeLCState()
+    state.bind_parameters(module)
+    weight0, bias0, weight1, bias1 = module.parameters()
+    # Rebuilt layout: two buckets in gradient-ready order.
+    names_a = state.parameter_names([bias1, weight1], 0, 0)
+    names_b = state.parameter_names([bias0, weight0], 1, 0)
+    assert names_a == ("1.bias", "1.weight")
+    state.residual_for(0, (1, 3), 4, names=names_a).worker[:] = [1, 2, 3, 4]
+    state.residual_for(1, (3, 6), 9, names=names_b).worker[:] = np.arange(10, 19)
+    saved = state.state_dict()
+
+    # A fresh process: DDP's first iteration has one bucket in registration order.
+    resumed = ThreeLCState()
+    resumed.bind_parameters(module)
+    resumed.load_state_dict(saved)
+    names_initial = resumed.parameter_names([weight0, bias0, weight1, bias1], 0, 0)
+    initial = resumed.residual_for(0, (6, 3, 3, 1), 13, names=names_initial)
+    np.testing.assert_array_equal(initial.worker, [13, 14, 15, 16, 17, 18, 10, 11, 12, 2, 3, 4, 1])
+    initial.worker += 100
+    # The rebuild brings the updated values back into the two-bucket layout.
+    np.testing.assert_array_equal(resumed.residual_for(0, (1, 3), 4, names=names_a).worker, [101, 102, 103, 104])
+    np.testing.assert_array_equal(resumed.residual_for(1, (3, 6), 9, names=names_b).worker,
+                                  np.arange(110, 119))
+    # Unknown parameters: no names, residuals keyed by bucket only.
+    assert resumed.parameter_names([torch.nn.Parameter(torch.zeros(2))], 0, 0) is None
+
+
+def test_server_residual_folds_into_the_worker_residual_when_the_shard_moves():
+    state = ThreeLCState(collective="scatter_reduce")
+    entry = state.residual_for(0, (8,), 8, (4, 8), world_size=4)
+    entry.worker[:] = 1.0
+    entry.server[:] = 0.5
+    # Owed to the mean: mean of worker residuals + server residual.  Moving the shard keeps it.
+    moved = state.residual_for(0, (8,), 8, (0, 4), world_size=4)
+    np.testing.assert_array_equal(moved.worker, [1, 1, 1, 1, 3, 3, 3, 3])
+    np.testing.assert_array_equal(moved.server, np.zeros(4))
 
 
 def test_state_dict_round_trip_and_pickle_drops_the_process_group():
     state = ThreeLCState(process_group=object(), sparsity=1.25, collective="scatter_reduce")
-    entry = state.residual_for(2, (5, 5), 10, 5)
+    entry = state.residual_for(2, (5, 5), 10, (5, 10))
     entry.worker[:] = np.arange(10)
     entry.server[:] = -1.0
     state.iteration = 17
@@ -75,20 +115,20 @@ def test_state_dict_round_trip_and_pickle_drops_the_process_group():
     restored = ThreeLCState(sparsity=1.25, collective="scatter_reduce")
     restored.load_state_dict(saved)
     assert restored.iteration == 17
-    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
-    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, 5).server, -np.ones(5))
+    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, (5, 10)).worker, np.arange(10))
+    np.testing.assert_array_equal(restored.residual_for(2, (5, 5), 10, (5, 10)).server, -np.ones(5))
 
     # Residuals set aside by a layout change travel too.
-    state.residual_for(2, (10,), 10, 5)
+    state.residual_for(2, (10,), 10, (5, 10))
     parked = ThreeLCState(sparsity=1.25, collective="scatter_reduce")
     parked.load_state_dict(state.state_dict())
-    np.testing.assert_array_equal(parked.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
-    state.residual_for(2, (5, 5), 10, 5)
+    np.testing.assert_array_equal(parked.residual_for(2, (5, 5), 10, (5, 10)).worker, np.arange(10))
+    state.residual_for(2, (5, 5), 10, (5, 10))
 
     unpickled = pickle.loads(pickle.dumps(state))
     assert unpickled.process_group is None
     assert unpickled.config() == state.config() and unpickled.iteration == 17
-    np.testing.assert_array_equal(unpickled.residual_for(2, (5, 5), 10, 5).worker, np.arange(10))
+    np.testing.assert_array_equal(unpickled.residual_for(2, (5, 5), 10, (5, 10)).worker, np.arange(10))
 
 
 def test_load_state_dict_rejects_unknown_version():

@@ -12,7 +12,6 @@ layers in the order their gradients become ready, without biases, in one bucket.
 
 import os
 
-import pytest
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import threelc
 from threelc import format as payload_format
-from threelc.hooks import ConfigMismatchError, ThreeLCState, threelc_hook
+from threelc.hooks import ThreeLCState, threelc_hook
 from threelc.hooks.collectives import segments_in_range, shard_bounds
 
 from _dist import run_ranks

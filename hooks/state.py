@@ -97,11 +97,13 @@ class ThreeLCState:
         ``"auto"`` picks allgather for world sizes up to 2 (the bytes are the same there, and it
         quantizes once) and scatter_reduce above (fewer bytes, and decoding stays O(bucket)
         instead of O(N * bucket)).
-    scale : {"tensor", "bucket", "block"}, default "tensor"
-        One scale (max |v|) per parameter tensor of the bucket, as in the paper; one per bucket
-        (or shard); or one per ``block_size`` values of each tensor.  See docs/HOOK.md for
-        the accuracy-per-byte measurement behind the default.
-    block_size : int, default 1024
+    scale : {"tensor", "bucket", "block"}, default "block"
+        One scale (max |v|) per ``block_size`` values of each parameter tensor; one per parameter
+        tensor of the bucket, as in the paper; or one per bucket (or shard).  See docs/HOOK.md
+        for the accuracy-per-byte measurements behind the default: on a 2M-parameter CNN with 4
+        ranks, one scale per tensor lets a few outliers silence the rest of a large tensor and
+        lost 5-10 points of accuracy, while blocks of 8192 kept allreduce's accuracy at ~50x.
+    block_size : int, default 8192
         Values per scale with ``scale="block"``.
     start_iter : int, default 10
         Iterations that use plain allreduce before compression starts; must be >= 2 because
@@ -137,8 +139,8 @@ class ThreeLCState:
         *,
         sparsity: float = 1.0,
         collective: str = "auto",
-        scale: str = "tensor",
-        block_size: int = 1024,
+        scale: str = "block",
+        block_size: int = 8192,
         start_iter: int = 10,
         min_numel: int = 1024,
         error_feedback: bool = True,

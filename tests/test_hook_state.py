@@ -35,7 +35,7 @@ def test_bad_options_raise_value_error_that_says_why(options, words):
 
 def test_defaults_and_repr():
     state = ThreeLCState()
-    assert state.config() == {"sparsity": 1.0, "collective": "auto", "scale": "tensor", "block_size": 1024,
+    assert state.config() == {"sparsity": 1.0, "collective": "auto", "scale": "block", "block_size": 8192,
                               "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None}
     assert repr(state).startswith("ThreeLCState(sparsity=1.0, collective='auto'")
     assert state.resolved_collective(2) == "allgather"

@@ -163,7 +163,7 @@ def _powersgd_hook(accounting: _CollectiveAccounting):
     return hook
 
 
-def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps):
+def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size):
     try:
         from threelc.hooks import register
     except ImportError as error:  # the hook is developed in parallel; say so plainly
@@ -171,6 +171,8 @@ def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_step
     options = {"sparsity": sparsity, "collective": collective, "stats_dir": stats_dir}
     if warmup_steps is not None:
         options["start_iter"] = warmup_steps  # ThreeLCState's name for its allreduce warm-up
+    # Unset options keep the hook's own defaults.
+    options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
     return register(ddp_model, **options)
 
 
@@ -183,6 +185,8 @@ def attach_hook(
     stats_dir=None,
     powersgd_rank: int = 1,
     warmup_steps: int | None = None,
+    scale: str | None = None,
+    block_size: int | None = None,
 ) -> HookHandle:
     """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
 
@@ -193,7 +197,7 @@ def attach_hook(
         raise ValueError(f"unknown hook {name!r}; choose one of {', '.join(HOOKS)}")
     if name == "threelc":
         state = _register_threelc(ddp_model, sparsity=sparsity, collective=collective, stats_dir=stats_dir,
-                                  warmup_steps=warmup_steps)
+                                  warmup_steps=warmup_steps, scale=scale, block_size=block_size)
         return HookHandle(name, state=state)
     accounting = _CollectiveAccounting(dist.get_rank(), dist.get_world_size(), stats_dir)
     if name == "allreduce":

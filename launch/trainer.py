@@ -73,6 +73,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in [1, 2) (default: %(default)s)")
     group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default="auto",
                        help="3LC collective (default: %(default)s)")
+    group.add_argument("--scale", choices=("tensor", "bucket", "block"), default=None,
+                       help="3LC scale unit (default: the hook's own)")
+    group.add_argument("--block-size", type=int, default=None, help="3LC values per scale with --scale block")
     group.add_argument("--powersgd-rank", type=int, default=1, help="PowerSGD matrix rank (default: %(default)s)")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="uncompressed steps before compression starts (default: the hook's own)")
@@ -152,6 +155,8 @@ def _config(args, task: Task, world_size: int) -> dict:
         "sparsity": args.sparsity,
         "collective": args.collective,
         "powersgd_rank": args.powersgd_rank,
+        "scale": args.scale,
+        "block_size": args.block_size,
         "warmup_steps": args.warmup_steps,
         "bucket_cap_mb": args.bucket_cap_mb,
         "steps": args.steps,
@@ -186,7 +191,7 @@ def train(args, task: Task) -> dict:
         ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
         handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                              stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
-                             warmup_steps=args.warmup_steps)
+                             warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size)
         optimizer = task.build_optimizer(ddp_model.parameters())
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)

@@ -248,26 +248,15 @@ def _median(values):
 
 
 def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, float | None]:
-    """Per node, the median of the per-step tx (rx) counter deltas over the steady steps; mean over nodes.
+    """Per node, :func:`~threelc.launch.wirebytes.median_step_delta` of tx (rx) bytes over the
+    steady steps (the module says why a median); the mean over nodes."""
+    from .wirebytes import median_step_delta
 
-    Why a median, not total / steps as :func:`~threelc.launch.wirebytes.node_traffic` reports: a
-    sender's last bytes of a collective can still sit in its socket buffer when it takes its
-    step's sample (it needs nothing more from its peers), so they are counted in the next step.
-    After the warm-up's megabytes of allreduce, that tail (up to 0.8 MB in docs/benchmarks.md's run) lands in the first
-    steady step and, averaged over a few steps, would be charged to the compressing hook.
-    """
     if not window or not links:
         return None, None
-    first, last = window
-    per_node = {"tx_bytes": [], "rx_bytes": []}
-    for lines in links.values():
-        by_step = {line["step"]: line for line in lines}
-        for key, values in per_node.items():
-            deltas = [by_step[i + 1][key] - by_step[i][key] for i in range(first, last + 1)
-                      if i in by_step and i + 1 in by_step]
-            if deltas:
-                values.append(statistics.median(deltas))
-    if len(per_node["tx_bytes"]) != len(links):
+    per_node = {key: [median_step_delta(lines, *window, key) for lines in links.values()]
+                for key in ("tx_bytes", "rx_bytes")}
+    if any(value is None for values in per_node.values() for value in values):
         return None, None
     return statistics.mean(per_node["tx_bytes"]), statistics.mean(per_node["rx_bytes"])
 
@@ -308,8 +297,8 @@ def measure_run(run_dir: Path) -> dict:
         "hook_bytes_per_step": row["hook_bytes_per_step"],
         "wire_tx_per_step_node": tx_median,
         "wire_rx_per_step_node": rx_median,
-        # The emulator's figure: total over the steady window / steps (see _median_wire for why not this one).
-        "wire_tx_mean_per_step_node": (statistics.mean(node["tx_bytes_per_step"] for node in nodes)
+        # Total over the steady window / steps, beside the median (wirebytes says why the median leads).
+        "wire_tx_mean_per_step_node": (statistics.mean(node["tx_bytes_mean_per_step"] for node in nodes)
                                        if nodes and all(nodes) else None),
         "wire_overhead": (tx_median / row["hook_bytes_per_step"] - 1) if (tx_median and row["hook_bytes_per_step"]) else None,
         "profile": {key: _median([line.get(key) for line in steady_hook]) for key in ("compress_s", "decompress_s", "comm_s")},

@@ -117,6 +117,11 @@ class ThreeLCState:
     stats_dir : str, optional
         Append one JSON line per step to ``{stats_dir}/hook-rank{rank}.jsonl``; defaults to the
         environment variable ``THREELC_STATS_DIR``, and to no log when neither is set.
+    codec_threads : int, optional
+        Threads of the numba codec kernels in this process.  By default the cores numba sees
+        divided by torchrun's ``LOCAL_WORLD_SIZE`` (at least 1): every worker's kernels would
+        otherwise use every core, and 4 workers on 2 cores ran 3LC steps 13x slower.  A
+        per-process setting, so ranks may differ (it is not part of the configuration check).
 
     Residuals live in the state, per bucket; :meth:`bind_parameters` (called by
     :func:`~threelc.hooks.register`) lets them follow parameters across DDP's bucket rebuilds.
@@ -145,6 +150,7 @@ class ThreeLCState:
         min_numel: int = 1024,
         error_feedback: bool = True,
         stats_dir: str | None = None,
+        codec_threads: int | None = None,
     ):
         # Hyperparameters.
         sparsity32 = np.float32(sparsity) if isinstance(sparsity, (int, float, np.floating)) else None
@@ -169,6 +175,10 @@ class ThreeLCState:
             stats_dir = os.environ.get(STATS_DIR_ENV) or None
         if stats_dir is not None and not isinstance(stats_dir, (str, os.PathLike)):
             raise ValueError(f"stats_dir must be a path or None, got {stats_dir!r}")
+        if codec_threads is None:
+            codec_threads = default_codec_threads()
+        if not _is_int(codec_threads) or codec_threads < 1:
+            raise ValueError(f"codec_threads must be a positive integer or None, got {codec_threads!r}")
 
         self.process_group = process_group
         self.sparsity = float(sparsity32)
@@ -179,6 +189,7 @@ class ThreeLCState:
         self.min_numel = int(min_numel)
         self.error_feedback = error_feedback
         self.stats_dir = os.fspath(stats_dir) if stats_dir is not None else None
+        self.codec_threads = int(codec_threads)
 
         # Internal state.
         #: Iterations completed (advanced when DDP hands over the last bucket of an iteration).
@@ -318,7 +329,7 @@ class ThreeLCState:
     def worker(self) -> BucketWorker:
         """The FIFO worker thread, started on first use (and again after unpickling)."""
         if self._worker is None or not self._worker.alive:
-            self._worker = BucketWorker()
+            self._worker = BucketWorker(codec_threads=self.codec_threads)
         return self._worker
 
     def wait(self) -> None:
@@ -405,6 +416,14 @@ def _float32_array(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     return np.array(value, dtype=np.float32, copy=True).reshape(-1)
+
+
+def default_codec_threads() -> int:
+    """numba's threads shared out among the workers torchrun starts on this machine."""
+    import numba  # the codec's own dependency; imported here to keep the reason local
+
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, numba.config.NUMBA_NUM_THREADS // max(1, local_workers))
 
 
 def fingerprint(text: str) -> int:

@@ -24,6 +24,7 @@ import queue
 import threading
 import weakref
 
+import numba
 import torch
 
 __all__ = ["BucketWorker", "CODEC_LOCK"]
@@ -47,7 +48,10 @@ def _close_live_workers() -> None:
         worker.close(timeout=10.0)  # a worker stuck in a collective must not hang the exit
 
 
-def _serve(jobs: "queue.Queue") -> None:
+def _serve(jobs: "queue.Queue", codec_threads: int | None) -> None:
+    if codec_threads is not None:
+        # numba's thread count is per calling thread: this caps the codec kernels this worker runs.
+        numba.set_num_threads(min(codec_threads, numba.config.NUMBA_NUM_THREADS))
     while True:
         item = jobs.get()
         try:
@@ -68,9 +72,9 @@ def _serve(jobs: "queue.Queue") -> None:
 class BucketWorker:
     """A daemon thread that runs submitted callables one at a time, in submission order."""
 
-    def __init__(self, name: str = "threelc-hook"):
+    def __init__(self, name: str = "threelc-hook", codec_threads: int | None = None):
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name=name, daemon=True)
+        self._thread = threading.Thread(target=_serve, args=(self._jobs, codec_threads), name=name, daemon=True)
         self._thread.start()
         weakref.finalize(self, self._jobs.put, _STOP)
         _LIVE_WORKERS.add(self)

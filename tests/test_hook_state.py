@@ -27,6 +27,8 @@ from threelc.hooks.stats import HookStats
     ({"min_numel": -1}, "min_numel"),
     ({"error_feedback": 1}, "error_feedback"),
     ({"stats_dir": 3}, "stats_dir"),
+    ({"codec_threads": 0}, "codec_threads"),
+    ({"codec_threads": 1.5}, "codec_threads"),
 ])
 def test_bad_options_raise_value_error_that_says_why(options, words):
     with pytest.raises(ValueError, match=words):
@@ -182,3 +184,23 @@ def test_stats_before_any_step_and_with_nothing_sent():
     assert stats.snapshot()["step"]["step"] == -1
     stats.add_raw(8)
     assert stats.finish_step(0, 0, 1)["ratio"] is None  # nothing sent: no ratio, not infinity
+
+
+def test_codec_threads_are_shared_among_local_workers(monkeypatch):
+    import numba
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * numba.config.NUMBA_NUM_THREADS))
+    assert ThreeLCState().codec_threads == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert ThreeLCState().codec_threads == numba.config.NUMBA_NUM_THREADS
+
+
+def test_worker_runs_codec_kernels_with_codec_threads():
+    """numba's thread count is per thread: the hook's worker thread must set its own."""
+    import numba
+
+    state = ThreeLCState(codec_threads=1)
+    try:
+        assert state.worker().submit(numba.get_num_threads).wait() == 1
+    finally:
+        state.close()

@@ -80,7 +80,7 @@ def run(args) -> int:
     missing = _missing_modules()
     if missing:
         print(f"threelc demo needs {' and '.join(missing)}: pip install scikit-learn matplotlib "
-              "(or the project's [test] extra)", file=sys.stderr)
+              "(or the project's [demo] extra)", file=sys.stderr)
         return 2
     started = time.perf_counter()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,4 +1,10 @@
-"""The collectives the 3LC hook issues, on numpy payloads of uneven sizes.
+"""The collectives the 3LC hook issues, on payloads of uneven sizes.
+
+Payloads are uint8 numpy arrays (the numba codec, host memory) or uint8 torch tensors (the torch
+codec, on the bucket's device); received payloads come back in the same kind, and tensors on
+the same device as the ones sent.  Tensors already on the backend's device (``comm_device``)
+cross no host copy: they are concatenated with ``torch.cat`` and the received buffer is split
+into views.
 
 Compressed payloads have data-dependent sizes and cannot be summed by an allreduce.  gloo has no
 allgatherv, so every exchange here is two collectives: a fixed-size ``all_gather_single`` of a
@@ -50,38 +56,53 @@ def exchange_header(values, group, device: torch.device, stats: HookStats) -> np
     return gathered.cpu().numpy().reshape(world_size, local.numel())
 
 
+def _nbytes(payload) -> int:
+    return int(payload.numel()) if isinstance(payload, torch.Tensor) else int(payload.size)
+
+
 def exchange_payloads(outgoing, receive_sizes, group, device: torch.device, stats: HookStats) -> list:
     """Send ``outgoing[j]`` to rank j and receive ``receive_sizes[i]`` bytes from each rank i.
 
     ``outgoing[rank]`` and ``receive_sizes[rank]`` must be empty/zero: a rank keeps its own
-    payload.  Returns the received payloads as uint8 numpy arrays, indexed by source rank.
+    payload.  ``outgoing`` holds uint8 numpy arrays or uint8 tensors (all on one device).
+    Returns the received payloads, indexed by source rank: numpy arrays for numpy input, else
+    tensors on the device of the tensors sent (views of one receive buffer).
     """
-    send_sizes = [int(payload.size) for payload in outgoing]
+    send_sizes = [_nbytes(payload) for payload in outgoing]
     receive_sizes = [int(size) for size in receive_sizes]
-    send = torch.from_numpy(np.concatenate(outgoing) if outgoing else np.zeros(0, np.uint8)).to(device)
+    tensors = bool(outgoing) and isinstance(outgoing[0], torch.Tensor)
+    if tensors:
+        payload_device = outgoing[0].device
+        send = torch.cat(list(outgoing)).to(device)
+    else:
+        send = torch.from_numpy(np.concatenate(outgoing) if outgoing else np.zeros(0, np.uint8)).to(device)
     receive = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=device)
     with stats.timer("comm_s"):
         dist.all_to_all_single(receive, send, output_split_sizes=receive_sizes, input_split_sizes=send_sizes,
                                group=group)
     stats.add_traffic(sum(send_sizes), sum(receive_sizes))
+    if tensors:
+        return list(torch.split(receive.to(payload_device), receive_sizes))
     received = receive.cpu().numpy()
     offsets = np.zeros(len(receive_sizes) + 1, dtype=np.int64)
     np.cumsum(receive_sizes, out=offsets[1:])
     return [received[offsets[i]:offsets[i + 1]] for i in range(len(receive_sizes))]
 
 
-def allgather_payload(payload: np.ndarray, sizes, group, device: torch.device, stats: HookStats) -> list:
-    """Every rank's payload, in rank order (this rank's own array at its index).
+def allgather_payload(payload, sizes, group, device: torch.device, stats: HookStats) -> list:
+    """Every rank's payload, in rank order (this rank's own payload at its index).
+
+    ``payload`` is a uint8 numpy array or tensor; the others come back in the same kind.
 
     ``sizes`` are the payload sizes of all ranks if already exchanged (with other header
     fields), or ``None`` to exchange them here.
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if sizes is None:
-        sizes = exchange_header([payload.size], group, device, stats)[:, 0]
+        sizes = exchange_header([_nbytes(payload)], group, device, stats)[:, 0]
     receive_sizes = np.array(sizes, dtype=np.int64)
     receive_sizes[rank] = 0
-    empty = np.zeros(0, np.uint8)
+    empty = payload[:0]
     outgoing = [empty if j == rank else payload for j in range(world_size)]
     received = exchange_payloads(outgoing, receive_sizes, group, device, stats)
     received[rank] = payload

@@ -29,12 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import threelc
-from threelc import format as payload_format
-
-from . import collectives
+from . import codecs, collectives
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
-from .worker import CODEC_LOCK
 
 __all__ = ["threelc_hook", "register"]
 
@@ -66,7 +62,9 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     2. Otherwise add the worker residual and compress (3-value quantization with sparsity
        multiplication, base-3^5 packing, zero-run encoding), one scale per parameter tensor,
        bucket or block (``state.scale``); the residual keeps what was not sent.  A payload larger
-       than the raw values is replaced by the raw values.
+       than the raw values is replaced by the raw values.  ``state.codec`` picks the numba codec
+       on host memory or the torch codec on the bucket's device ("auto": torch for CUDA buckets);
+       both write the same bytes.
     3. Exchange payload sizes and a layout fingerprint, then the payloads ("allgather"), or
        shard j of every rank to rank j ("scatter_reduce"; rank j averages, adds its server
        residual, compresses again, and every rank gathers the compressed shards).
@@ -182,15 +180,16 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
 
 def _compressed_mean(state, job, group, rank, world_size, device) -> torch.Tensor:
     """Average a bucket through 3LC payloads; returns the bucket, overwritten with the mean."""
-    # The codec works on float32 host memory: a float32 CPU bucket in place, anything else
-    # (fp16/bf16, CUDA) through a float32 host copy.
-    in_place = job.buffer.device.type == "cpu" and job.buffer.dtype == torch.float32
-    work = job.buffer.detach() if in_place else job.buffer.detach().to(device="cpu", dtype=torch.float32)
-    values = work.numpy().reshape(-1)
+    codec = codecs.for_bucket(state, job.buffer)
+    # The numba codec works on float32 host memory: a float32 CPU bucket in place, anything else
+    # (fp16/bf16, CUDA) through a float32 host copy.  The torch codec works on the bucket's
+    # device: a float32 bucket in place, fp16/bf16 through a float32 copy on the same device.
+    work, in_place = codec.work_copy(job.buffer)
+    values = codec.array(work.reshape(-1))
     if state.resolved_collective(world_size) == "allgather":
-        _allgather_mean(state, job, values, group, rank, world_size, device)
+        _allgather_mean(state, codec, job, values, group, rank, world_size, device)
     else:
-        _scatter_reduce_mean(state, job, values, group, rank, world_size, device)
+        _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device)
     if not in_place:
         job.buffer.copy_(work.view(job.buffer.shape))
     return job.buffer
@@ -221,65 +220,54 @@ def _layout_fingerprint(job: _BucketJob, count: int) -> int:
     return fingerprint(f"{job.index}:{count}:{job.layout}")
 
 
-def _encode(state: ThreeLCState, values: np.ndarray, residual, backup, segments) -> np.ndarray:
-    """Compress with error feedback; send the raw values instead if they are smaller."""
-    options = state.codec_options()
-    if state.scale == "bucket":
-        segments = None
-    with CODEC_LOCK:
-        payload = threelc.compress(values, residual=residual, segments=segments, nonfinite="flag", **options)
-    if payload.size > payload_format.HEADER_SIZE + 4 * values.size:
-        # Only tiny inputs get here.  Raw values carry v = x + residual exactly: nothing is left
-        # to feed back.  (A non-finite payload is a bare header and never takes this branch.)
-        sent = values if residual is None else values + backup
-        payload = threelc.compress_raw(np.ascontiguousarray(sent, dtype=np.float32))
-        if residual is not None:
-            residual[...] = 0.0
-    return payload
+def _residual_entry(state, codec, job, count, world_size, server_range=None):
+    """The bucket's residual entry on the codec's device, or None without error feedback."""
+    if not state.error_feedback:
+        return None
+    return state.residual_for(job.index, job.layout, count, server_range, job.names, world_size,
+                              device=codec.device)
 
 
-def _any_nonfinite(payloads) -> bool:
-    return any(threelc.payload_info(payload).nonfinite for payload in payloads)
-
-
-def _allgather_mean(state, job, values, group, rank, world_size, device) -> None:
+def _allgather_mean(state, codec, job, values, group, rank, world_size, device) -> None:
     """Each rank sends its compressed bucket to all others; all decode the N payloads."""
     stats = state._stats
-    count = values.size
-    entry = (state.residual_for(job.index, job.layout, count, names=job.names, world_size=world_size)
-             if state.error_feedback else None)
+    count = codec.numel(values)
+    entry = _residual_entry(state, codec, job, count, world_size)
     residual = backup = None
     if entry is not None:
-        residual, backup = entry.worker, entry.worker_backup
-        np.copyto(backup, residual)
+        residual, backup = codec.array(entry.worker), codec.array(entry.worker_backup)
+        codec.copy(backup, residual)
     with stats.timer("compress_s"):
-        payload = _encode(state, values, residual, backup, job.layout)
-    header = collectives.exchange_header([_layout_fingerprint(job, count), payload.size], group, device, stats)
+        payload = codec.compress(values, residual, backup, job.layout)
+    header = collectives.exchange_header([_layout_fingerprint(job, count), codec.nbytes(payload)], group, device,
+                                         stats)
     _check_layouts(header[:, 0], job.index)
     payloads = collectives.allgather_payload(payload, header[:, 1], group, device, stats)
-    with stats.timer("decompress_s"), CODEC_LOCK:
+    with stats.timer("decompress_s"), codec.lock():
         # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
-        threelc.decompress(payloads[0], out=values)
+        codec.decompress(payloads[0], values)
         for rank_payload in payloads[1:]:
-            threelc.decompress_add(rank_payload, values)
-        np.divide(values, np.float32(world_size), out=values)
-    if _any_nonfinite(payloads):
-        values[...] = np.nan
+            codec.decompress_add(rank_payload, values)
+        codec.divide(values, world_size)
+    if codec.any_nonfinite(payloads):
+        values[...] = float("nan")
         if residual is not None:
-            np.copyto(residual, backup)
+            codec.copy(residual, backup)
 
 
-def _scatter_reduce_mean(state, job, values, group, rank, world_size, device) -> None:
+def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device) -> None:
     """Shard j of every rank goes to rank j, which averages, recompresses and shares it."""
     stats = state._stats
-    count = values.size
+    count = codec.numel(values)
     bounds = collectives.shard_bounds(count, world_size)
     own_start, own_stop = int(bounds[rank]), int(bounds[rank + 1])
-    entry = (state.residual_for(job.index, job.layout, count, (own_start, own_stop), job.names, world_size)
-             if state.error_feedback else None)
+    entry = _residual_entry(state, codec, job, count, world_size, (own_start, own_stop))
+    worker = worker_backup = server = server_backup = None
     if entry is not None:
-        np.copyto(entry.worker_backup, entry.worker)
-        np.copyto(entry.server_backup, entry.server)
+        worker, worker_backup = codec.array(entry.worker), codec.array(entry.worker_backup)
+        server, server_backup = codec.array(entry.server), codec.array(entry.server_backup)
+        codec.copy(worker_backup, worker)
+        codec.copy(server_backup, server)
     shard_segments = [collectives.segments_in_range(job.layout, int(bounds[j]), int(bounds[j + 1]))
                       for j in range(world_size)]
 
@@ -288,37 +276,35 @@ def _scatter_reduce_mean(state, job, values, group, rank, world_size, device) ->
     with stats.timer("compress_s"):
         for j in range(world_size):
             shard = slice(int(bounds[j]), int(bounds[j + 1]))
-            residual = None if entry is None else entry.worker[shard]
-            backup = None if entry is None else entry.worker_backup[shard]
-            shard_payloads.append(_encode(state, values[shard], residual, backup, shard_segments[j]))
-    header = collectives.exchange_header([_layout_fingerprint(job, count), *(p.size for p in shard_payloads)],
+            residual = None if worker is None else worker[shard]
+            backup = None if worker is None else worker_backup[shard]
+            shard_payloads.append(codec.compress(values[shard], residual, backup, shard_segments[j]))
+    header = collectives.exchange_header([_layout_fingerprint(job, count), *map(codec.nbytes, shard_payloads)],
                                          group, device, stats)
     _check_layouts(header[:, 0], job.index)
     receive_sizes = header[:, 1 + rank].copy()
     receive_sizes[rank] = 0
-    empty = np.zeros(0, np.uint8)
+    empty = shard_payloads[rank][:0]
     outgoing = [empty if j == rank else shard_payloads[j] for j in range(world_size)]
     received = collectives.exchange_payloads(outgoing, receive_sizes, group, device, stats)
     received[rank] = shard_payloads[rank]
 
     # This rank's shard: average in rank order, add the server residual, compress again.
-    shard_mean = np.zeros(own_stop - own_start, dtype=np.float32)
-    with stats.timer("decompress_s"), CODEC_LOCK:
+    shard_mean = codec.zeros(own_stop - own_start)
+    with stats.timer("decompress_s"), codec.lock():
         for rank_payload in received:
-            threelc.decompress_add(rank_payload, shard_mean)
-        np.divide(shard_mean, np.float32(world_size), out=shard_mean)
+            codec.decompress_add(rank_payload, shard_mean)
+        codec.divide(shard_mean, world_size)
     with stats.timer("compress_s"):
-        server = None if entry is None else entry.server
-        server_backup = None if entry is None else entry.server_backup
-        mean_payload = _encode(state, shard_mean, server, server_backup, shard_segments[rank])
+        mean_payload = codec.compress(shard_mean, server, server_backup, shard_segments[rank])
 
     # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
     mean_payloads = collectives.allgather_payload(mean_payload, None, group, device, stats)
-    with stats.timer("decompress_s"), CODEC_LOCK:
+    with stats.timer("decompress_s"), codec.lock():
         for j, shard_payload in enumerate(mean_payloads):
-            threelc.decompress(shard_payload, out=values[int(bounds[j]):int(bounds[j + 1])])
-    if _any_nonfinite(mean_payloads):
-        values[...] = np.nan
+            codec.decompress(shard_payload, values[int(bounds[j]):int(bounds[j + 1])])
+    if codec.any_nonfinite(mean_payloads):
+        values[...] = float("nan")
         if entry is not None:
-            np.copyto(entry.worker, entry.worker_backup)
-            np.copyto(entry.server, entry.server_backup)
+            codec.copy(worker, worker_backup)
+            codec.copy(server, server_backup)

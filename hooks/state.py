@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from threelc import format as payload_format
 
+from .codecs import CODECS
 from .stats import HookStats
 from .worker import BucketWorker
 
@@ -35,11 +36,15 @@ class _BucketResidual:
     """Error-feedback memory of one bucket: the worker residual and, for scatter-reduce, the
     server residual of the shard this rank owns (``server_start`` is its offset in the bucket).
     ``layout`` is the tuple of parameter sizes the residuals were made for, and ``names`` the
-    parameters' names when the state knows them (see :meth:`ThreeLCState.bind_parameters`)."""
+    parameters' names when the state knows them (see :meth:`ThreeLCState.bind_parameters`).
+
+    The residuals are float32 torch tensors on the device of the codec that uses them: host
+    memory for the numba codec (which works on ``Tensor.numpy()`` views of them, sharing the
+    memory), the bucket's device for the torch codec."""
 
     __slots__ = ("layout", "names", "worker", "server", "server_start", "worker_backup", "server_backup")
 
-    def __init__(self, layout: tuple, worker: np.ndarray, server: np.ndarray | None = None,
+    def __init__(self, layout: tuple, worker: torch.Tensor, server: torch.Tensor | None = None,
                  server_start: int = 0, names: tuple | None = None):
         self.layout = layout
         self.names = names
@@ -48,8 +53,20 @@ class _BucketResidual:
         self.server_start = server_start
         # Copies taken before each compressed step, to roll back a step whose result is
         # non-finite (AMP skips it, so what it "sent" never reached the model).
-        self.worker_backup = np.empty_like(worker)
-        self.server_backup = None if server is None else np.empty_like(server)
+        self.worker_backup = torch.empty_like(worker)
+        self.server_backup = None if server is None else torch.empty_like(server)
+
+    @property
+    def device(self) -> torch.device:
+        return self.worker.device
+
+    def to(self, device: torch.device) -> None:
+        """Move the residuals (and their backups) to ``device``, in place."""
+        self.worker = self.worker.to(device)
+        self.worker_backup = torch.empty_like(self.worker)
+        if self.server is not None:
+            self.server = self.server.to(device)
+            self.server_backup = torch.empty_like(self.server)
 
     def fold_server(self, world_size: int) -> None:
         """Move the server residual into the worker residual, keeping what is owed unchanged.
@@ -59,8 +76,9 @@ class _BucketResidual:
         this rank owns changes (a new bucket layout, a new world size).
         """
         if self.server is not None:
-            stop = self.server_start + self.server.size
-            self.worker[self.server_start:stop] += np.float32(world_size) * self.server
+            stop = self.server_start + self.server.numel()
+            # float32 arithmetic, as numpy's float32 scalar times a float32 array.
+            self.worker[self.server_start:stop] += self.server.to(self.worker.device) * float(np.float32(world_size))
         self.server = self.server_backup = None
 
 
@@ -122,6 +140,16 @@ class ThreeLCState:
         divided by torchrun's ``LOCAL_WORLD_SIZE`` (at least 1): every worker's kernels would
         otherwise use every core, and 4 workers on 2 cores ran 3LC steps 13x slower.  A
         per-process setting, so ranks may differ (it is not part of the configuration check).
+    codec : {"auto", "numba", "torch"}, default "auto"
+        Which implementation of the codec runs.  ``"numba"``: the numba kernels on host memory
+        (a CUDA bucket goes through a float32 host copy, and payloads through host memory).
+        ``"torch"``: the vectorized torch codec on the bucket's device; values, residuals,
+        payloads and (with a CUDA-capable backend such as NCCL) the collectives stay there.
+        ``"auto"`` picks ``"torch"`` for CUDA buckets and ``"numba"`` otherwise (on CPU the numba
+        kernels are faster).  Both produce the same bytes and bitwise the same results, so this is
+        a per-process setting like ``codec_threads``: ranks may differ, and it is not part of the
+        configuration check.  Forcing ``"torch"`` on CPU is what the tests use to run the device
+        path with gloo.
 
     Residuals live in the state, per bucket; :meth:`bind_parameters` (called by
     :func:`~threelc.hooks.register`) lets them follow parameters across DDP's bucket rebuilds.
@@ -151,6 +179,7 @@ class ThreeLCState:
         error_feedback: bool = True,
         stats_dir: str | None = None,
         codec_threads: int | None = None,
+        codec: str = "auto",
     ):
         # Hyperparameters.
         sparsity32 = np.float32(sparsity) if isinstance(sparsity, (int, float, np.floating)) else None
@@ -179,6 +208,9 @@ class ThreeLCState:
             codec_threads = default_codec_threads()
         if not _is_int(codec_threads) or codec_threads < 1:
             raise ValueError(f"codec_threads must be a positive integer or None, got {codec_threads!r}")
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS} ('auto': the torch codec for CUDA buckets, the numba "
+                             f"codec otherwise), got {codec!r}")
 
         self.process_group = process_group
         self.sparsity = float(sparsity32)
@@ -190,6 +222,7 @@ class ThreeLCState:
         self.error_feedback = error_feedback
         self.stats_dir = os.fspath(stats_dir) if stats_dir is not None else None
         self.codec_threads = int(codec_threads)
+        self.codec = codec
 
         # Internal state.
         #: Iterations completed (advanced when DDP hands over the last bucket of an iteration).
@@ -264,56 +297,62 @@ class ThreeLCState:
         return names + ((f"<padding of bucket {index}>",) if padding > 0 else ())
 
     def residual_for(self, index: int, layout: tuple, count: int, server_range: tuple | None = None,
-                     names: tuple | None = None, world_size: int = 1) -> _BucketResidual:
+                     names: tuple | None = None, world_size: int = 1, device=None) -> _BucketResidual:
         """The bucket's residuals, created on first use or when its layout changed.
 
         ``server_range`` is the ``(start, stop)`` of the shard this rank owns (scatter-reduce).
+        ``device`` is where the codec wants them (default: host memory); an entry elsewhere (a
+        loaded checkpoint, another codec) is moved there.
         """
+        device = torch.device("cpu") if device is None else torch.device(device)
         entry = self._residuals.get(index)
         if (entry is None or entry.layout != layout
                 or (names is not None and (entry.names != names or not self._holds_latest(entry)))):
             if names is not None:
-                entry = self._migrated(layout, count, names, world_size)
+                entry = self._migrated(layout, count, names, world_size, device)
             else:
-                entry = self._unparked(index, entry, layout, count)
+                entry = self._unparked(index, entry, layout, count, device)
             self._residuals[index] = entry
+        if entry.device != device:
+            entry.to(device)
         if server_range is not None:
             start, stop = server_range
-            if entry.server is None or entry.server_start != start or entry.server.size != stop - start:
+            if entry.server is None or entry.server_start != start or entry.server.numel() != stop - start:
                 entry.fold_server(world_size)
-                entry.server = np.zeros(stop - start, dtype=np.float32)
+                entry.server = torch.zeros(stop - start, dtype=torch.float32, device=device)
                 entry.server_start = start
-                entry.server_backup = np.empty_like(entry.server)
+                entry.server_backup = torch.empty_like(entry.server)
         return entry
 
     def _holds_latest(self, entry: _BucketResidual) -> bool:
         """Whether no other entry took over one of this entry's parameters since."""
         return all(self._by_name.get(name, (None,))[0] is entry for name in entry.names)
 
-    def _migrated(self, layout: tuple, count: int, names: tuple, world_size: int) -> _BucketResidual:
+    def _migrated(self, layout: tuple, count: int, names: tuple, world_size: int,
+                  device: torch.device) -> _BucketResidual:
         """A new entry whose parameters bring their residuals from the entries that held them."""
-        entry = _BucketResidual(layout, np.zeros(count, dtype=np.float32), names=names)
+        entry = _BucketResidual(layout, torch.zeros(count, dtype=torch.float32, device=device), names=names)
         offset = 0
         for name, size in zip(names, layout):
             source = self._by_name.get(name)
             if source is not None and source[2] == size:
                 source_entry, source_offset, _ = source
                 source_entry.fold_server(world_size)
-                entry.worker[offset:offset + size] = source_entry.worker[source_offset:source_offset + size]
+                entry.worker[offset:offset + size] = source_entry.worker[source_offset:source_offset + size].to(device)
             self._by_name[name] = (entry, offset, size)
             offset += size
         return entry
 
-    def _unparked(self, index: int, entry, layout: tuple, count: int) -> _BucketResidual:
+    def _unparked(self, index: int, entry, layout: tuple, count: int, device: torch.device) -> _BucketResidual:
         """Without names: zero residuals for a new layout; the old ones wait for its return."""
         parked = self._parked.pop(index, None)
         if entry is not None:
             logger.info("threelc: bucket %d changed layout (%d -> %d values); its residuals are set aside",
-                        index, entry.worker.size, count)
+                        index, entry.worker.numel(), count)
             self._parked[index] = entry
         if parked is not None and parked.layout == layout:
             return parked
-        return _BucketResidual(layout, np.zeros(count, dtype=np.float32))
+        return _BucketResidual(layout, torch.zeros(count, dtype=torch.float32, device=device))
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict:
@@ -383,10 +422,11 @@ class ThreeLCState:
     def __getstate__(self) -> dict:
         # The process group, the worker thread and its lock cannot be pickled; like PyTorch's
         # PowerSGDState, a pickled state uses the default group once unpickled.
-        return {"config": self.config(), "state": self.state_dict()}
+        return {"config": self.config(), "state": self.state_dict(),
+                "process": {"codec": self.codec}}
 
     def __setstate__(self, pickled: dict) -> None:
-        self.__init__(process_group=None, **pickled["config"])
+        self.__init__(process_group=None, **pickled["config"], **pickled.get("process", {}))
         self.load_state_dict(pickled["state"])
 
 
@@ -397,25 +437,31 @@ def _is_int(value) -> bool:
 def _export(entries: dict) -> dict:
     return {index: {"layout": list(entry.layout),
                     "names": None if entry.names is None else list(entry.names),
-                    "worker": torch.from_numpy(entry.worker.copy()),
-                    "server": None if entry.server is None else torch.from_numpy(entry.server.copy()),
+                    "worker": _cpu_copy(entry.worker),
+                    "server": None if entry.server is None else _cpu_copy(entry.server),
                     "server_start": entry.server_start}
             for index, entry in entries.items()}
 
 
 def _import(saved: dict) -> dict:
     return {int(index): _BucketResidual(tuple(int(size) for size in entry["layout"]),
-                                        _float32_array(entry["worker"]),
-                                        None if entry["server"] is None else _float32_array(entry["server"]),
+                                        _float32_tensor(entry["worker"]),
+                                        None if entry["server"] is None else _float32_tensor(entry["server"]),
                                         int(entry.get("server_start", 0)),
                                         None if entry.get("names") is None else tuple(entry["names"]))
             for index, entry in saved.items()}
 
 
-def _float32_array(value) -> np.ndarray:
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU float32 copy that shares no memory with the residual."""
+    return tensor.detach().to("cpu", copy=True).reshape(-1)
+
+
+def _float32_tensor(value) -> torch.Tensor:
+    """A loaded residual as a fresh CPU float32 tensor (moved to its codec's device on first use)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
-    return np.array(value, dtype=np.float32, copy=True).reshape(-1)
+    return torch.from_numpy(np.array(value, dtype=np.float32, copy=True).reshape(-1))
 
 
 def default_codec_threads() -> int:

@@ -141,7 +141,7 @@ def _feedback_drift(rank, world_size, collective, error_feedback, steps=60):
         return float(np.abs(gap).max()), None
     entry = state._residuals[0]
     residuals = [None] * world_size
-    dist.all_gather_object(residuals, (entry.worker, entry.server))
+    dist.all_gather_object(residuals, (entry.worker.numpy(), None if entry.server is None else entry.server.numpy()))
     owed = np.mean([worker.astype(np.float64) for worker, _ in residuals], axis=0)
     if collective == "scatter_reduce":
         owed += np.concatenate([server for _, server in residuals])

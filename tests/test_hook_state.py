@@ -73,8 +73,8 @@ def test_named_residuals_follow_parameters_across_layouts_and_checkpoints():
     names_a = state.parameter_names([bias1, weight1], 0, 0)
     names_b = state.parameter_names([bias0, weight0], 1, 0)
     assert names_a == ("1.bias", "1.weight")
-    state.residual_for(0, (1, 3), 4, names=names_a).worker[:] = [1, 2, 3, 4]
-    state.residual_for(1, (3, 6), 9, names=names_b).worker[:] = np.arange(10, 19)
+    state.residual_for(0, (1, 3), 4, names=names_a).worker[:] = torch.tensor([1.0, 2, 3, 4])
+    state.residual_for(1, (3, 6), 9, names=names_b).worker[:] = torch.arange(10, 19)
     saved = state.state_dict()
 
     # A fresh process: DDP's first iteration has one bucket in registration order.
@@ -107,7 +107,7 @@ def test_server_residual_folds_into_the_worker_residual_when_the_shard_moves():
 def test_state_dict_round_trip_and_pickle_drops_the_process_group():
     state = ThreeLCState(process_group=object(), sparsity=1.25, collective="scatter_reduce")
     entry = state.residual_for(2, (5, 5), 10, (5, 10))
-    entry.worker[:] = np.arange(10)
+    entry.worker[:] = torch.arange(10)
     entry.server[:] = -1.0
     state.iteration = 17
     saved = state.state_dict()

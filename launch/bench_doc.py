@@ -22,6 +22,8 @@ import logging
 import math
 from pathlib import Path
 
+from .report import format_bytes
+
 __all__ = ["Analysis", "analyze", "check_targets", "headline_text", "write_doc", "plot_bench"]
 
 logger = logging.getLogger(__name__)
@@ -196,15 +198,6 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:,.0f} ms" if seconds >= 0.1 else f"{seconds * 1e3:.1f} ms"
 
 
-def _bytes(value) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
 def _times(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}x"
 
@@ -266,9 +259,9 @@ def example_tables(analysis: Analysis) -> str:
         else:
             delta = f"{final - fp32_final:+.3f}"
         overhead = analysis.value(byte_rate, hook, "wire_overhead")
-        rows.append([hook, _bytes(analysis.value(byte_rate, hook, "wire_tx_per_step_node")),
+        rows.append([hook, format_bytes(analysis.value(byte_rate, hook, "wire_tx_per_step_node")),
                      _times(analysis.byte_ratio(byte_rate, hook)),
-                     _bytes(analysis.value(byte_rate, hook, "hook_bytes_per_step")),
+                     format_bytes(analysis.value(byte_rate, hook, "hook_bytes_per_step")),
                      "-" if overhead is None else f"{overhead:+.1%}",
                      _metric(analysis, final), delta]
                     + [_time_to_target(analysis, rate, hook) for rate in analysis.rates])
@@ -302,7 +295,7 @@ def profile_table(analysis: Analysis, rate: str) -> str:
             continue
         profile = row.get("profile") or {}
         wire = row.get("wire_tx_per_step_node")
-        rows.append([hook, _ms(row.get("median_step_s")), _ms(analysis.floor), _bytes(wire),
+        rows.append([hook, _ms(row.get("median_step_s")), _ms(analysis.floor), format_bytes(wire),
                      _ms(wire * 8 / bits) if (wire and bits) else "-",
                      _ms(profile.get("compress_s")), _ms(profile.get("decompress_s")), _ms(profile.get("comm_s"))])
     return _table(header, rows)
@@ -312,11 +305,11 @@ def scaling_table(rows: list[dict]) -> str:
     """Markdown: measured wire bytes per node against the byte model, per N and collective."""
     body = []
     for row in rows:
-        payload = _bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
+        payload = format_bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
         body.append([str(row["nodes"]), row["hook"], payload,
-                     _bytes(row.get("model_bytes")), _bytes(row.get("hook_bytes_per_step")),
+                     format_bytes(row.get("model_bytes")), format_bytes(row.get("hook_bytes_per_step")),
                      "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",
-                     _bytes(row.get("wire_tx_per_step_node")),
+                     format_bytes(row.get("wire_tx_per_step_node")),
                      "-" if row.get("measured_over_model") is None else f"{row['measured_over_model']:.2f}",
                      row.get("error") or ""])
     return _table(["N", "hook", "C (one rank's payload)", "model B/step/node", "hook's count", "hook / model",
@@ -410,8 +403,8 @@ def headline_text(results: dict) -> str:
     for rate in analysis.rates:
         step, fp32 = analysis.value(rate, hook, "median_step_s"), analysis.value(rate, "allreduce", "median_step_s")
         lines.append(f"  {rate:>9}: step {_ms(step)} vs {_ms(fp32)} ({_times(analysis.speedup(rate, hook))} faster), "
-                     f"wire {_bytes(analysis.value(rate, hook, 'wire_tx_per_step_node'))} vs "
-                     f"{_bytes(analysis.value(rate, 'allreduce', 'wire_tx_per_step_node'))} per step per node "
+                     f"wire {format_bytes(analysis.value(rate, hook, 'wire_tx_per_step_node'))} vs "
+                     f"{format_bytes(analysis.value(rate, 'allreduce', 'wire_tx_per_step_node'))} per step per node "
                      f"({_times(analysis.byte_ratio(rate, hook))} fewer)")
     lines.append(f"  final {analysis.metric}: {_metric(analysis, analysis.value(UNSHAPED, hook, 'final_eval'))} vs "
                  f"{_metric(analysis, analysis.value(UNSHAPED, 'allreduce', 'final_eval'))}")
@@ -477,7 +470,7 @@ def write_doc(results: dict, doc: Path) -> Path:
         if even:
             parts += ["", f"Switch-off rule (documented, not automatic: the hook itself compresses every bucket of at "
                       f"least `min_numel` values after warm-up): `{hook}` spends {_ms(even[0])} per step in its codec, "
-                      f"as long as fp32 allreduce's {_bytes(analysis.value(UNSHAPED, 'allreduce', 'wire_tx_per_step_node'))} "
+                      f"as long as fp32 allreduce's {format_bytes(analysis.value(UNSHAPED, 'allreduce', 'wire_tx_per_step_node'))} "
                       f"per step per node need on a {even[1] / 1e9:.2f} Gbit/s link.  Compress on slower links; on "
                       f"faster ones plain allreduce is the better choice for this model on these cores."]
         others = [other for other in analysis.hooks if other.startswith("threelc") and other != hook]

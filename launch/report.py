@@ -22,12 +22,13 @@ from pathlib import Path
 from .runlog import Run, load_run
 from .summary import cumulative_sent_by_step, summarize
 
-__all__ = ["add_arguments", "run", "format_table", "plot_runs", "write_report"]
+__all__ = ["add_arguments", "run", "format_table", "format_bytes", "plot_runs", "write_report"]
 
 logger = logging.getLogger(__name__)
 
 
-def _bytes(value) -> str:
+def format_bytes(value) -> str:
+    """Bytes with a decimal unit (GB, MB, kB, B); "-" for None."""
     if value is None:
         return "-"
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -43,8 +44,8 @@ def format_table(rows: list[dict]) -> str:
         ("hook", lambda r: r["hook"] or "-"),
         ("settings", lambda r: r["settings"] or "-"),
         ("workers", lambda r: str(r["world_size"])),
-        ("hook B/step", lambda r: _bytes(r["hook_bytes_per_step"])),
-        ("wire B/step", lambda r: _bytes(r["wire_bytes_per_step"])),
+        ("hook B/step", lambda r: format_bytes(r["hook_bytes_per_step"])),
+        ("wire B/step", lambda r: format_bytes(r["wire_bytes_per_step"])),
         ("ratio", lambda r: "-" if r["ratio_vs_fp32"] is None else f"{r['ratio_vs_fp32']:.1f}x"),
         ("median step", lambda r: "-" if r["median_step_s"] is None else f"{r['median_step_s'] * 1e3:.1f} ms"),
         ("final", lambda r: "-" if r["final_eval"] is None else

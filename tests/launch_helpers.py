@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
-__all__ = ["torchrun", "hook_available", "TINY_DIGITS"]
+__all__ = ["torchrun", "hook_available", "require_emulation", "TINY_DIGITS"]
+
+#: .ci/run sets this: in CI (root) the emulated cluster must run, so a missing requirement fails.
+REQUIRE_EMULATION = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
 
 #: A digits run small enough for a test: ~3.5k parameters, eval twice.
 TINY_DIGITS = ["--width", "4", "--batch-size", "16", "--eval-every", "5", "--no-progress"]
@@ -35,3 +38,17 @@ def hook_available() -> bool:
         return hasattr(importlib.import_module("threelc.hooks"), "register")
     except ImportError:
         return False
+
+
+def require_emulation() -> None:
+    """Skip the calling test where the emulated cluster cannot run, or fail if CI requires it."""
+    import pytest
+
+    from threelc.launch import netns
+
+    try:
+        netns.check_requirements()
+    except netns.EmulationUnavailable as error:
+        if REQUIRE_EMULATION:
+            pytest.fail(f"THREELC_REQUIRE_EMULATION=1 but the emulated cluster cannot run: {error}")
+        pytest.skip(str(error))

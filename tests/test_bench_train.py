@@ -7,17 +7,14 @@ except where the environment sets ``THREELC_REQUIRE_EMULATION=1`` (CI does): the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from launch_helpers import hook_available
-from threelc.launch import bench_doc, netns
+from launch_helpers import hook_available, require_emulation
+from threelc.launch import bench_doc
 from threelc.launch.bench_train import EXAMPLES, FULL_HOOKS, QUICK_HOOKS, parse_hook, plan_cells
-
-REQUIRED = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
 
 
 def test_parse_hook_names():
@@ -90,19 +87,10 @@ def test_doc_written_from_results(tmp_path):
         assert (tmp_path / "docs" / "bench" / name).stat().st_size > 3_000
 
 
-def _require_emulation():
-    try:
-        netns.check_requirements()
-    except netns.EmulationUnavailable as error:
-        if REQUIRED:
-            pytest.fail(f"THREELC_REQUIRE_EMULATION=1 but the emulated cluster cannot run: {error}")
-        pytest.skip(str(error))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_bench_train_end_to_end_tiny(tmp_path):
-    _require_emulation()
+    require_emulation()
     out, doc = tmp_path / "run", tmp_path / "docs" / "benchmarks.md"
     command = [sys.executable, "-m", "threelc.cli", "bench", "train", "--examples", "digits", "--rates", "none",
                "--hooks", "allreduce", "threelc-s1.0", "--nodes", "2", "--steps", "12", "--warmup-steps", "2",

@@ -15,20 +15,9 @@ import time
 
 import pytest
 
-from launch_helpers import hook_available
+from launch_helpers import hook_available, require_emulation
 from threelc.launch import netns
 from threelc.launch.wirebytes import node_traffic, steady_window
-
-REQUIRED = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
-
-
-def _require_emulation():
-    try:
-        netns.check_requirements()
-    except netns.EmulationUnavailable as error:
-        if REQUIRED:
-            pytest.fail(f"THREELC_REQUIRE_EMULATION=1 but the emulated cluster cannot run: {error}")
-        pytest.skip(str(error))
 
 
 def _emulate(tmp_path, name, script_args, *, nodes=2, rate="100mbit", timeout=180, extra=()):
@@ -81,7 +70,7 @@ def test_steady_window_and_overhead_arithmetic():
 
 
 def test_cluster_links_are_shaped_and_removed():
-    _require_emulation()
+    require_emulation()
     with netns.EmulatedCluster(2, rate="50mbit") as cluster:
         assert set(_ours(os.getpid())) == {cluster.switch, cluster.node_namespace(0), cluster.node_namespace(1)}
         qdiscs = subprocess.run(["tc", "-n", cluster.node_namespace(0), "qdisc", "show", "dev", "eth0"],
@@ -111,7 +100,7 @@ def test_cluster_links_are_shaped_and_removed():
 
 @pytest.mark.slow
 def test_failing_job_leaves_no_namespaces(tmp_path):
-    _require_emulation()
+    require_emulation()
     script = tmp_path / "fail.py"
     script.write_text("import sys\nsys.exit(3)\n")
     process = subprocess.Popen([sys.executable, "-m", "threelc.cli", "emulate", "--nodes", "2", "--out",
@@ -139,7 +128,7 @@ def _running(marker: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigint", "timeout"])
 def test_interrupted_job_leaves_no_namespaces_or_processes(tmp_path, how):
-    _require_emulation()
+    require_emulation()
     script = tmp_path / "sleep.py"
     script.write_text("import time\ntime.sleep(120)\n")
     extra = ["--timeout", "8"] if how == "timeout" else []
@@ -163,7 +152,7 @@ def test_interrupted_job_leaves_no_namespaces_or_processes(tmp_path, how):
 @pytest.mark.slow
 @pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_path):
-    _require_emulation()
+    require_emulation()
     common = ["-m", "threelc.launch.train_digits", "--width", "16", "--steps", "12", "--warmup-steps", "3",
               "--eval-every", "12", "--no-progress"]
     steady = {}

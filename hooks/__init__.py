@@ -10,7 +10,8 @@ Layout: :mod:`.state` (options, residuals, checkpointing), :mod:`.hook` (the hoo
 per-bucket algorithm), :mod:`.collectives` (size headers and uneven payload exchange),
 :mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.stats` (per-rank
 statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
-:mod:`.device_codec` is the torch codec for device buffers (its own issue).
+:mod:`.codecs` (the numba and torch codec adapters the algorithm is written against),
+:mod:`.device_codec` (the torch codec: the numba codec's bytes, on any device).
 """
 
 from .hook import register, threelc_hook

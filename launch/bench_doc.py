@@ -483,7 +483,7 @@ def write_doc(results: dict, doc: Path) -> Path:
                     table[index].append(f"{_measured(row)} ({_met(row['met']).strip('*')})")
             parts.append(_table(header, table))
         if any(row["met"] is False for row in targets):
-            parts += ["", f"### Where the time goes (missed targets)", "",
+            parts += ["", "### Where the time goes (missed targets)", "",
                       "Rank 0's medians over steady steps.  *bytes / link rate* is the least time the link needs for "
                       "one step's bytes; the hook columns are the threelc hook's own statistics (compress and "
                       "decompress run on its worker thread while backward continues; *in collectives* includes waiting "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import logging
 import os
 import platform
@@ -182,7 +183,7 @@ def train(args, task: Task) -> dict:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     _init_process_group()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    handle = None
+    handle = model = ddp_model = optimizer = batches = None
     try:
         if args.run_dir:  # every node writes its own ranks' stats, so every rank makes the folder
             os.makedirs(args.run_dir, exist_ok=True)
@@ -237,6 +238,12 @@ def train(args, task: Task) -> dict:
     finally:
         if handle is not None:
             handle.close()
+        # DDP's reducer and the hooks keep the process group (and gloo's worker threads) alive
+        # past destroy_process_group(); left to interpreter shutdown, the gloo threads were
+        # torn down unjoined now and then ("terminate called without an active exception",
+        # SIGABRT after a successful run).  Drop them first, while the interpreter is whole.
+        model = ddp_model = optimizer = handle = batches = None
+        gc.collect()
         dist.destroy_process_group()
 
 

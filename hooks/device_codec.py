@@ -49,7 +49,7 @@ import torch
 from threelc import format as fmt
 # The device codec takes the same arguments as the numba codec and must reject them with the
 # same messages, so it shares the codec's argument checks instead of copying them.
-from threelc.codec import NonFiniteError, _check_sparsity, _segment_sizes, _units
+from threelc.codec import NonFiniteError, check_segments, check_sparsity
 
 __all__ = [
     "compress_tensor",
@@ -108,7 +108,7 @@ class _Plan:
 def _plan(count: int, segments: tuple, block: int, chunk: int, device: torch.device) -> _Plan:
     """Build the layout's plan once (host numpy, then a few small copies to the device)."""
     segment_sizes = np.array(segments, dtype=np.int64)
-    unit_starts = _units(segment_sizes, block)
+    unit_starts = fmt.unit_starts(segment_sizes, block)
     unit_sizes = np.diff(unit_starts)
     # First level of the segmented max: pieces that lie inside one unit and one tile.
     tile_starts = np.arange(0, count, TILE, dtype=np.int64)
@@ -334,7 +334,7 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
     x = _check_float_tensor(x, "x")
     device = x.device
     count = x.numel()
-    sparsity32 = _check_sparsity(sparsity)
+    sparsity32 = check_sparsity(sparsity)
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
     chunk = _check_chunk(chunk)
@@ -345,7 +345,7 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
             raise ValueError(f"residual has {residual_flat.numel()} values, x has {count}")
         if residual_flat.device != device:
             raise ValueError(f"residual is on {residual_flat.device}, x is on {device}")
-    plan = _get_plan(count, _segment_sizes(segments, count), block, chunk, device)
+    plan = _get_plan(count, check_segments(segments, count), block, chunk, device)
 
     values = x + residual_flat if residual is not None else x
     if count == 0:

@@ -22,6 +22,8 @@ __all__ = [
     "decompress_add",
     "payload_info",
     "NonFiniteError",
+    "check_sparsity",
+    "check_segments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -31,23 +33,8 @@ class NonFiniteError(ValueError):
     """The input to :func:`compress` (plus its residual) holds NaN or Inf."""
 
 
-def _units(segment_sizes: np.ndarray, block: int) -> np.ndarray:
-    """Start offsets (int64, length units + 1) of the runs of values that share one scale."""
-    if block == 0:
-        sizes = segment_sizes
-    else:
-        per_segment = (segment_sizes + block - 1) // block
-        sizes = np.full(int(per_segment.sum()), block, dtype=np.int64)
-        # The last block of each segment holds the remainder.
-        last = np.cumsum(per_segment) - 1
-        has_blocks = per_segment > 0
-        sizes[last[has_blocks]] = segment_sizes[has_blocks] - (per_segment[has_blocks] - 1) * block
-    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    return starts
-
-
-def _segment_sizes(segments, count: int) -> np.ndarray:
+def check_segments(segments, count: int) -> np.ndarray:
+    """``segments`` (sizes; ``None`` = one segment) as int64, checked against ``count`` values."""
     if segments is None:
         return np.array([count], dtype=np.int64)
     sizes = np.asarray(segments)
@@ -61,7 +48,8 @@ def _segment_sizes(segments, count: int) -> np.ndarray:
     return sizes
 
 
-def _check_sparsity(sparsity) -> np.float32:
+def check_sparsity(sparsity) -> np.float32:
+    """``sparsity`` as the float32 the payload records, checked to be in [1, 2)."""
     sparsity32 = np.float32(sparsity)
     if not (np.isfinite(sparsity32) and 1.0 <= sparsity32 < 2.0):
         raise ValueError(f"sparsity must be in [1, 2) (as float32), got {sparsity!r}")
@@ -123,7 +111,7 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     """
     x = _as_flat_float32(x, "x")
     count = x.size
-    sparsity32 = _check_sparsity(sparsity)
+    sparsity32 = check_sparsity(sparsity)
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk <= 0 or chunk % 5 or chunk > fmt.MAX_CHUNK:
@@ -140,8 +128,8 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
             raise ValueError(f"residual has {residual_flat.size} values, x has {count}")
         if not residual_flat.flags.writeable:
             raise ValueError("residual must be writeable (it is updated in place)")
-    segment_sizes = _segment_sizes(segments, count)
-    unit_starts = _units(segment_sizes, int(block))
+    segment_sizes = check_segments(segments, count)
+    unit_starts = fmt.unit_starts(segment_sizes, int(block))
     n_chunks = fmt.chunk_count(count, chunk)
     scales = np.empty(len(unit_starts) - 1, dtype=np.float32)
     finite = kernels.compute_scales(x, residual_flat, residual is not None, unit_starts, float(sparsity32),
@@ -202,7 +190,7 @@ def _decode_into(payload, out, accumulate: bool) -> np.ndarray:
         else:
             flat[...] = values
         return out
-    unit_starts = _units(layout.segment_sizes, header.block)
+    unit_starts = fmt.unit_starts(layout.segment_sizes, header.block)
     bad_chunk = kernels.decode_chunks(layout.body, layout.chunk_offsets, header.chunk, header.count,
                                       unit_starts, layout.scales, flat, accumulate)
     if bad_chunk >= 0:

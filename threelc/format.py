@@ -49,6 +49,7 @@ __all__ = [
     "parse",
     "pack_header",
     "scale_count",
+    "unit_starts",
     "chunk_count",
 ]
 
@@ -110,6 +111,22 @@ def scale_count(segment_sizes: np.ndarray, block: int) -> int:
     if block == 0:
         return int(len(segment_sizes))
     return int(np.sum((np.asarray(segment_sizes, dtype=np.int64) + block - 1) // block))
+
+
+def unit_starts(segment_sizes: np.ndarray, block: int) -> np.ndarray:
+    """Start offsets (int64, length units + 1) of the units: the runs of values that share one scale."""
+    if block == 0:
+        sizes = segment_sizes
+    else:
+        per_segment = (segment_sizes + block - 1) // block
+        sizes = np.full(int(per_segment.sum()), block, dtype=np.int64)
+        # The last block of each segment holds the remainder.
+        last = np.cumsum(per_segment) - 1
+        has_blocks = per_segment > 0
+        sizes[last[has_blocks]] = segment_sizes[has_blocks] - (per_segment[has_blocks] - 1) * block
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    return starts
 
 
 def chunk_count(count: int, chunk: int) -> int:

@@ -159,7 +159,7 @@ EXAMPLES = {
     "digits": Example("digits", "threelc.launch.train_digits", ("--width", "96"), "test_accuracy", True, 0.01,
                       steps=300, quick_steps=200, batch_size=8),
     "text": Example("text", "threelc.launch.train_text", ("--d-model", "128", "--layers", "2", "--context", "64"),
-                    "val_loss", False, 0.05, steps=120, quick_steps=60, batch_size=8),
+                    "val_loss", False, 0.05, steps=300, quick_steps=100, batch_size=8),
 }
 
 

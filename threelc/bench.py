@@ -91,6 +91,11 @@ def _general_compressors():
     return compressors
 
 
+#: 3LC in the comparison: (sparsity, block): one scale per tensor (the paper's) at both ends of
+#: s, and the DDP hook's default, one scale per 8192-value block.
+COMPARE_SETTINGS = ((1.0, None), (1.9, None), (1.0, 8192))
+
+
 def bench_compare(arrays: dict, repeats: int) -> list[dict]:
     """Ratio and single-thread GB/s of 3LC, fp16 and general compressors on the same arrays.
 
@@ -112,17 +117,18 @@ def bench_compare(arrays: dict, repeats: int) -> list[dict]:
             raw = x.tobytes()
             for label, function in _general_compressors().items():
                 add(f"{label} (float32)", len(function(raw)), _best_seconds(lambda: function(raw), repeats))
-            for sparsity in (1.0, 1.9):
+            for sparsity, block in COMPARE_SETTINGS:
                 residual = np.zeros_like(x)
-                payload = codec.compress(x, sparsity=sparsity, segments=segments)
-                seconds = _best_seconds(lambda: codec.compress(x, sparsity=sparsity, segments=segments,
+                payload = codec.compress(x, sparsity=sparsity, segments=segments, block=block)
+                seconds = _best_seconds(lambda: codec.compress(x, sparsity=sparsity, segments=segments, block=block,
                                                                residual=residual), repeats)
-                add(f"3LC s={sparsity}", payload.size, seconds)
+                label = f"3LC s={sparsity} " + ("tensor" if block is None else f"block{block}")
+                add(label, payload.size, seconds)
                 payload_bytes = payload.tobytes()
-                for label, function in _general_compressors().items():
+                for general, function in _general_compressors().items():
                     stacked = len(function(payload_bytes))
                     extra = _best_seconds(lambda: function(payload_bytes), repeats)
-                    add(f"3LC s={sparsity} + {label}", stacked, seconds + extra)
+                    add(f"{label} + {general}", stacked, seconds + extra)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     return rows

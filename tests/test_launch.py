@@ -102,6 +102,17 @@ def test_digits_with_threelc_hook_compresses_after_warmup(tmp_path):
     assert all(line["sent_bytes"] < raw / 10 for line in lines[3:])  # 3LC: >10x fewer bytes than fp32
 
 
+def test_text_optimizer_choice():
+    options = dict(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000)
+    model = TextTask(**options).build_model()
+    assert isinstance(TextTask(**options).build_optimizer(model.parameters()), torch.optim.AdamW)
+    sgd = TextTask(**options, optimizer="sgd").build_optimizer(model.parameters())  # its own default lr
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["lr"] == 0.15
+    assert TextTask(**options, optimizer="sgd").describe()["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
+        TextTask(**options, optimizer="adam")
+
+
 def test_text_corpus_split_is_fixed_and_model_learns_something(tmp_path):
     task = TextTask(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000, batch_size=4)
     assert TextTask(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000).corpus_sha256 == task.corpus_sha256

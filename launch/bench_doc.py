@@ -585,7 +585,8 @@ def write_doc(results: dict, doc: Path) -> Path:
         "- PowerSGD: PyTorch's hook with error feedback and warm start, its start iteration equal to 3LC's warm-up; "
         "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/comm.py).",
         f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}; every figure above, per run, in "
-        "`bench/bench.json` (`threelc bench train --from-json docs/bench/bench.json` re-renders this page).",
+        "`bench/bench.json` (`threelc bench train --from-json docs/bench/bench.json --doc docs/benchmarks.md` "
+        "re-renders this page).",
         "",
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 ::
 
     threelc bench train --quick                      # the headline subset, minutes
-    threelc bench train --examples digits --rates none 100mbit 10mbit --doc docs/benchmarks.md
+    threelc bench train --out runs/bench-full --doc docs/benchmarks.md   # the full matrix, ~45 min
 
 For every example, link rate and hook this runs one job under :func:`threelc.launch.emulate.emulate`
 (N network namespaces, tbf-shaped veth links, one torchrun node each) and reads the run folder
@@ -27,8 +27,10 @@ the warm-up steps at fp32 allreduce's step time on that link, the rest at the ho
 Then ``--scaling-nodes`` (default 2 4 8) runs a tiny model with fp32 allreduce and both 3LC
 collectives on N nodes, for wire bytes against the byte model ((N - 1) C and 2 (N - 1) / N C).
 
-Everything lands in ``--out`` (one folder per run, ``bench.json``), and ``--doc`` is rewritten
-from ``bench.json`` (``--from-json`` redoes only that step).
+Everything lands in ``--out`` (one folder per run, ``bench.json``), and the document (``--doc``,
+by default ``benchmarks.md`` in ``--out``: a run never overwrites the repository's
+docs/benchmarks.md unless asked to) is written from ``bench.json`` (``--from-json`` redoes only
+that step).
 """
 
 from __future__ import annotations
@@ -442,9 +444,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=96, help="digits CNN width (default: %(default)s, ~2.0M parameters)")
     parser.add_argument("--d-model", type=int, default=128, help="text transformer width (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped (default: %(default)s)")
-    parser.add_argument("--doc", default="docs/benchmarks.md",
-                        help="the markdown document to write; its plots go to DOC's folder/bench/ (default: %(default)s; "
-                             "'none' for no document)")
+    parser.add_argument("--doc", default=None,
+                        help="the markdown document to write; its plots go to DOC's folder/bench/ (default: "
+                             "benchmarks.md in --out, or in the --from-json run's out; 'none' for no document)")
     parser.add_argument("--from-json", default=None, metavar="BENCH_JSON",
                         help="run nothing: rewrite --doc from an earlier run's bench.json")
     parser.add_argument("--remeasure", action="store_true",
@@ -484,16 +486,23 @@ def _write_json(path: Path, results: dict) -> None:
     tmp.replace(path)  # a crash mid-write leaves the previous, complete file
 
 
+def _doc_path(option: str | None, out) -> Path | None:
+    """``--doc``: a path, ``none``, or (not given) ``benchmarks.md`` in the run's folder ``out``."""
+    if option is None:
+        return Path(out) / "benchmarks.md"
+    return None if option.lower() == "none" else Path(option)
+
+
 def run(args) -> int:
     """Run ``threelc bench train``: the matrix, the scaling runs, bench.json, the document."""
     logging.basicConfig(level=os.environ.get("THREELC_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     from . import bench_doc
 
-    doc = None if str(args.doc).lower() == "none" else Path(args.doc)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
         if args.remeasure:
             results = remeasure(results)
+        doc = _doc_path(args.doc, results["out"])
         if doc:
             bench_doc.write_doc(results, doc)
             print(f"wrote {doc}")
@@ -514,6 +523,7 @@ def run(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/bench-train-{stamp}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    doc = _doc_path(args.doc, out)
     examples = [_sized(EXAMPLES[name], args) for name in settings["examples"]]
     cells = plan_cells(examples, settings["rates"], hooks, steps=settings["steps"], warmup=settings["warmup_steps"],
                        timing_steps=settings["timing_steps"], quick=settings["quick"])

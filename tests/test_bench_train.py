@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from launch_helpers import hook_available, require_emulation
 from threelc.launch import bench_doc
+from threelc.launch import bench_train
 from threelc.launch.bench_train import EXAMPLES, FULL_HOOKS, QUICK_HOOKS, parse_hook, plan_cells
 
 
@@ -113,3 +115,10 @@ def test_bench_train_end_to_end_tiny(tmp_path):
     assert "```\nthreelc bench train --examples digits" in text and "## Targets (digits, 2 nodes" in text
     assert (doc.parent / "bench" / "step_time_digits.png").exists()
     assert "headline (digits, 2 nodes, threelc-s1.0" in result.stdout
+
+
+def test_doc_goes_to_the_run_folder_unless_named(tmp_path):
+    # A run must not overwrite the repository's docs/benchmarks.md unless asked to.
+    assert bench_train._doc_path(None, tmp_path) == tmp_path / "benchmarks.md"
+    assert bench_train._doc_path("none", tmp_path) is None
+    assert bench_train._doc_path("docs/benchmarks.md", tmp_path) == Path("docs/benchmarks.md")

@@ -76,6 +76,8 @@ def test_analysis_targets_and_time_to_target():
     assert analysis.time_to_target("unshaped", "threelc-s1.0") == (2.1, True)
     assert analysis.time_to_target("10mbit", "threelc-s1.0") == (pytest.approx(10 * 10.0 + 10 * 0.4), False)
     assert analysis.time_to_target("100mbit", "powersgd-r1") is None  # 0.9 never reaches 0.96
+    assert analysis.last_evals_mean("threelc-s1.0") == pytest.approx((0.5 + 0.962) / 2)  # both of its 2 evaluations
+    assert analysis.last_evals_mean("fp16") is None  # no such run
     met = {row["target"]: row["met"] for row in bench_doc.check_targets(analysis, "threelc-s1.0")}
     assert list(met.values()) == [True, False, True, True, True, True, True]
 

@@ -253,7 +253,12 @@ def _measured(row: dict) -> str:
     value = row["measured"]
     if value is None:
         return "-"
-    return f"{value:.2f} {row['unit']}"
+    unit = row["unit"]
+    if value < 0 and unit.endswith(" below allreduce"):  # "-0.83 points below" reads better as "0.83 above"
+        return f"{-value:.2f} {unit.replace(' below ', ' above ')}"
+    if value < 0 and unit.endswith(" above allreduce"):
+        return f"{-value:.2f} {unit.replace(' above ', ' below ')}"
+    return f"{value:.2f} {unit}"
 
 
 def example_tables(analysis: Analysis) -> str:

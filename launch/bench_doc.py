@@ -144,6 +144,12 @@ def headline_hook(analysis: Analysis) -> str | None:
     return next((hook for hook in analysis.hooks if hook.startswith("threelc")), None)
 
 
+def codec_seconds(analysis: Analysis, hook: str) -> float:
+    """Rank 0's compress + decompress seconds per step in ``hook``'s unshaped run (0 without a profile)."""
+    profile = (analysis.row(UNSHAPED, hook) or {}).get("profile") or {}
+    return (profile.get("compress_s") or 0) + (profile.get("decompress_s") or 0)
+
+
 def break_even_rate(analysis: Analysis, hook: str) -> tuple[float, float] | None:
     """(codec seconds per step, link rate in bit/s) below which compressing with ``hook`` pays.
 
@@ -152,22 +158,22 @@ def break_even_rate(analysis: Analysis, hook: str) -> tuple[float, float] | None
     unshaped run), i.e. on links slower than ``fp32 bytes * 8 / codec seconds``.  It ignores
     that the codec overlaps backward and the compressed bytes' own time, which roughly cancel.
     """
-    profile = (analysis.row(UNSHAPED, hook) or {}).get("profile") or {}
-    codec = (profile.get("compress_s") or 0) + (profile.get("decompress_s") or 0)
+    codec = codec_seconds(analysis, hook)
     fp32 = analysis.value(UNSHAPED, "allreduce", "wire_tx_per_step_node")
     return (codec, fp32 * 8 / codec) if (codec and fp32) else None
 
 
-def own_floor(analysis: Analysis, hook: str) -> tuple[float, float, float] | None:
-    """(step at the target rate / the hook's own unshaped step, their difference in seconds, codec seconds).
+def own_floor(analysis: Analysis, hook: str) -> dict | None:
+    """``hook``'s distance from the compute floor at the target rate, split in two.
 
-    The compute floor is the fastest hook's unshaped step; this splits ``hook``'s distance from it
-    into what the shaped link costs and what the hook costs on any link.
+    The compute floor is the fastest hook's unshaped step.  ``over_own``: the step at the target
+    rate over the hook's own unshaped step; ``link_s``: their difference, what the shaped link
+    costs; ``above_floor_s``: the unshaped step minus the floor, what the hook costs on any link.
     """
     shaped, unshaped = analysis.value(TARGET_RATE, hook, "median_step_s"), analysis.value(UNSHAPED, hook, "median_step_s")
-    profile = (analysis.row(UNSHAPED, hook) or {}).get("profile") or {}
-    codec = (profile.get("compress_s") or 0) + (profile.get("decompress_s") or 0)
-    return (shaped / unshaped, shaped - unshaped, codec) if (shaped and unshaped) else None
+    if not (shaped and unshaped and analysis.floor):
+        return None
+    return {"over_own": shaped / unshaped, "link_s": shaped - unshaped, "above_floor_s": unshaped - analysis.floor}
 
 
 def check_targets(analysis: Analysis, hook: str) -> list[dict]:
@@ -498,11 +504,10 @@ def write_doc(results: dict, doc: Path) -> Path:
                       f"{', '.join(ceilings)}."]
         own = own_floor(analysis, hook)
         if own:
-            gap = analysis.value(UNSHAPED, hook, "median_step_s") - analysis.floor
-            parts += ["", f"`{hook}` at {TARGET_RATE}: {own[0]:.2f}x its own unshaped step, so the link costs it "
-                      f"{_ms(max(own[1], 0.0))} per step.  Its unshaped step is {_ms(gap)} above the compute floor, a "
-                      f"cost it pays on any link; its codec (compress and decompress on rank 0) takes {_ms(own[2])} "
-                      "per step."]
+            parts += ["", f"`{hook}` at {TARGET_RATE}: {own['over_own']:.2f}x its own unshaped step, so the link costs "
+                      f"it {_ms(max(own['link_s'], 0.0))} per step.  Its unshaped step is {_ms(own['above_floor_s'])} "
+                      "above the compute floor, a cost it pays on any link; its codec (compress and decompress on "
+                      f"rank 0) takes {_ms(codec_seconds(analysis, hook))} per step."]
         even = break_even_rate(analysis, hook)
         if even:
             parts += ["", f"Switch-off rule (documented, not automatic: the hook itself compresses every bucket of at "

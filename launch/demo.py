@@ -5,7 +5,7 @@ One command, no setup::
     threelc demo
 
 launches ``torchrun`` twice on this machine (4 gloo workers each): the digits CNN of
-:mod:`threelc.launch.train_digits`, once with PyTorch's default allreduce and once with the 3LC
+:mod:`threelc.launch.examples.train_digits`, once with PyTorch's default allreduce and once with the 3LC
 hook at its default settings.  It then prints bytes per worker per step, compression ratio,
 final test accuracy and median step time, and writes a run folder with the per-rank JSON lines,
 ``summary.json`` and PNG plots.
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .report import format_table, write_report
+from .runs.report import format_table, write_report
 
 __all__ = ["add_arguments", "run"]
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_args(args, hook: str, run_dir: Path) -> list[str]:
-    return ["-m", "threelc.launch.train_digits", "--hook", hook, "--steps", str(args.steps), "--width", str(args.width),
+    return ["-m", "threelc.launch.examples.train_digits", "--hook", hook, "--steps", str(args.steps), "--width", str(args.width),
             "--sparsity", str(args.sparsity), "--eval-every", str(max(1, args.steps // 10)), "--run-dir", str(run_dir)]
 
 
@@ -59,7 +59,7 @@ def _run_local(args, hook: str, run_dir: Path) -> int:
 
 
 def _run_emulated(args, hook: str, run_dir: Path) -> int:
-    from .emulate import emulate, format_table as wire_table
+    from .cluster.emulate import emulate, format_table as wire_table
 
     if args.workers % args.nodes:
         raise SystemExit(f"threelc demo: --workers {args.workers} does not split evenly over --nodes {args.nodes}")

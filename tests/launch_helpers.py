@@ -1,13 +1,12 @@
-"""Helpers shared by the launch, emulate and report tests: run torchrun jobs, check availability."""
+"""Helpers shared by the launch, emulate and report tests: run torchrun jobs, require the emulator."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 
-__all__ = ["torchrun", "hook_available", "require_emulation", "TINY_DIGITS"]
+__all__ = ["torchrun", "require_emulation", "TINY_DIGITS"]
 
 #: .ci/run sets this: in CI (root) the emulated cluster must run, so a missing requirement fails.
 REQUIRE_EMULATION = os.environ.get("THREELC_REQUIRE_EMULATION") == "1"
@@ -32,19 +31,11 @@ def torchrun(nproc: int, module: str, args, *, timeout: float = 120, env=None) -
     return result
 
 
-def hook_available() -> bool:
-    """Whether ``threelc.hooks.register`` exists yet (the hook is developed in parallel)."""
-    try:
-        return hasattr(importlib.import_module("threelc.hooks"), "register")
-    except ImportError:
-        return False
-
-
 def require_emulation() -> None:
     """Skip the calling test where the emulated cluster cannot run, or fail if CI requires it."""
     import pytest
 
-    from threelc.launch import netns
+    from threelc.launch.cluster import netns
 
     try:
         netns.check_requirements()

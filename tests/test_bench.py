@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from threelc import bench
+from threelc.launch.bench import codec as bench
 
 
 def test_bench_codec_json():

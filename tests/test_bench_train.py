@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import hook_available, require_emulation
-from threelc.launch import bench_doc
-from threelc.launch import bench_train
-from threelc.launch.bench_train import EXAMPLES, FULL_HOOKS, QUICK_HOOKS, parse_hook, plan_cells
+from launch_helpers import require_emulation
+from threelc.launch.bench import bench_doc
+from threelc.launch.bench import bench_train
+from threelc.launch.bench.bench_train import EXAMPLES, FULL_HOOKS, QUICK_HOOKS, parse_hook, plan_cells
 
 
 def test_parse_hook_names():
@@ -61,7 +61,7 @@ def _results():
     ]
     return {"command": "threelc bench train (test)", "settings": {"nodes": 4, "warmup_steps": 10},
             "machine": {"cpus": 2, "memory_bytes": 2**34, "gpu": False}, "examples": {"digits": {
-                "module": "threelc.launch.train_digits", "model_args": ["--width", "96"], "metric": "test_accuracy",
+                "module": "threelc.launch.examples.train_digits", "model_args": ["--width", "96"], "metric": "test_accuracy",
                 "higher_is_better": True, "target_slack": 0.01, "batch_size": 8}},
             "cells": cells, "scaling": []}
 
@@ -92,7 +92,6 @@ def test_doc_written_from_results(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_bench_train_end_to_end_tiny(tmp_path):
     require_emulation()
     out, doc = tmp_path / "run", tmp_path / "docs" / "benchmarks.md"

@@ -2,7 +2,7 @@
 
 The device codec promises the same payload bytes, the same residual bits and the same decoded
 bits as :mod:`threelc.codec`; every test here asserts exactly that, on CPU tensors, so CI checks
-the GPU path's arithmetic without a GPU.  launch/gpu_check.py repeats the identity on CUDA.
+the GPU path's arithmetic without a GPU.  launch/bench/gpu_check.py repeats the identity on CUDA.
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def test_property_device_and_numba_payloads_are_identical(values, cuts, sparsity
 # ---- the prepared GPU check runs on CPU ----------------------------------------------------------
 
 def test_gpu_check_script_runs_on_cpu(tmp_path):
-    from threelc.launch import gpu_check
+    from threelc.launch.bench import gpu_check
 
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--numel", "20000", "--repeats", "1", "--no-nccl", "--no-fuse",
@@ -351,7 +351,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 def test_gpu_check_exchange_runs_on_gloo():
     # The NCCL step's code (size exchange, padded all_gather, decode, average, comparison with
     # the numba codec) run with gloo on CPU, so a GPU session does not find its bugs.
-    from threelc.launch import gpu_check
+    from threelc.launch.bench import gpu_check
 
     report = gpu_check.run_exchange(20003, "cpu", timeout_s=120.0)
     assert report["ok"], report.get("error")
@@ -362,7 +362,7 @@ def test_gpu_check_exchange_runs_on_gloo():
 def test_gpu_check_refuses_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    from threelc.launch import gpu_check
+    from threelc.launch.bench import gpu_check
 
     assert gpu_check.main(["--out", "/dev/null"]) == 2
     assert "no CUDA device" in capsys.readouterr().err

@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from launch_helpers import hook_available, require_emulation
-from threelc.launch import netns
-from threelc.launch.wirebytes import node_traffic, steady_window
+from launch_helpers import require_emulation
+from threelc.launch.cluster import netns
+from threelc.launch.cluster.wirebytes import node_traffic
+from threelc.launch.runs.summary import steady_window
 
 
 def _emulate(tmp_path, name, script_args, *, nodes=2, rate="100mbit", timeout=180, extra=()):
@@ -150,10 +151,9 @@ def test_interrupted_job_leaves_no_namespaces_or_processes(tmp_path, how):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_path):
     require_emulation()
-    common = ["-m", "threelc.launch.train_digits", "--width", "16", "--steps", "12", "--warmup-steps", "3",
+    common = ["-m", "threelc.launch.examples.train_digits", "--width", "16", "--steps", "12", "--warmup-steps", "3",
               "--eval-every", "12", "--no-progress"]
     steady = {}
     for hook in ("allreduce", "threelc"):

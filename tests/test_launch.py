@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from launch_helpers import TINY_DIGITS, hook_available, torchrun
-from threelc.launch.comm import ring_allreduce_bytes
-from threelc.launch.data import sharded_batches
-from threelc.launch.progress import ProgressBar
-from threelc.launch.runlog import load_run
-from threelc.launch.train_digits import DigitsCNN
-from threelc.launch.train_text import TextTask
+from launch_helpers import TINY_DIGITS, torchrun
+from threelc.launch.runs.summary import ring_allreduce_bytes
+from threelc.launch.examples.data import sharded_batches
+from threelc.launch.runs.progress import ProgressBar
+from threelc.launch.runs.runlog import load_run
+from threelc.launch.examples.train_digits import DigitsCNN
+from threelc.launch.examples.train_text import TextTask
 
 
 def test_sharded_batches_are_disjoint_across_ranks_and_seeded():
@@ -60,7 +60,7 @@ def _params(width):
 def test_digits_under_torchrun_logs_metrics_and_collective_bytes(tmp_path, hook):
     steps = 10
     # Several buckets: PowerSGD's collectives must stay in the same order on every rank.
-    torchrun(2, "threelc.launch.train_digits",
+    torchrun(2, "threelc.launch.examples.train_digits",
              ["--hook", hook, "--steps", steps, "--run-dir", tmp_path, "--bucket-cap-mb", "0.005", *TINY_DIGITS])
     run = load_run(tmp_path)
     assert run.config["hook"] == hook and run.config["world_size"] == 2
@@ -83,16 +83,15 @@ def test_digits_under_torchrun_logs_metrics_and_collective_bytes(tmp_path, hook)
 @pytest.mark.slow
 def test_digits_runs_are_deterministic(tmp_path):
     for name in ("a", "b"):
-        torchrun(2, "threelc.launch.train_digits", ["--steps", 6, "--run-dir", tmp_path / name, *TINY_DIGITS])
+        torchrun(2, "threelc.launch.examples.train_digits", ["--steps", 6, "--run-dir", tmp_path / name, *TINY_DIGITS])
     losses = [[m["loss"] for m in load_run(tmp_path / name).metrics] for name in ("a", "b")]
     assert losses[0] == losses[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_digits_with_threelc_hook_compresses_after_warmup(tmp_path):
     steps = 8
-    torchrun(2, "threelc.launch.train_digits", ["--hook", "threelc", "--warmup-steps", 3, "--steps", steps,
+    torchrun(2, "threelc.launch.examples.train_digits", ["--hook", "threelc", "--warmup-steps", 3, "--steps", steps,
                                                 "--width", 16, "--run-dir", tmp_path, "--eval-every", 4, "--no-progress"])
     run = load_run(tmp_path)
     lines = run.hook[0]
@@ -117,7 +116,7 @@ def test_text_corpus_split_is_fixed_and_model_learns_something(tmp_path):
     task = TextTask(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000, batch_size=4)
     assert TextTask(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000).corpus_sha256 == task.corpus_sha256
     assert len(task.train_data) == 18_000 and len(task.val_data) == 2_000
-    command = [sys.executable, "-m", "threelc.launch.train_text", "--steps", "30", "--eval-every", "30",
+    command = [sys.executable, "-m", "threelc.launch.examples.train_text", "--steps", "30", "--eval-every", "30",
                "--d-model", "16", "--layers", "1", "--heads", "2", "--context", "16", "--corpus-chars", "20000",
                "--lr", "0.01", "--run-dir", str(tmp_path), "--no-progress"]
     subprocess.run(command, check=True, capture_output=True, timeout=120)

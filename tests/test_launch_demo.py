@@ -9,11 +9,8 @@ import sys
 
 import pytest
 
-from launch_helpers import hook_available
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hook_available(), reason="threelc.hooks.register not available yet")
 def test_demo_writes_run_folder_and_reports_savings(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "threelc.cli", "demo", "--workers", "2", "--steps", "16",

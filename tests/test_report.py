@@ -7,10 +7,10 @@ import json
 import pytest
 
 from threelc.cli import main as cli_main
-from threelc.launch.report import format_table, write_report
-from threelc.launch.runlog import RunWriter, append_jsonl, hook_stats_path
-from threelc.launch.summary import cumulative_sent_by_step, summarize
-from threelc.launch.runlog import load_run
+from threelc.launch.runs.report import format_table, write_report
+from threelc.launch.runs.runlog import RunWriter, append_jsonl, hook_stats_path
+from threelc.launch.runs.summary import cumulative_sent_by_step, summarize
+from threelc.launch.runs.runlog import load_run
 
 RAW = 400_000  # gradient bytes per step
 

@@ -15,10 +15,10 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
-    "bench": ("threelc.bench", "benchmarks: `bench codec` (codec speed and ratio), `bench train` (emulated cluster)"),
+    "bench": ("threelc.launch.bench.codec", "benchmarks: `bench codec` (codec speed and ratio), `bench train` (emulated cluster)"),
     "demo": ("threelc.launch.demo", "train on digits with allreduce and 3LC under torchrun, print the savings"),
-    "report": ("threelc.launch.report", "compare run folders: table and plots"),
-    "emulate": ("threelc.launch.emulate", "run a torchrun job on N emulated nodes with shaped links"),
+    "report": ("threelc.launch.runs.report", "compare run folders: table and plots"),
+    "emulate": ("threelc.launch.cluster.emulate", "run a torchrun job on N emulated nodes with shaped links"),
 }
 
 

@@ -16,18 +16,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-from .runlog import append_jsonl, hook_stats_path
+from ..runs.runlog import append_jsonl, hook_stats_path
+from ..runs.summary import ring_allreduce_bytes
 
-__all__ = ["HOOKS", "attach_hook", "HookHandle", "ring_allreduce_bytes"]
+__all__ = ["HOOKS", "attach_hook", "HookHandle"]
 
 logger = logging.getLogger(__name__)
 
 HOOKS = ("allreduce", "fp16", "powersgd", "threelc")
-
-
-def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
-    """Bytes each rank sends (and receives) in a ring allreduce of ``nbytes``."""
-    return 2.0 * (world_size - 1) / world_size * nbytes if world_size > 1 else 0.0
 
 
 class HookHandle:

@@ -1,6 +1,6 @@
 """What ``threelc bench train`` concludes from its runs, and ``docs/benchmarks.md`` written from them.
 
-Input: the ``bench.json`` of one run of :mod:`threelc.launch.bench_train` (its ``cells`` and
+Input: the ``bench.json`` of one run of :mod:`threelc.launch.bench.bench_train` (its ``cells`` and
 ``scaling`` rows).  Definitions used throughout:
 
 * **compute floor**: the fastest median step time of any hook on the unshaped network: the step
@@ -22,7 +22,7 @@ import logging
 import math
 from pathlib import Path
 
-from .report import format_bytes
+from ..runs.report import format_bytes
 
 __all__ = ["Analysis", "analyze", "check_targets", "headline_text", "write_doc", "plot_bench"]
 
@@ -38,7 +38,7 @@ LAST_EVALS = 5
 def _rate_bits(rate: str) -> float | None:
     if rate == UNSHAPED:
         return None
-    from .netns import parse_rate
+    from ..cluster.netns import parse_rate
 
     return parse_rate(rate)
 

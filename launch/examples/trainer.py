@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .comm import HOOKS, attach_hook
-from .linkstats import interface_exists, read_counters
-from .progress import ProgressBar
-from .runlog import RunWriter, append_jsonl, default_run_dir, link_stats_path
+from ..cluster.linkstats import interface_exists, read_counters
+from ..runs.progress import ProgressBar
+from ..runs.runlog import RunWriter, append_jsonl, default_run_dir, link_stats_path
 
 __all__ = ["Task", "add_common_arguments", "main", "train"]
 

@@ -2,7 +2,7 @@
 
 ::
 
-    torchrun --nproc-per-node 4 -m threelc.launch.train_text --hook threelc --steps 300 --run-dir runs/text
+    torchrun --nproc-per-node 4 -m threelc.launch.examples.train_text --hook threelc --steps 300 --run-dir runs/text
 
 The corpus is the ``.py`` files at the top of the standard library's directory (the folder of
 the ``os`` module), sorted by name, read at run time and cut at ``--corpus-chars`` bytes; the last
@@ -69,7 +69,7 @@ OPTIMIZERS = tuple(DEFAULT_LR)
 
 
 class TextTask:
-    """Next-byte prediction on the standard-library corpus for :mod:`threelc.launch.trainer`."""
+    """Next-byte prediction on the standard-library corpus for :mod:`threelc.launch.examples.trainer`."""
 
     name = "char-transformer"
     eval_metric = "val_loss"
@@ -156,7 +156,7 @@ def _build(args):
 
 
 def main(argv=None) -> int:
-    """Entry point (``python -m threelc.launch.train_text``)."""
+    """Entry point (``python -m threelc.launch.examples.train_text``)."""
     return train_main(argv, description=__doc__.splitlines()[0], add_task_arguments=_add_arguments, build_task=_build)
 
 

@@ -4,6 +4,11 @@ Every figure is measured in one run on one array: the single-thread ``np.copyto`
 array is the yardstick, and each codec rate is also printed as a ratio to it.  A copy moves 8
 bytes per value; encoding with error feedback and one scale per segment moves ~20 (two passes),
 so ~0.4x the copy rate is its ceiling; decoding writes 4 bytes per value (ceiling ~2x).
+
+This module is also ``threelc bench`` itself (:func:`add_arguments`, :func:`run`): ``codec`` runs
+here, ``train`` in :mod:`threelc.launch.bench.bench_train`.  It lives in ``threelc.launch``, not
+in the codec package, because ``--compare`` captures real gradients from the examples (torch);
+``threelc bench codec`` alone still never imports torch.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 import numba
 import numpy as np
 
-from . import codec
+from threelc import codec
 
 __all__ = ["add_arguments", "run", "gradient_like", "bench_codec", "bench_compare"]
 
@@ -144,7 +149,7 @@ def _print_compare(rows: list[dict]) -> None:
 
 def _captured_arrays(numel: int) -> dict:
     """The synthetic array and real gradients of both examples (per-parameter segments)."""
-    from threelc.launch.gradients import capture_gradients
+    from .gradients import capture_gradients
 
     arrays = {"heavy-tailed synthetic": (gradient_like(numel), None)}
     arrays["digits CNN (w=96) grads"] = capture_gradients("digits", 96)
@@ -169,7 +174,7 @@ def _print_table(results: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``threelc bench``: ``codec`` here, ``train`` in :mod:`threelc.launch.bench_train`."""
+    """Arguments of ``threelc bench``: ``codec`` here, ``train`` in :mod:`threelc.launch.bench.bench_train`."""
     benches = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     codec_parser = benches.add_parser("codec", help="codec ratio and throughput against memory bandwidth")
     codec_parser.add_argument("--numel", type=int, default=25_000_000, help="values in the test array")
@@ -183,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     codec_parser.set_defaults(run=run_codec)
     train_parser = benches.add_parser("train", help="training against PyTorch's hooks on an emulated cluster")
     # Imported here, not at the top: `threelc bench codec` must not need torch.
-    from threelc.launch import bench_train
+    from . import bench_train
 
     bench_train.add_arguments(train_parser)
     train_parser.set_defaults(run=bench_train.run)

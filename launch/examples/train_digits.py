@@ -2,7 +2,7 @@
 
 ::
 
-    torchrun --nproc-per-node 4 -m threelc.launch.train_digits --hook threelc --steps 300 --run-dir runs/digits
+    torchrun --nproc-per-node 4 -m threelc.launch.examples.train_digits --hook threelc --steps 300 --run-dir runs/digits
 
 ``--width`` sizes the network: about ``218 * width**2`` parameters (16 -> ~56k, 32 -> ~223k,
 96 -> ~2.0M, 128 -> ~3.6M).  The 1797 images are split once (seed 0, 20% test); the test
@@ -54,7 +54,7 @@ def load_digits_split(test_fraction: float = 0.2):
 
 
 class DigitsTask:
-    """The digits classification task for :mod:`threelc.launch.trainer`."""
+    """The digits classification task for :mod:`threelc.launch.examples.trainer`."""
 
     name = "digits-cnn"
     eval_metric = "test_accuracy"
@@ -100,7 +100,7 @@ def _build(args):
 
 
 def main(argv=None) -> int:
-    """Entry point (``python -m threelc.launch.train_digits``)."""
+    """Entry point (``python -m threelc.launch.examples.train_digits``)."""
     return train_main(argv, description=__doc__.splitlines()[0], add_task_arguments=_add_arguments, build_task=_build)
 
 

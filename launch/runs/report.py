@@ -38,7 +38,7 @@ def format_bytes(value) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of :func:`~threelc.launch.summary.summarize` rows."""
+    """A fixed-width text table of :func:`~threelc.launch.runs.summary.summarize` rows."""
     columns = [
         ("run", lambda r: r["run"]),
         ("hook", lambda r: r["hook"] or "-"),

@@ -5,9 +5,9 @@
     threelc bench train --quick                      # the headline subset, minutes
     threelc bench train --out runs/bench-full --doc docs/benchmarks.md   # the full matrix, ~45 min
 
-For every example, link rate and hook this runs one job under :func:`threelc.launch.emulate.emulate`
+For every example, link rate and hook this runs one job under :func:`threelc.launch.cluster.emulate.emulate`
 (N network namespaces, tbf-shaped veth links, one torchrun node each) and reads the run folder
-back with :mod:`threelc.launch.runlog`.  Two kinds of run:
+back with :mod:`threelc.launch.runs.runlog`.  Two kinds of run:
 
 * **accuracy runs**, on the unshaped network: ``--steps`` steps with the hooks' real warm-up
   (``--warmup-steps``, the threelc hook's default of 10 iterations, also PowerSGD's start
@@ -22,7 +22,7 @@ back with :mod:`threelc.launch.runlog`.  Two kinds of run:
 
 Time to target on a shaped link is therefore an estimate: the accuracy run's steps to the target,
 the warm-up steps at fp32 allreduce's step time on that link, the rest at the hook's.
-:mod:`threelc.launch.bench_doc` computes it, checks the issue's targets and writes the document.
+:mod:`threelc.launch.bench.bench_doc` computes it, checks the issue's targets and writes the document.
 
 Then ``--scaling-nodes`` (default 2 4 8) runs a tiny model with fp32 allreduce and both 3LC
 collectives on N nodes, for wire bytes against the byte model ((N - 1) C and 2 (N - 1) / N C).
@@ -134,7 +134,7 @@ QUICK_HOOKS = ("allreduce", "fp16", "powersgd-r1", "threelc-s1.0", "threelc-s1.9
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """A training script of :mod:`threelc.launch` and how the benchmark judges it.
+    """An example of :mod:`threelc.launch.examples` and how the benchmark judges it.
 
     ``target_slack``: the target is fp32 allreduce's final metric minus this (accuracy, higher is
     better) or plus this (validation loss, lower is better).
@@ -158,9 +158,9 @@ class Example:
 #: The issue's two examples.  Per-worker batch 8: four workers' forward/backward must share 2 cores,
 #: and a small batch keeps compute from hiding what the network costs (as a GPU would).
 EXAMPLES = {
-    "digits": Example("digits", "threelc.launch.train_digits", ("--width", "96"), "test_accuracy", True, 0.01,
+    "digits": Example("digits", "threelc.launch.examples.train_digits", ("--width", "96"), "test_accuracy", True, 0.01,
                       steps=300, quick_steps=200, batch_size=8),
-    "text": Example("text", "threelc.launch.train_text", ("--d-model", "128", "--layers", "2", "--context", "64"),
+    "text": Example("text", "threelc.launch.examples.train_text", ("--d-model", "128", "--layers", "2", "--context", "64"),
                     "val_loss", False, 0.05, steps=300, quick_steps=100, batch_size=8),
 }
 
@@ -185,7 +185,7 @@ def normalize_rate(rate: str) -> str:
     """``none``/``unshaped`` -> :data:`UNSHAPED`; a tc rate is checked and kept."""
     if str(rate).lower() in _UNSHAPED_NAMES:
         return UNSHAPED
-    from .netns import parse_rate
+    from ..cluster.netns import parse_rate
 
     parse_rate(rate)  # raises ValueError on a bad rate, before anything runs
     return str(rate)
@@ -220,7 +220,7 @@ def _training_command(cell: Cell, *, batch_size: int | None, model_args=None) ->
 def _stdout_to(path: Path):
     """Send this process's file descriptor 1 (inherited by node 0's torchrun) to ``path``.
 
-    :func:`~threelc.launch.emulate.emulate` lets node 0 write to the terminal; across dozens of
+    :func:`~threelc.launch.cluster.emulate.emulate` lets node 0 write to the terminal; across dozens of
     runs that buries the benchmark's own progress, so its output goes to ``node0.log`` instead.
     """
     sys.stdout.flush()
@@ -236,7 +236,7 @@ def _stdout_to(path: Path):
 
 
 def _emulated_run(command: list[str], run_dir: Path, *, nodes: int, rate: str, timeout: float) -> dict:
-    from .emulate import emulate
+    from ..cluster.emulate import emulate
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with _stdout_to(run_dir / "node0.log"):
@@ -250,9 +250,9 @@ def _median(values):
 
 
 def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, float | None]:
-    """Per node, :func:`~threelc.launch.wirebytes.median_step_delta` of tx (rx) bytes over the
+    """Per node, :func:`~threelc.launch.cluster.wirebytes.median_step_delta` of tx (rx) bytes over the
     steady steps (the module says why a median); the mean over nodes."""
-    from .wirebytes import median_step_delta
+    from ..cluster.wirebytes import median_step_delta
 
     if not window or not links:
         return None, None
@@ -266,13 +266,12 @@ def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, fl
 def measure_run(run_dir: Path) -> dict:
     """The figures of one finished run folder (steady-state medians, wire bytes, accuracy curve).
 
-    The steady window is :func:`~threelc.launch.wirebytes.steady_window` of rank 0's hook log (the
+    The steady window is :func:`~threelc.launch.cluster.wirebytes.steady_window` of rank 0's hook log (the
     steps after warm-up), the same window the emulator used for the wire bytes; metrics step
     ``k`` is hook iteration ``k - 1``.
     """
-    from .runlog import load_run
-    from .summary import summarize
-    from .wirebytes import steady_window
+    from ..runs.runlog import load_run
+    from ..runs.summary import steady_window, summarize
 
     run = load_run(run_dir)
     row = summarize(run)
@@ -507,8 +506,8 @@ def run(args) -> int:
             bench_doc.write_doc(results, doc)
             print(f"wrote {doc}")
         return 0
-    from .emulate import Terminated
-    from .netns import EmulationUnavailable, check_requirements
+    from ..cluster.emulate import Terminated
+    from ..cluster.netns import EmulationUnavailable, check_requirements
 
     try:
         check_requirements()

@@ -22,28 +22,11 @@ from __future__ import annotations
 import logging
 import statistics
 
-__all__ = ["steady_window", "node_traffic", "median_step_delta"]
+from ..runs.summary import steady_window
+
+__all__ = ["node_traffic", "median_step_delta"]
 
 logger = logging.getLogger(__name__)
-
-
-def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
-    """(first, last) iteration index of steady-state training in one rank's hook log.
-
-    Starts at the first compressed iteration if the hook ever compressed (warm-up iterations
-    use allreduce), else at the second iteration (the first includes DDP's bucket rebuild).
-    ``None`` if too short.
-    """
-    steps = [line["step"] for line in hook_lines]
-    if not steps:
-        return None
-    compressed = [line["step"] for line in hook_lines if line.get("compressed")]
-    if compressed and not all(line.get("compressed") for line in hook_lines):
-        first = compressed[0]
-    else:
-        first = min(steps) + 1
-    last = max(steps)
-    return (first, last) if last >= first else None
 
 
 def median_step_delta(link_lines: list[dict], first: int, last: int, key: str) -> float | None:

@@ -2,7 +2,7 @@
 
 Run on a machine with one CUDA GPU (a few minutes)::
 
-    python3 -m threelc.launch.gpu_check --out gpu_check.json
+    python3 -m threelc.launch.bench.gpu_check --out gpu_check.json
 
 It measures, on a 64M-value float32 CUDA tensor split into segments like a DDP bucket:
 
@@ -325,7 +325,7 @@ def _print_table(report: dict) -> None:
 
 def main(argv=None) -> int:
     """Run the check; returns 0 if every identity holds, 1 if not, 2 if there is no device."""
-    parser = argparse.ArgumentParser(prog="python3 -m threelc.launch.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m threelc.launch.bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run of the script")
     parser.add_argument("--numel", type=int, default=64 << 20, help="values in the timed bucket (default 64M)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per operation (median reported)")

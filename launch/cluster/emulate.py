@@ -2,14 +2,14 @@
 
 ::
 
-    threelc emulate --nodes 4 --rate 100mbit --out runs/emu -- -m threelc.launch.train_digits --hook threelc
+    threelc emulate --nodes 4 --rate 100mbit --out runs/emu -- -m threelc.launch.examples.train_digits --hook threelc
 
-1. builds the cluster (:class:`~threelc.launch.netns.EmulatedCluster`);
+1. builds the cluster (:class:`~threelc.launch.cluster.netns.EmulatedCluster`);
 2. starts one ``torchrun`` per node inside its namespace: node rank ``i``, static rendezvous on
    node 0's address, ``GLOO_SOCKET_IFNAME`` (and NCCL's/TensorPipe's) set to the node's interface,
    ``THREELC_RUN_DIR``/``THREELC_STATS_DIR`` set to ``--out`` so the examples log there;
 3. reads every node's link counters before and after, and per step (logged by the training
-   loop), and sets them beside the hook's accounting (:mod:`threelc.launch.wirebytes`);
+   loop), and sets them beside the hook's accounting (:mod:`threelc.launch.cluster.wirebytes`);
 4. prints the table, writes ``emulate.json``; and in every case (success, failure, ``--timeout``,
    Ctrl-C, SIGTERM) stops the processes it started and deletes every namespace it created.
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .netns import EmulatedCluster, EmulationUnavailable, check_requirements, remove_stale_namespaces
-from .runlog import RUN_DIR_ENV, load_run
+from ..runs.runlog import RUN_DIR_ENV, load_run
 from .wirebytes import node_traffic
 
 __all__ = ["add_arguments", "run", "emulate", "Terminated"]
@@ -226,7 +226,7 @@ def run(args) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("threelc emulate: give the training command after `--`, e.g. "
-              "`-- -m threelc.launch.train_digits --hook threelc`", file=sys.stderr)
+              "`-- -m threelc.launch.examples.train_digits --hook threelc`", file=sys.stderr)
         return 2
     if "--run-dir" in command:
         print("threelc emulate: warning: --run-dir in the training command overrides --out; wire bytes per step "

@@ -9,17 +9,43 @@ compressed, or all but the first for hooks that never compress):
   ``None`` for runs on one machine;
 * ``ratio_vs_fp32``: what a float32 ring allreduce of the same gradients would send, divided by
   the hook's bytes (1.0 for allreduce, ~2 for fp16).
+
+The two definitions those figures rest on live here too, for the training loop's accounting
+and the emulator's wire bytes to share: :func:`steady_window` (which steps count) and
+:func:`ring_allreduce_bytes` (the ring model).
 """
 
 from __future__ import annotations
 
 import statistics
 
-from .comm import ring_allreduce_bytes
 from .runlog import Run
-from .wirebytes import steady_window
 
-__all__ = ["summarize", "settings_label", "cumulative_sent_by_step"]
+__all__ = ["summarize", "settings_label", "cumulative_sent_by_step", "steady_window", "ring_allreduce_bytes"]
+
+
+def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
+    """Bytes each rank sends (and receives) in a ring allreduce of ``nbytes``."""
+    return 2.0 * (world_size - 1) / world_size * nbytes if world_size > 1 else 0.0
+
+
+def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
+    """(first, last) iteration index of steady-state training in one rank's hook log.
+
+    Starts at the first compressed iteration if the hook ever compressed (warm-up iterations
+    use allreduce), else at the second iteration (the first includes DDP's bucket rebuild).
+    ``None`` if too short.
+    """
+    steps = [line["step"] for line in hook_lines]
+    if not steps:
+        return None
+    compressed = [line["step"] for line in hook_lines if line.get("compressed")]
+    if compressed and not all(line.get("compressed") for line in hook_lines):
+        first = compressed[0]
+    else:
+        first = min(steps) + 1
+    last = max(steps)
+    return (first, last) if last >= first else None
 
 
 def settings_label(config: dict) -> str:

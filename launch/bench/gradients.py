@@ -15,11 +15,11 @@ __all__ = ["capture_gradients"]
 
 def _task(name: str, size: int):
     if name == "digits":
-        from .train_digits import DigitsTask
+        from ..examples.train_digits import DigitsTask
 
         return DigitsTask(width=size)
     if name == "text":
-        from .train_text import TextTask
+        from ..examples.train_text import TextTask
 
         return TextTask(d_model=size, corpus_chars=200_000)
     raise ValueError(f"unknown example {name!r}: expected 'digits' or 'text'")

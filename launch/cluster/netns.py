@@ -178,48 +178,64 @@ class EmulatedCluster:
 
     def _shape(self, namespace: str, device: str) -> None:
         """Token bucket at ``rate`` on ``device``'s egress, optional netem delay below it."""
-        if self.rate_bits is None and not self.delay:
-            return
-        tc = [self.tools["tc"], "-n", namespace, "qdisc", "add", "dev", device]
         if self.rate_bits is not None:
-            rate_bytes = self.rate_bits / 8
-            # Bucket: 4 ms of traffic (above one timer tick at HZ=250), at least 16 KiB so a few
-            # full-size frames pass at low rates.  Queue: 100 ms of traffic, at least 256 KiB,
-            # so bursts of gradient traffic queue instead of being dropped and resent.
-            burst = max(16 * 1024, int(rate_bytes * 0.004))
-            limit = max(256 * 1024, int(rate_bytes * 0.1))
-            self._run(*tc, "root", "handle", "1:", "tbf", "rate", f"{int(self.rate_bits)}bit",
-                      "burst", str(burst), "limit", str(limit))
+            self._token_bucket(namespace, device)
         if self.delay:
-            parent = ["parent", "1:1", "handle", "10:"] if self.rate_bits is not None else ["root", "handle", "10:"]
-            try:
-                self._run(*tc, *parent, "netem", "delay", self.delay)
-            except EmulationUnavailable as error:
-                raise EmulationUnavailable(
-                    f"cannot emulate --delay {self.delay}: this kernel lacks the netem qdisc (sch_netem) ({error}); "
-                    "run without --delay") from error
+            self._delay(namespace, device)
+
+    def _qdisc_add(self, namespace: str, device: str) -> list[str]:
+        return [self.tools["tc"], "-n", namespace, "qdisc", "add", "dev", device]
+
+    def _token_bucket(self, namespace: str, device: str) -> None:
+        """tbf at ``rate`` on ``device``'s egress (the root qdisc)."""
+        rate_bytes = self.rate_bits / 8
+        # Bucket: 4 ms of traffic (above one timer tick at HZ=250), at least 16 KiB so a few
+        # full-size frames pass at low rates.  Queue: 100 ms of traffic, at least 256 KiB,
+        # so bursts of gradient traffic queue instead of being dropped and resent.
+        burst = max(16 * 1024, int(rate_bytes * 0.004))
+        limit = max(256 * 1024, int(rate_bytes * 0.1))
+        self._run(*self._qdisc_add(namespace, device), "root", "handle", "1:", "tbf",
+                  "rate", f"{int(self.rate_bits)}bit", "burst", str(burst), "limit", str(limit))
+
+    def _delay(self, namespace: str, device: str) -> None:
+        """netem delay on ``device``'s egress, below the token bucket if there is one."""
+        parent = ["parent", "1:1", "handle", "10:"] if self.rate_bits is not None else ["root", "handle", "10:"]
+        try:
+            self._run(*self._qdisc_add(namespace, device), *parent, "netem", "delay", self.delay)
+        except EmulationUnavailable as error:
+            raise EmulationUnavailable(
+                f"cannot emulate --delay {self.delay}: this kernel lacks the netem qdisc (sch_netem) ({error}); "
+                "run without --delay") from error
 
     def create(self) -> "EmulatedCluster":
         """Build the switch, the nodes and the shaped links."""
         logger.info("creating %d emulated nodes (%s, rate %s, delay %s)", self.nodes, self.prefix, self.rate, self.delay)
+        self._add_switch()
+        for node in range(self.nodes):
+            self._add_node(node)
+        return self
+
+    def _add_switch(self) -> None:
+        """The switch: a namespace holding the bridge ``br0`` every node's link is plugged into."""
         self._add_namespace(self.switch)
         self._ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         self._ip("-n", self.switch, "link", "set", "br0", "up")
-        for node in range(self.nodes):
-            namespace, port = self.node_namespace(node), f"p{node}"
-            self._add_namespace(namespace)
-            self._ip("link", "add", self.interface, "netns", namespace, "type", "veth", "peer", "name", port,
-                     "netns", self.switch)
-            self._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-            for end_namespace, device in ((namespace, self.interface), (self.switch, port)):
-                self._one_frame_per_packet(end_namespace, device)
-            self._ip("-n", namespace, "addr", "add", f"{self.address(node)}/24", "dev", self.interface)
-            self._ip("-n", namespace, "link", "set", self.interface, "up")
-            # Processes of one node reach each other (and the rendezvous on node 0) over loopback.
-            self._ip("-n", namespace, "link", "set", "lo", "up")
-            self._shape(namespace, self.interface)  # what the node sends
-            self._shape(self.switch, port)  # what the node receives
-        return self
+
+    def _add_node(self, node: int) -> None:
+        """Node ``node``: its namespace, a veth link from its ``eth0`` to switch port ``p{node}``, shaped both ways."""
+        namespace, port = self.node_namespace(node), f"p{node}"
+        self._add_namespace(namespace)
+        self._ip("link", "add", self.interface, "netns", namespace, "type", "veth", "peer", "name", port,
+                 "netns", self.switch)
+        self._ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+        for end_namespace, device in ((namespace, self.interface), (self.switch, port)):
+            self._one_frame_per_packet(end_namespace, device)
+        self._ip("-n", namespace, "addr", "add", f"{self.address(node)}/24", "dev", self.interface)
+        self._ip("-n", namespace, "link", "set", self.interface, "up")
+        # Processes of one node reach each other (and the rendezvous on node 0) over loopback.
+        self._ip("-n", namespace, "link", "set", "lo", "up")
+        self._shape(namespace, self.interface)  # what the node sends
+        self._shape(self.switch, port)  # what the node receives
 
     def destroy(self) -> None:
         """Delete every namespace this object created (devices go with them). Never raises."""

@@ -651,7 +651,7 @@ def _method_section(plots: list[Path]) -> list[str]:
         "still be in its socket buffer when it samples its counters, so they count in the next step: after the "
         "warm-up's allreduce that tail can reach hundreds of kB (0.8 MB once in the run of 2026-11-28) and would be "
         "charged to the first compressed step.  *hook's "
-        "count* is what the hook says it sent (for PyTorch's hooks, the ring-allreduce model of launch/comm.py); "
+        "count* is what the hook says it sent (for PyTorch's hooks, the ring-allreduce model of launch/examples/comm.py); "
         "*wire overhead* = wire / hook's count - 1.",
         "- Noise: the emulated nodes' training processes share this machine's cores, and a timing run has few steady steps; "
         "step times that differ by less than ~15% (e.g. PowerSGD rank 1 against 3LC) are not a ranking.",
@@ -659,7 +659,7 @@ def _method_section(plots: list[Path]) -> list[str]:
         "section).  fp32 allreduce's unshaped step is no floor here: moving its megabytes per step through veth "
         "costs the shared CPU cores much more than a NIC would.",
         "- PowerSGD: PyTorch's hook with error feedback and warm start, its start iteration equal to 3LC's warm-up; "
-        "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/comm.py).",
+        "its collectives are serialized per bucket (needed on gloo with several buckets; see launch/examples/comm.py).",
         f"- Plots: {', '.join(f'`bench/{path.name}`' for path in plots)}; every figure above, per run, in "
         "`bench/bench.json` (`threelc bench train --from-json docs/bench/bench.json --doc docs/benchmarks.md` "
         "re-renders this page).",

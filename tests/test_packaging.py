@@ -17,7 +17,8 @@ assert threelc.__file__.startswith(sys.prefix), threelc.__file__
 names = ["threelc"] + [m.name for m in pkgutil.walk_packages(threelc.__path__, "threelc.")]
 for name in names:
     importlib.import_module(name)
-for sub in ("threelc.hooks", "threelc.launch", "threelc.codec", "threelc.kernels", "threelc.cli"):
+for sub in ("threelc.hooks", "threelc.launch", "threelc.codec", "threelc.kernels", "threelc.cli",
+            "threelc.launch.examples", "threelc.launch.cluster", "threelc.launch.bench", "threelc.launch.runs"):
     assert sub in names, sub
 print(len(names))
 """

@@ -45,7 +45,7 @@ class Terminated(BaseException):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="emulated machines (default: %(default)s)")
     parser.add_argument("--rate", default="100mbit", help="link rate per direction, tc syntax; 'none' for unshaped (default: %(default)s)")
-    parser.add_argument("--delay", default=None, help="one-way delay per link direction, e.g. 1ms (needs netem)")
+    parser.add_argument("--delay", default=None, help="one-way delay between nodes, e.g. 20ms (a user-space delay line; needs iptables)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/emulate-TIMESTAMP)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the job is stopped (default: %(default)s)")

@@ -10,8 +10,9 @@ never collide, and a leftover can be traced to its dead owner)::
 Every device is created directly inside a namespace, never in the host's: deleting the
 namespaces removes everything.  Each link is shaped in both directions with a token bucket
 (``tbf``): on the node's ``eth0`` (what the node sends) and on the switch port ``pI`` (what the node
-receives).  ``delay`` adds ``netem`` below the token bucket on both sides, so one node-to-node
-hop waits ``2 * delay``; kernels without ``sch_netem`` cannot emulate delay (a clear error).
+receives).  ``delay`` starts a user-space delay line (:mod:`.delayline`: netfilter's packet
+queue, no ``sch_netem`` needed): every packet a node receives from another node is held for
+``delay``, so a one-way trip takes ``delay`` and a round trip ``2 * delay``.
 Traffic between processes of the same node stays on its loopback device, as on a real machine.
 """
 
@@ -25,6 +26,10 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
+
+from . import delayline
+from .delayline import parse_delay
 
 __all__ = [
     "EmulatedCluster",
@@ -65,8 +70,9 @@ def _tool(name: str) -> str | None:
     return shutil.which(name, path=_SEARCH_PATH)
 
 
-def check_requirements() -> dict:
-    """Paths of ``ip`` and ``tc``; raise :class:`EmulationUnavailable` saying what is missing."""
+def check_requirements(delay: bool = False) -> dict:
+    """Paths of ``ip`` and ``tc`` (and ``iptables`` for a ``delay``); raise
+    :class:`EmulationUnavailable` saying what is missing."""
     if os.name != "posix" or not hasattr(os, "geteuid"):
         raise EmulationUnavailable("the emulated cluster needs Linux network namespaces")
     if os.geteuid() != 0:
@@ -78,6 +84,11 @@ def check_requirements() -> dict:
     if missing:
         raise EmulationUnavailable(f"threelc emulate needs iproute2 ({' and '.join(missing)} not found); "
                                    "install it, e.g. `apt-get install iproute2`")
+    if delay:
+        tools["iptables"] = _tool("iptables")
+        if tools["iptables"] is None:
+            raise EmulationUnavailable("threelc emulate --delay needs iptables (its delay line queues packets with an "
+                                       "iptables NFQUEUE rule); install it, e.g. `apt-get install iptables`")
     return tools
 
 
@@ -121,7 +132,8 @@ class EmulatedCluster:
     rate : str
         Link rate per direction, tc syntax (``100mbit``); ``None`` leaves links unshaped.
     delay : str, optional
-        One-way delay per link direction (``1ms``); needs the kernel's netem qdisc.
+        One-way delay between any two nodes (``20ms``, ``500us``), applied by a user-space
+        delay line (:mod:`.delayline`); needs ``iptables`` and the kernel's NFQUEUE target.
     subnet : str
         First three octets of the nodes' /24 (inside the namespaces only).
     """
@@ -137,11 +149,13 @@ class EmulatedCluster:
         self.rate = rate
         self.rate_bits = parse_rate(rate) if rate else None
         self.delay = delay
+        self.delay_s = parse_delay(delay) if delay else None
         self.subnet = subnet
-        self.tools = check_requirements()
+        self.tools = check_requirements(delay=bool(delay))
         self.prefix = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.switch = f"{self.prefix}-sw"
         self.namespaces: list[str] = []  # created so far, in order: what destroy() removes
+        self._delay_line: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ naming
     def node_namespace(self, node: int) -> str:
@@ -177,11 +191,9 @@ class EmulatedCluster:
         self._ip("-n", namespace, "link", "set", "dev", device, "gso_max_segs", "1")
 
     def _shape(self, namespace: str, device: str) -> None:
-        """Token bucket at ``rate`` on ``device``'s egress, optional netem delay below it."""
+        """Token bucket at ``rate`` on ``device``'s egress."""
         if self.rate_bits is not None:
             self._token_bucket(namespace, device)
-        if self.delay:
-            self._delay(namespace, device)
 
     def _qdisc_add(self, namespace: str, device: str) -> list[str]:
         return [self.tools["tc"], "-n", namespace, "qdisc", "add", "dev", device]
@@ -197,15 +209,32 @@ class EmulatedCluster:
         self._run(*self._qdisc_add(namespace, device), "root", "handle", "1:", "tbf",
                   "rate", f"{int(self.rate_bits)}bit", "burst", str(burst), "limit", str(limit))
 
-    def _delay(self, namespace: str, device: str) -> None:
-        """netem delay on ``device``'s egress, below the token bucket if there is one."""
-        parent = ["parent", "1:1", "handle", "10:"] if self.rate_bits is not None else ["root", "handle", "10:"]
+    def _start_delay_line(self) -> None:
+        """Queue what each node receives from the others, and start the process that delays it."""
+        nodes = [self.node_namespace(node) for node in range(self.nodes)]
+        for namespace in nodes:
+            self._ip("netns", "exec", namespace, self.tools["iptables"], *delayline.rule_arguments(self.interface))
+        self._delay_line = subprocess.Popen([sys.executable, "-m", delayline.__name__, "--delay", self.delay, *nodes],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if self._delay_line.stdout.readline().strip() != "ready":
+            error = self._delay_line.communicate(timeout=10)[1]
+            raise EmulationUnavailable(f"the delay line for --delay {self.delay} did not start: {error.strip()}")
+
+    def _stop_delay_line(self) -> None:
+        if self._delay_line is None:
+            return
+        self._delay_line.terminate()
         try:
-            self._run(*self._qdisc_add(namespace, device), *parent, "netem", "delay", self.delay)
-        except EmulationUnavailable as error:
-            raise EmulationUnavailable(
-                f"cannot emulate --delay {self.delay}: this kernel lacks the netem qdisc (sch_netem) ({error}); "
-                "run without --delay") from error
+            self._delay_line.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._delay_line.kill()
+            self._delay_line.communicate()
+        self._delay_line = None
+
+    @property
+    def delay_line_pid(self) -> int | None:
+        """The delay line's process id while it runs (``None`` without ``delay``)."""
+        return None if self._delay_line is None else self._delay_line.pid
 
     def create(self) -> "EmulatedCluster":
         """Build the switch, the nodes and the shaped links."""
@@ -213,6 +242,8 @@ class EmulatedCluster:
         self._add_switch()
         for node in range(self.nodes):
             self._add_node(node)
+        if self.delay:
+            self._start_delay_line()
         return self
 
     def _add_switch(self) -> None:
@@ -246,6 +277,7 @@ class EmulatedCluster:
         except ValueError:  # not the main thread: cannot touch signals, clean up anyway
             previous = None
         try:
+            self._stop_delay_line()
             for name in reversed(self.namespaces):
                 result = subprocess.run([self.tools["ip"], "netns", "delete", name], capture_output=True, text=True,
                                         check=False)
@@ -284,6 +316,9 @@ class EmulatedCluster:
         return found
 
     def describe(self) -> dict:
-        return {"nodes": self.nodes, "rate": self.rate, "rate_bits_per_s": self.rate_bits, "delay": self.delay,
-                "prefix": self.prefix, "addresses": [self.address(node) for node in range(self.nodes)],
-                "interface": self.interface, "shaping": "tbf on both ends of each veth link"}
+        described = {"nodes": self.nodes, "rate": self.rate, "rate_bits_per_s": self.rate_bits, "delay": self.delay,
+                     "prefix": self.prefix, "addresses": [self.address(node) for node in range(self.nodes)],
+                     "interface": self.interface, "shaping": "tbf on both ends of each veth link"}
+        if self.delay:
+            described["delay_line"] = "user space (NFQUEUE): each packet held on arrival at its node"
+        return described

@@ -39,6 +39,16 @@ def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
         ("unshaped", "accuracy", 200, 10)] * 2 + [("100mbit", "timing", 7, 2)] * 2 + [("10mbit", "timing", 7, 2)] * 2
 
 
+def test_plan_adds_delayed_timing_runs_after_each_shaped_rate():
+    hooks = [parse_hook("allreduce"), parse_hook("threelc-s1.0")]
+    cells = plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10, timing_steps=5, quick=True,
+                       delays=["20ms", "50ms"])
+    assert [(cell.rate, cell.delay, cell.kind) for cell in cells] == [
+        ("unshaped", None, "accuracy")] * 2 + [("100mbit", None, "timing")] * 2 + [
+        ("100mbit", "20ms", "timing")] * 2 + [("100mbit", "50ms", "timing")] * 2
+    assert cells[4].folder == "digits/100mbit-delay20ms/allreduce"  # never the undelayed run's folder
+
+
 def _cell(rate, hook, step_s, wire, *, final=None, curve=(), warmup=None):
     return {"example": "digits", "rate": rate, "hook": hook, "kind": "accuracy" if rate == "unshaped" else "timing",
             "nodes": 4, "warmup": warmup, "error": None, "median_step_s": step_s, "wire_tx_per_step_node": wire,
@@ -80,6 +90,24 @@ def test_analysis_targets_and_time_to_target():
     assert analysis.last_evals_mean("fp16") is None  # no such run
     met = {row["target"]: row["met"] for row in bench_doc.check_targets(analysis, "threelc-s1.0")}
     assert list(met.values()) == [True, False, True, True, True, True, True]
+
+
+def test_delayed_rows_get_their_own_table_and_leave_the_rest_alone(tmp_path):
+    plain = bench_doc.write_doc(_results(), tmp_path / "plain" / "benchmarks.md").read_text()
+    assert "one-way delay" not in plain
+    results = _results()
+    for delay, fp32, mine in (("20ms", 2.0, 0.25), ("50ms", 4.0, 0.5)):
+        for hook, step in (("allreduce", fp32), ("threelc-s1.0", mine)):
+            results["cells"].append({**_cell("100mbit", hook, step, 1e6), "delay": delay})
+    analysis = bench_doc.analyze(results)["digits"]
+    assert analysis.speedup("100mbit", "threelc-s1.0") == pytest.approx(1.0 / 0.11)  # undelayed rows unchanged
+    text = bench_doc.write_doc(results, tmp_path / "delayed" / "benchmarks.md").read_text()
+    start, end = text.index("### digits: step time against one-way delay"), text.index("## How it was measured")
+    assert text[:start] + text[end:] == plain  # the delayed runs add their section and change nothing else
+    table = bench_doc.delay_table(analysis, "100mbit")
+    assert table.splitlines()[0] == "| hook | no delay | 20ms | 50ms |"
+    assert "| threelc-s1.0 | 110 ms (9.1x) | 250 ms (8.0x) | 500 ms (8.0x) |" in table
+    assert "| powersgd-r1 | 200 ms (5.0x) | - | - |" in table  # no delayed run: a dash, not an error
 
 
 def test_doc_written_from_results(tmp_path):

@@ -22,6 +22,7 @@ import logging
 import math
 from pathlib import Path
 
+from ..cluster.delayline import parse_delay
 from ..runs.report import format_bytes
 
 __all__ = ["Analysis", "analyze", "check_targets", "headline_text", "write_doc", "plot_bench"]
@@ -57,7 +58,10 @@ class Analysis:
         self.info = results["examples"][example]
         self.higher_is_better = self.info["higher_is_better"]
         self.metric = self.info["metric"]
-        cells = [row for row in results["cells"] if row["example"] == example]
+        every = [row for row in results["cells"] if row["example"] == example]
+        cells = [row for row in every if not row.get("delay")]
+        #: Timing rows of ``--delays``: (rate, delay, hook) -> row.
+        self.delayed = {(row["rate"], row["delay"], row["hook"]): row for row in every if row.get("delay")}
         self.hooks = list(dict.fromkeys(row["hook"] for row in cells))
         self.rates = sorted(dict.fromkeys(row["rate"] for row in cells), key=_rate_order)
         self.cell = {(row["rate"], row["hook"]): row for row in cells}
@@ -612,6 +616,39 @@ def _example_section(results: dict, name: str, analysis: Analysis) -> list[str]:
     return parts
 
 
+def delay_table(analysis: Analysis, rate: str) -> str:
+    """Median step per hook (rows) and one-way delay (columns) on ``rate``; x = fp32 allreduce's step
+    at the same delay over the hook's."""
+    delays = sorted({delay for (row_rate, delay, _) in analysis.delayed if row_rate == rate}, key=parse_delay)
+
+    def step(hook, delay):
+        row = analysis.row(rate, hook) if delay is None else analysis.delayed.get((rate, delay, hook))
+        return None if row is None or row.get("error") else row.get("median_step_s")
+
+    rows = []
+    for hook in analysis.hooks:
+        cells = []
+        for delay in (None, *delays):
+            mine, fp32 = step(hook, delay), step("allreduce", delay)
+            cells.append(_ms(mine) + (f" ({fp32 / mine:.1f}x)" if mine and fp32 and hook != "allreduce" else ""))
+        rows.append([hook, *cells])
+    return _table(["hook", "no delay", *delays], rows)
+
+
+def _delay_section(name: str, analysis: Analysis) -> list[str]:
+    """``### name: step time against delay`` (empty without ``--delays`` runs)."""
+    rates = sorted({rate for (rate, _, _) in analysis.delayed}, key=_rate_order)
+    if not rates:
+        return []
+    parts = [f"### {name}: step time against one-way delay", "",
+             "Timing runs as above, with a one-way delay between every two nodes (the emulator's user-space delay "
+             "line: a round trip takes twice the delay).  Median step; in brackets fp32 allreduce's step at the same "
+             "delay over the hook's.", ""]
+    for rate in rates:
+        parts += [f"At {rate}:", "", delay_table(analysis, rate), ""]
+    return parts
+
+
 def _scaling_section(results: dict) -> list[str]:
     """``## Scaling``: wire bytes per node against the byte model (empty without scaling runs)."""
     if not results.get("scaling"):
@@ -680,6 +717,7 @@ def write_doc(results: dict, doc: Path) -> Path:
         parts += _targets_section(name, analysis)
     for name, analysis in analyses.items():
         parts += _example_section(results, name, analysis)
+        parts += _delay_section(name, analysis)
     parts += _scaling_section(results)
     parts += _method_section(plots)
     doc.parent.mkdir(parents=True, exist_ok=True)

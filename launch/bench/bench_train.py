@@ -175,10 +175,12 @@ class Cell:
     kind: str  # "accuracy" or "timing"
     steps: int
     warmup: int  # --warmup-steps for hooks that have one
+    delay: str | None = None  # one-way delay between nodes (timing runs of --delays)
 
     @property
     def folder(self) -> str:
-        return f"{self.example.name}/{self.rate}/{self.hook.name}"
+        link = self.rate if self.delay is None else f"{self.rate}-delay{self.delay}"
+        return f"{self.example.name}/{link}/{self.hook.name}"
 
 
 def normalize_rate(rate: str) -> str:
@@ -191,17 +193,19 @@ def normalize_rate(rate: str) -> str:
     return str(rate)
 
 
-def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing_steps: int, quick: bool) -> list[Cell]:
-    """The runs, in order: per example, the unshaped accuracy runs first, then each rate's timing runs."""
+def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing_steps: int, quick: bool,
+               delays=()) -> list[Cell]:
+    """The runs, in order: per example, the unshaped accuracy runs first, then each rate's timing
+    runs, each shaped rate followed by its timing runs with each of ``delays``."""
     cells = []
     for example in examples:
         full = steps or (example.quick_steps if quick else example.steps)
         for rate in [UNSHAPED] + [rate for rate in rates if rate != UNSHAPED]:
-            for hook in hooks:
-                if rate == UNSHAPED:
-                    cells.append(Cell(example, rate, hook, "accuracy", full, warmup))
-                else:
-                    cells.append(Cell(example, rate, hook, "timing", 2 + timing_steps, 2))
+            if rate == UNSHAPED:
+                cells += [Cell(example, rate, hook, "accuracy", full, warmup) for hook in hooks]
+                continue
+            for delay in (None, *delays):
+                cells += [Cell(example, rate, hook, "timing", 2 + timing_steps, 2, delay) for hook in hooks]
     return cells
 
 
@@ -235,12 +239,13 @@ def _stdout_to(path: Path):
             os.close(saved)
 
 
-def _emulated_run(command: list[str], run_dir: Path, *, nodes: int, rate: str, timeout: float) -> dict:
+def _emulated_run(command: list[str], run_dir: Path, *, nodes: int, rate: str, timeout: float,
+                  delay: str | None = None) -> dict:
     from ..cluster.emulate import emulate
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with _stdout_to(run_dir / "node0.log"):
-        return emulate(command, nodes=nodes, rate=None if rate == UNSHAPED else rate, delay=None, nproc_per_node=1,
+        return emulate(command, nodes=nodes, rate=None if rate == UNSHAPED else rate, delay=delay, nproc_per_node=1,
                        out=run_dir, timeout=timeout, port=29500)
 
 
@@ -317,8 +322,10 @@ def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: i
     row = {"example": cell.example.name, "rate": cell.rate, "hook": cell.hook.name, "kind": cell.kind,
            "steps": cell.steps, "warmup": cell.warmup if cell.hook.has_warmup else None, "nodes": nodes,
            "run_dir": cell.folder, "command": command, "error": None}
+    if cell.delay is not None:
+        row["delay"] = cell.delay
     try:
-        record = _emulated_run(command, run_dir, nodes=nodes, rate=cell.rate, timeout=timeout)
+        record = _emulated_run(command, run_dir, nodes=nodes, rate=cell.rate, timeout=timeout, delay=cell.delay)
         if any(code != 0 for code in record["exit_codes"]):
             row["error"] = f"exit codes {record['exit_codes']} (see {run_dir}/node*.log)"
         else:
@@ -426,6 +433,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", nargs="+", default=None,
                         help="link rates, tc syntax, 'none' = unshaped (default: none 100mbit 1gbit 10mbit; "
                              "--quick: none 100mbit 10mbit); the unshaped accuracy runs always run")
+    parser.add_argument("--delays", nargs="*", default=None,
+                        help="one-way delays between nodes (e.g. 5ms 20ms 50ms): every shaped rate's timing runs "
+                             "again with each (default: none)")
     parser.add_argument("--hooks", nargs="+", default=None,
                         help="hooks: allreduce fp16 powersgd-r<R> threelc-s<S>[-allgather|-scatter_reduce] "
                              "(default: the issue's 10; --quick: 5)")
@@ -459,6 +469,7 @@ def _settings(args) -> dict:
         "quick": quick,
         "examples": args.examples or (["digits"] if quick else ["digits", "text"]),
         "rates": [normalize_rate(rate) for rate in rates],
+        "delays": [_checked_delay(delay) for delay in args.delays or []],
         "hooks": args.hooks or list(QUICK_HOOKS if quick else FULL_HOOKS),
         "nodes": args.nodes,
         "steps": args.steps,
@@ -468,6 +479,13 @@ def _settings(args) -> dict:
         "scaling_steps": args.scaling_steps,
         "timeout": args.timeout,
     }
+
+
+def _checked_delay(delay: str) -> str:
+    from ..cluster.delayline import parse_delay
+
+    parse_delay(delay)  # raises ValueError on a bad delay, before anything runs
+    return str(delay)
 
 
 def _sized(example: Example, args) -> Example:
@@ -510,7 +528,7 @@ def run(args) -> int:
     from ..cluster.netns import EmulationUnavailable, check_requirements
 
     try:
-        check_requirements()
+        check_requirements(delay=bool(args.delays))
         settings = _settings(args)
         hooks = [parse_hook(name) for name in settings["hooks"]]
     except (EmulationUnavailable, ValueError) as error:
@@ -525,7 +543,7 @@ def run(args) -> int:
     doc = _doc_path(args.doc, out)
     examples = [_sized(EXAMPLES[name], args) for name in settings["examples"]]
     cells = plan_cells(examples, settings["rates"], hooks, steps=settings["steps"], warmup=settings["warmup_steps"],
-                       timing_steps=settings["timing_steps"], quick=settings["quick"])
+                       timing_steps=settings["timing_steps"], quick=settings["quick"], delays=settings["delays"])
     if sys.argv[1:3] == ["bench", "train"]:
         command = "threelc bench train " + " ".join(shlex.quote(arg) for arg in sys.argv[3:])
     else:
@@ -550,7 +568,8 @@ def run(args) -> int:
                            f"wire {row.get('wire_tx_per_step_node') or 0:12,.0f} B/step/node")
                 if cell.kind == "accuracy" and row["final_eval"] is not None:
                     figures += f"  {cell.example.metric} {row['final_eval']:.4f}"
-            print(f"[{index}/{len(cells)}] {cell.example.name:6} {cell.rate:>9} {cell.hook.name:28} {figures}"
+            link = cell.rate if cell.delay is None else f"{cell.rate}+{cell.delay}"
+            print(f"[{index}/{len(cells)}] {cell.example.name:6} {link:>9} {cell.hook.name:28} {figures}"
                   f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
         if settings["scaling_nodes"]:
             print("scaling runs ...", flush=True)

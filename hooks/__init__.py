@@ -15,7 +15,8 @@ statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
 """
 
 from .hook import register, threelc_hook
-from .state import ConfigMismatchError, ThreeLCState
+from .state import ConfigMismatchError, StateOwnerError, ThreeLCState, merge_state_dicts
 from .stats import STAT_KEYS
 
-__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "STAT_KEYS"]
+__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts",
+           "STAT_KEYS"]

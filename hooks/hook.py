@@ -139,7 +139,9 @@ def register(ddp_model, **options) -> ThreeLCState:
     """Create a :class:`ThreeLCState` and register :func:`threelc_hook` on a DDP model.
 
     ``options`` are ThreeLCState's keyword arguments; ``process_group`` defaults to the
-    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).
+    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).  ``ddp_model`` may
+    be ``torch.compile`` of a DDP model (the DDP model inside is used).  Raises TypeError for a
+    model that is not DDP, and NotImplementedError under compiled autograd's Python reducer.
 
     Example::
         >>> # xdoctest: +SKIP

@@ -87,8 +87,9 @@ def lightning_run(rank, world_size, folder):
 
     def fit(strategy, steps, ckpt_path=None, callbacks=()):
         trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=steps, logger=False,
-                            callbacks=list(callbacks), enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)
+                            callbacks=list(callbacks), enable_checkpointing=any(
+                                isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) for callback in callbacks),
+                            enable_progress_bar=False, enable_model_summary=False)
         module = Regression()
         trainer.fit(module, loader(rank), ckpt_path=ckpt_path)
         return trainer, module
@@ -100,10 +101,13 @@ def lightning_run(rank, world_size, folder):
     result["plain_warnings"] = counter.messages
     counter = WarningCounter()
 
+    # Checkpoints every 2 steps, only the latest kept (older ones and their hook files rotate out),
+    # and last.ckpt a symbolic link to it.
     strategy = ThreeLCStrategy(hook_options=OPTIONS)
-    trainer, module = fit(strategy, STEPS)
-    checkpoint = os.path.join(folder, "lightning.ckpt")
-    trainer.save_checkpoint(checkpoint)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=1,
+                                                      save_last="link")
+    trainer, module = fit(strategy, STEPS, callbacks=[checkpoints])
+    checkpoint = os.path.join(folder, "last.ckpt")
     result.update(stats=strategy.threelc_state.stats()["total"], parameters=flat_parameters(module),
                   saved=residuals(strategy.threelc_state), files=sorted(os.listdir(folder)))
 

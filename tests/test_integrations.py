@@ -242,3 +242,34 @@ def test_threelc_integrations_imports_no_framework_until_asked():
         import threelc.integrations
 
         threelc.integrations.nothing  # noqa: B018
+
+
+def test_accelerate_gives_a_second_model_files_of_its_own():
+    from threelc.hooks.integrations.accelerate import _path_of
+
+    assert _path_of("ckpt", 0)(1).endswith("ckpt/threelc-rank1.pt")
+    assert _path_of("ckpt", 1)(1).endswith("ckpt/threelc-model1-rank1.pt")
+
+
+def test_trainer_callback_resumes_only_the_checkpoint_the_trainer_resumed(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from threelc.hooks.integrations.transformers import ThreeLCCallback, _trainer_fingerprint
+
+    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None)
+    trainer_state = SimpleNamespace(global_step=4, log_history=[{"loss": 1.25, "step": 2}])
+    callback = ThreeLCCallback(trainer=None)
+    callback.threelc_state = ThreeLCState()
+    with caplog.at_level(logging.WARNING, LOGGER):
+        callback._resume(args, trainer_state)  # nothing saved: a warning, residuals from zero
+    assert "no 3LC hook state was found" in caplog.text
+    saved = _state_with_residuals([1.0, 2, 3, 4]).state_dict()
+    (tmp_path / "checkpoint-4").mkdir()
+    torch.save({**saved, "trainer": _trainer_fingerprint(trainer_state)}, tmp_path / "checkpoint-4" / "threelc-rank0.pt")
+    callback._resume(args, trainer_state)
+    assert torch.equal(callback.threelc_state.state_dict()["residuals"][0]["worker"], torch.tensor([1.0, 2, 3, 4]))
+    # Same step, another run's log history: the files belong to another checkpoint.
+    other_run = SimpleNamespace(global_step=4, log_history=[{"loss": 9.5, "step": 2}])
+    with pytest.raises(FileNotFoundError, match="belongs to another checkpoint"):
+        callback._resume(args, other_run)

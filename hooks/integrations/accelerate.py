@@ -58,17 +58,21 @@ def register_accelerate(accelerator, model, *, reshard: bool = False, **options)
             f"--num_processes 2` starts only one; use `torchrun --nproc-per-node 2 script.py`.  To run the same "
             f"script on one process, call register_accelerate only when accelerator.num_processes > 1.")
     state = register(model, **options)
+    # A second model (e.g. a GAN's discriminator) gets files of its own: threelc-model1-rank{r}.pt.
+    model_index = getattr(accelerator, "_threelc_models", 0)
+    accelerator._threelc_models = model_index + 1
     accelerator.register_save_state_pre_hook(
-        lambda models, weights, output_dir: save_rank_state(state, _path_of(output_dir)))
-    accelerator.register_load_state_pre_hook(lambda models, input_dir: _load(state, input_dir, reshard))
+        lambda models, weights, output_dir: save_rank_state(state, _path_of(output_dir, model_index)))
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: _load(state, input_dir, model_index, reshard))
     return state
 
 
-def _load(state: ThreeLCState, input_dir: str, reshard: bool) -> None:
-    if not load_rank_state(state, _path_of(input_dir), reshard=reshard):
+def _load(state: ThreeLCState, input_dir: str, model_index: int, reshard: bool) -> None:
+    if not load_rank_state(state, _path_of(input_dir, model_index), reshard=reshard):
         # No rank saved one: a checkpoint from before 3LC was used, so there are no residuals to lose.
         logger.warning("threelc: %s holds no 3LC hook state; the residuals start from zero", input_dir)
 
 
-def _path_of(folder: str):
-    return lambda rank: os.path.join(os.fspath(folder), FILE_NAME.format(rank=rank))
+def _path_of(folder: str, model_index: int):
+    name = FILE_NAME if model_index == 0 else FILE_NAME.replace("threelc-", f"threelc-model{model_index}-")
+    return lambda rank: os.path.join(os.fspath(folder), name.format(rank=rank))

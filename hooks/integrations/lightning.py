@@ -17,6 +17,7 @@ import os
 
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from ..hook import register
 from ..state import ThreeLCState
@@ -88,7 +89,9 @@ class ThreeLCStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if "threelc" in checkpoint:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        fitting = trainer is None or trainer.state.fn == TrainerFn.FITTING  # validate/test: no hook
+        if "threelc" in checkpoint and fitting:
             path = os.fspath(checkpoint_path)
             # ModelCheckpoint(save_last="link") makes last.ckpt a symbolic link; the files sit by its target.
             self._resume_path = os.path.realpath(path) if os.path.islink(path) else path

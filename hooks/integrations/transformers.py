@@ -14,6 +14,7 @@ Which folder was resumed: the Trainer does not tell callbacks, so the callback l
 at its own ``resume_from_checkpoint`` argument, ``TrainingArguments.resume_from_checkpoint``, and
 ``<output_dir>/checkpoint-<global_step>``, and loads the first whose files carry the resumed
 trainer state's fingerprint (its step and log history); files of another run raise an error.
+Hyperparameter search (checkpoints under ``<output_dir>/run-<trial>/``) is not supported.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ def _check_common(results, resumed_iteration):
         assert torch.equal(results[0][key], results[1][key]), key
 
 
+@pytest.mark.slow
 def test_lightning_strategy_compresses_on_cpu_and_resumes_every_rank(tmp_path):
     results = run_ranks(_frameworks.lightning_run, 2, str(tmp_path), timeout_s=600)
     _check_common(results, resumed_iteration=_frameworks.STEPS)
@@ -46,12 +47,14 @@ def test_lightning_strategy_compresses_on_cpu_and_resumes_every_rank(tmp_path):
         assert len(result["plain_warnings"]) == 1 and "never run" in result["plain_warnings"][0]
 
 
+@pytest.mark.slow
 def test_accelerate_register_compresses_and_save_load_state_carries_every_rank(tmp_path):
     results = run_ranks(_frameworks.accelerate_run, 2, str(tmp_path), timeout_s=600)
     _check_common(results, resumed_iteration=None)
     assert {"threelc-rank0.pt", "threelc-rank1.pt", "model.safetensors"} <= set(results[0]["files"])
 
 
+@pytest.mark.slow
 def test_transformers_callback_resumes_bitwise_from_checkpoint_folder(tmp_path):
     results = run_ranks(_frameworks.transformers_run, 2, str(tmp_path), timeout_s=600)
     _check_common(results, resumed_iteration=_frameworks.TRAINER_SAVE_AT)

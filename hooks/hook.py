@@ -161,8 +161,8 @@ def register(ddp_model, **options) -> ThreeLCState:
 _PYTHON_REDUCER_REFUSED = (
     "threelc: compiled autograd's Python reducer (torch._dynamo.config.optimize_ddp = 'python_reducer') is not "
     "supported: it calls the hook once per parameter with (grad, param) inside the traced backward, while 3LC "
-    "compresses whole buckets with numba kernels on a worker thread, which cannot be traced.  Use the default "
-    "optimize_ddp (DDPOptimizer): torch.compile around or inside DDP works with threelc.")
+    "compresses whole buckets with numba kernels on a worker thread, which cannot be traced.  Keep the default "
+    "optimize_ddp (DDPOptimizer), which calls the hook with DDP's buckets as in eager mode.")
 
 
 def _distributed_model(model) -> torch.nn.parallel.DistributedDataParallel:

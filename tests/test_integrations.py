@@ -165,15 +165,16 @@ def test_a_registered_state_never_called_warns_at_exit(fresh_watch, caplog):
 
 
 def correct_use(rank, world_size):
-    """register() through a torch.compile wrapper, warm-up and compressed steps, the exit check;
-    then the compiled-autograd Python reducer, which register() refuses."""
+    """torch.compile around DDP (register() unwraps it), warm-up and compressed steps, the exit
+    check; then the compiled-autograd Python reducer, which register() refuses."""
     counter = _frameworks.WarningCounter()
     ddp = DDP(_frameworks.small_model())
-    state = register(torch.compile(ddp), **_frameworks.OPTIONS)  # unwrapped to the DDP model inside
+    compiled = torch.compile(ddp, backend="aot_eager")  # DDPOptimizer, the default optimize_ddp
+    state = register(compiled, **_frameworks.OPTIONS)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
     for inputs, targets in list(_frameworks.loader(rank))[:4]:
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(ddp(inputs).squeeze(1), targets).backward()
+        torch.nn.functional.mse_loss(compiled(inputs).squeeze(1), targets).backward()
         optimizer.step()
     never_called._at_exit()
     torch._dynamo.config.optimize_ddp = "python_reducer"
@@ -183,15 +184,17 @@ def correct_use(rank, world_size):
     except NotImplementedError as error:
         refused = str(error)
     return {"warnings": counter.messages, "called": state._hook_called, "stats": state.stats()["total"],
-            "refused": refused}
+            "refused": refused, "parameters": _frameworks.flat_parameters(ddp.module)}
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_correct_use_never_warns_and_the_python_reducer_is_refused(world_size):
-    for result in run_ranks(correct_use, world_size, timeout_s=300):
+    results = run_ranks(correct_use, world_size, timeout_s=300)
+    for result in results:
         assert result["called"] and result["warnings"] == []
         assert result["stats"]["compressed"] == (world_size > 1)
         assert "python_reducer" in result["refused"] and "not supported" in result["refused"]
+    assert all(torch.equal(result["parameters"], results[0]["parameters"]) for result in results)
 
 
 # ---------------------------------------------------------------------------- refusals and argument checks

@@ -11,11 +11,14 @@ per-bucket algorithm), :mod:`.collectives` (size headers and uneven payload exch
 :mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.stats` (per-rank
 statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
 :mod:`.codecs` (the numba and torch codec adapters the algorithm is written against),
-:mod:`.device_codec` (the torch codec: the numba codec's bytes, on any device).
+:mod:`.device_codec` (the torch codec: the numba codec's bytes, on any device);
+:mod:`.never_called` (the warning for a state whose hook never ran), :mod:`.integrations`
+(Lightning, Accelerate, Hugging Face Trainer; also importable as ``threelc.integrations``).
 """
 
 from .hook import register, threelc_hook
-from .state import ConfigMismatchError, ThreeLCState
+from .state import ConfigMismatchError, StateOwnerError, ThreeLCState, merge_state_dicts
 from .stats import STAT_KEYS
 
-__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "STAT_KEYS"]
+__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts",
+           "STAT_KEYS"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import codecs, collectives
+from . import codecs, collectives, never_called
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
 
 __all__ = ["threelc_hook", "register"]
@@ -87,6 +87,11 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         >>> state = ThreeLCState(process_group=None, sparsity=1.0)
         >>> ddp_model.register_comm_hook(state, threelc_hook)
     """
+    if isinstance(bucket, tuple):
+        raise TypeError(_PYTHON_REDUCER_REFUSED)
+    if not state._hook_called:
+        state._hook_called = True
+        state.check_owner()
     group = state.group()
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
@@ -134,19 +139,44 @@ def register(ddp_model, **options) -> ThreeLCState:
     """Create a :class:`ThreeLCState` and register :func:`threelc_hook` on a DDP model.
 
     ``options`` are ThreeLCState's keyword arguments; ``process_group`` defaults to the
-    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).
+    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).  ``ddp_model`` may
+    be ``torch.compile`` of a DDP model (the DDP model inside is used).  Raises TypeError for a
+    model that is not DDP, and NotImplementedError under compiled autograd's Python reducer.
 
     Example::
         >>> # xdoctest: +SKIP
         >>> state = threelc.hooks.register(ddp_model, sparsity=1.0)
     """
+    ddp_model = _distributed_model(ddp_model)
     process_group = options.pop("process_group", None)
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
     state = ThreeLCState(process_group=process_group, **options)
     state.bind_parameters(ddp_model.module)
     ddp_model.register_comm_hook(state, threelc_hook)
+    never_called.watch_registered(state)
     return state
+
+
+_PYTHON_REDUCER_REFUSED = (
+    "threelc: compiled autograd's Python reducer (torch._dynamo.config.optimize_ddp = 'python_reducer') is not "
+    "supported: it calls the hook once per parameter with (grad, param) inside the traced backward, while 3LC "
+    "compresses whole buckets with numba kernels on a worker thread, which cannot be traced.  Keep the default "
+    "optimize_ddp (DDPOptimizer), which calls the hook with DDP's buckets as in eager mode.")
+
+
+def _distributed_model(model) -> torch.nn.parallel.DistributedDataParallel:
+    """The DistributedDataParallel model inside ``model`` (unwrapping torch.compile), or TypeError."""
+    ddp_model = getattr(model, "_orig_mod", model)  # torch.compile(ddp_model) wraps it
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            f"threelc: register() needs a torch.nn.parallel.DistributedDataParallel model, got "
+            f"{type(model).__name__}: the hook averages DDP's gradient buckets, so wrap the model first "
+            f"(DistributedDataParallel(model) after torch.distributed.init_process_group).  With a framework, use "
+            f"threelc.integrations (Lightning, Accelerate, Hugging Face Trainer), which find the DDP model for you.")
+    if getattr(ddp_model, "_use_python_reducer", False):
+        raise NotImplementedError(_PYTHON_REDUCER_REFUSED)
+    return ddp_model
 
 
 # ---------------------------------------------------------------------------- worker side

@@ -12,24 +12,30 @@ import torch.distributed as dist
 
 from threelc import format as payload_format
 
+from . import never_called
 from .codecs import CODECS
 from .stats import HookStats
 from .worker import BucketWorker
 
-__all__ = ["ThreeLCState", "COLLECTIVES", "SCALES", "ConfigMismatchError"]
+__all__ = ["ThreeLCState", "COLLECTIVES", "SCALES", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts"]
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVES = ("auto", "allgather", "scatter_reduce")
 SCALES = ("tensor", "bucket", "block")
-#: Version of the dictionary :meth:`ThreeLCState.state_dict` returns.
-STATE_DICT_VERSION = 1
+#: Version of the dictionary :meth:`ThreeLCState.state_dict` returns.  Version 2 added the
+#: ``owner`` record (rank and world size); version 1 dicts still load, unchecked, with a warning.
+STATE_DICT_VERSION = 2
 #: Environment variable naming the statistics folder when ``stats_dir`` is not given.
 STATS_DIR_ENV = "THREELC_STATS_DIR"
 
 
 class ConfigMismatchError(RuntimeError):
     """The ranks of one process group run the hook with different configurations or buckets."""
+
+
+class StateOwnerError(ValueError):
+    """A state dict saved by another rank, or by a run with another world size, was loaded."""
 
 
 class _BucketResidual:
@@ -241,6 +247,12 @@ class ThreeLCState:
         # The first exception of a bucket job: later jobs fail fast instead of issuing
         # collectives that the other ranks may never match.
         self._failure: BaseException | None = None
+        # (rank, world size) of a loaded state dict, until checked against this process's.
+        self._saved_owner: tuple[int, int] | None = None
+        # Whether DDP ever called the hook with this state (see never_called: a warning if not).
+        self._hook_called = False
+        self._never_called_warned = False
+        never_called.watch(self)
         logger.info("threelc: %r", self)
 
     # ------------------------------------------------------------------ configuration
@@ -385,22 +397,40 @@ class ThreeLCState:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """Residuals (worker and server, including any set aside by a layout change), iteration
-        count and cumulative statistics.
+        count, cumulative statistics, the configuration, and the owner: this rank and the world
+        size of the state's process group.
 
-        Residuals differ between ranks: every rank saves and loads its own.  Tensors are CPU
-        float32 copies, so ``torch.save`` works on the result.
+        Residuals differ between ranks: every rank saves and loads its own, and
+        :meth:`load_state_dict` refuses another rank's (see :func:`merge_state_dicts` for a new
+        world size).  Tensors are CPU float32 copies, so ``torch.save`` works on the result.
         """
         self.wait()
-        return {"version": STATE_DICT_VERSION, "config": self.config(), "iteration": self.iteration,
+        rank, world_size = self._owner()
+        return {"version": STATE_DICT_VERSION, "owner": {"rank": rank, "world_size": world_size},
+                "config": self.config(), "iteration": self.iteration,
                 "residuals": _export(self._residuals), "parked": _export(self._parked),
                 "stats": self._stats.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed)."""
+        """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed).
+
+        Raises :class:`StateOwnerError` if the state dict belongs to another rank or world size
+        (checked now when the process group exists, else on the hook's first call).  A dict from
+        :func:`merge_state_dicts` loads on any rank.  Version 1 dicts, which have no owner
+        record, load unchecked, with a warning.
+        """
         self.wait()
-        if state_dict.get("version") != STATE_DICT_VERSION:
-            raise ValueError(f"unsupported ThreeLCState state_dict version {state_dict.get('version')!r} "
-                             f"(this version reads {STATE_DICT_VERSION})")
+        version = state_dict.get("version")
+        if version not in (1, STATE_DICT_VERSION):
+            raise ValueError(f"unsupported ThreeLCState state_dict version {version!r} "
+                             f"(this version reads 1 and {STATE_DICT_VERSION})")
+        if version == 1:
+            logger.warning("threelc: loading a version 1 state dict: it does not record its rank or world size, "
+                           "so nothing checks that it is this rank's own; save it again to get the check")
+        owner = state_dict.get("owner") or {}
+        self._saved_owner = None if owner.get("rank") is None else (int(owner["rank"]), int(owner["world_size"]))
+        if dist.is_available() and dist.is_initialized():
+            self.check_owner()
         saved = state_dict.get("config", {})
         changed = {key: (saved[key], value) for key, value in self.config().items()
                    if key in saved and saved[key] != value and key != "stats_dir"}
@@ -419,6 +449,37 @@ class ThreeLCState:
         self._failure = None
         self._config_checked = False
 
+    def _owner(self) -> tuple[int, int]:
+        """(rank, world size) in the state's process group; (0, 1) without one."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        group = self.group()
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def check_owner(self) -> None:
+        """Raise :class:`StateOwnerError` if the loaded state dict is another rank's or world size's.
+
+        :meth:`load_state_dict` calls it when the process group exists, the hook on its first
+        call otherwise (a state loaded before ``init_process_group``).
+        """
+        if self._saved_owner is None:
+            return
+        (saved_rank, saved_world_size), (rank, world_size) = self._saved_owner, self._owner()
+        self._saved_owner = None
+        if saved_world_size != world_size:
+            raise StateOwnerError(
+                f"threelc: this hook state was saved by rank {saved_rank} of {saved_world_size} ranks, but this run "
+                f"has {world_size}.  Residuals are gradient mass not yet applied, so they are not dropped "
+                f"silently: merge every rank's state dict with threelc.hooks.merge_state_dicts(...) and load the "
+                f"result on every rank (the integrations do this with reshard=True), or resume with {saved_world_size} "
+                f"ranks.")
+        if saved_rank != rank:
+            raise StateOwnerError(
+                f"threelc: rank {rank} loaded the hook state of rank {saved_rank}: residuals differ between ranks, "
+                f"so every rank must load its own (e.g. torch.save(state.state_dict(), f'threelc-rank{{rank}}.pt') "
+                f"on every rank, not only on rank 0; threelc.integrations does this for Lightning, Accelerate and "
+                f"the Hugging Face Trainer).")
+
     def __getstate__(self) -> dict:
         # The process group, the worker thread and its lock cannot be pickled; like PyTorch's
         # PowerSGDState, a pickled state uses the default group once unpickled.
@@ -428,6 +489,57 @@ class ThreeLCState:
     def __setstate__(self, pickled: dict) -> None:
         self.__init__(process_group=None, **pickled["config"], **pickled.get("process", {}))
         self.load_state_dict(pickled["state"])
+
+
+def merge_state_dicts(state_dicts: list) -> dict:
+    """Merge every rank's state dict into one that any rank of any world size can load.
+
+    For a new world size.  What the averaged gradient still owes is, per value,
+    ``sum_r worker_r / N + sum_r server_r`` (a rank's worker residual reaches the mean divided by
+    N, a server residual directly); folding each server residual into its rank's worker residual
+    as ``N * server`` makes it ``sum_r worker_r / N``.  Every rank of the new run starts from that
+    mean as its worker residual, so with N' ranks the mean owes ``N' * mean / N'``: the same
+    gradient mass, none lost.  Summed in float64, stored as float32.  The statistics are rank 0's.
+
+    Raises ValueError unless ``state_dicts`` holds exactly one version-2 dict per rank of one run
+    (same world size, iteration, configuration and bucket layouts).
+    """
+    owners = [state_dict.get("owner") or {} for state_dict in state_dicts]
+    world_size = len(state_dicts)
+    if (world_size == 0 or any(state_dict.get("version") != STATE_DICT_VERSION for state_dict in state_dicts)
+            or sorted(owner.get("rank", -1) for owner in owners) != list(range(world_size))
+            or any(owner.get("world_size") != world_size for owner in owners)):
+        raise ValueError(f"threelc: merge_state_dicts needs the version-{STATE_DICT_VERSION} state dicts of every rank "
+                         f"of one run, got owners {owners}")
+    state_dicts = sorted(state_dicts, key=lambda state_dict: state_dict["owner"]["rank"])
+    first = state_dicts[0]
+    for state_dict in state_dicts[1:]:
+        if state_dict["iteration"] != first["iteration"] or state_dict["config"] != first["config"]:
+            raise ValueError("threelc: merge_state_dicts got ranks at different iterations or configurations")
+    merged = {key: _merged_residuals([state_dict[key] for state_dict in state_dicts]) for key in ("residuals", "parked")}
+    return {**first, **merged, "owner": {"rank": None, "world_size": None, "merged_from": world_size}}
+
+
+def _merged_residuals(per_rank: list) -> dict:
+    """The mean over ranks of each bucket's worker residual with its server residual folded in."""
+    world_size = len(per_rank)
+    merged = {}
+    for index, entry in per_rank[0].items():
+        total = None
+        for entries in per_rank:
+            other = entries.get(index)
+            if other is None or list(other["layout"]) != list(entry["layout"]) or other["names"] != entry["names"]:
+                raise ValueError(f"threelc: merge_state_dicts: bucket {index} differs between ranks")
+            worker = _float32_tensor(other["worker"]).double()
+            if other["server"] is not None:
+                server = _float32_tensor(other["server"]).double()
+                start = int(other.get("server_start", 0))
+                worker[start:start + server.numel()] += world_size * server
+            total = worker if total is None else total + worker
+        merged[index] = {**entry, "worker": (total / world_size).float(), "server": None, "server_start": 0}
+    if any(set(entries) != set(merged) for entries in per_rank):
+        raise ValueError("threelc: merge_state_dicts: the ranks hold residuals for different buckets")
+    return merged
 
 
 def _is_int(value) -> bool:

@@ -4,11 +4,13 @@ state's own tensors, which are exact)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from threelc.hooks.collectives import shard_bounds
 from threelc.launch import memory
 
 
+@pytest.mark.slow
 def test_memory_measure_reports_every_config_and_the_state_tensors(tmp_path):
     results = memory.measure(params=40_000, world_size=2, steps=3, folder=str(tmp_path))
     assert set(results) == set(memory.CONFIGS)

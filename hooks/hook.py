@@ -7,14 +7,18 @@ Data flow of one bucket (see docs/HOOK.md for the full design)::
     threelc_hook(state, bucket)
       read index, layout, iteration  -->  [first call] compare config fingerprints
       submit job, return future           warm-up / small bucket: allreduce (mean)
-                                          else: compress (worker residual)
-                                                exchange sizes + layout fingerprint
+                                          else: compress v = gradient + worker residual
+                                                exchange sizes, non-finite flags, layout fingerprint
                                                 allgather | scatter-reduce-allgather
-                                                decode in rank order, average
+                                                residual = v - own payload (if all finite)
+                                                decode in rank order (checksums), average
                                           write the mean into the bucket, resolve future
+    [last bucket] wait for the worker,
+      raise the step's failure, typed
 
 Every rank decodes the same bytes in the same order with the same float32 arithmetic, so the
-replicas receive bitwise identical gradients.
+replicas receive bitwise identical gradients, and a corrupt payload stops every rank with the
+same error (:mod:`threelc.hooks.faults`).
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects the hook's

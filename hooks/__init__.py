@@ -8,7 +8,8 @@ Two lines in a DDP training script::
 
 Layout: :mod:`.state` (options, residuals, checkpointing), :mod:`.hook` (the hook and the
 per-bucket algorithm), :mod:`.collectives` (size headers and uneven payload exchange),
-:mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.stats` (per-rank
+:mod:`.worker` (the FIFO thread that issues collectives in order), :mod:`.faults` (corrupt
+payloads and how every rank raises the same typed error), :mod:`.stats` (per-rank
 statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
 :mod:`.codecs` (the numba and torch codec adapters the algorithm is written against),
 :mod:`.device_codec` (the torch codec: the numba codec's bytes, on any device);
@@ -16,9 +17,10 @@ statistics and their JSON-lines log), :mod:`.overhead` (a loopback benchmark);
 (Lightning, Accelerate, Hugging Face Trainer; also importable as ``threelc.integrations``).
 """
 
+from .faults import CorruptPayloadError
 from .hook import register, threelc_hook
 from .state import ConfigMismatchError, StateOwnerError, ThreeLCState, merge_state_dicts
 from .stats import STAT_KEYS
 
-__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts",
-           "STAT_KEYS"]
+__all__ = ["ThreeLCState", "threelc_hook", "register", "ConfigMismatchError", "CorruptPayloadError", "StateOwnerError",
+           "merge_state_dicts", "STAT_KEYS"]

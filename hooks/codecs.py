@@ -46,24 +46,38 @@ class _Codec:
         self.per_bucket_scale = per_bucket_scale
         self.device = device  # where values, residuals and payloads live
 
-    def compress(self, values, residual, backup, segments):
-        """Compress with error feedback; send the raw values instead if they are smaller.
+    def compress(self, values, segments) -> tuple:
+        """Compress; send the raw values instead if they are smaller.
 
-        ``residual`` (updated in place) and ``backup`` (its value before this step) are both
-        given or both None.  A non-finite input gives a flagged header and leaves the residual
-        unchanged.
+        Returns ``(payload, nonfinite)``: whether the input held NaN or Inf, as the encoder saw
+        it (the size header tells every rank; the payload's own flag is read back from bytes
+        that could have been damaged since).
+
+        Error feedback happens outside (the hook adds the residual to ``values`` first and
+        updates it with :meth:`feedback` once every rank's payload is known to be finite), so a
+        step that AMP skips leaves the residual as it was without a backup copy of it.
         """
         if self.per_bucket_scale:
             segments = None
-        payload = self._compress(values, residual, segments)
+        payload = self._compress(values, segments)
         if self.nbytes(payload) > payload_format.HEADER_SIZE + 4 * self.numel(values):
-            # Only tiny inputs get here.  Raw values carry v = x + residual exactly: nothing is
-            # left to feed back.  (A non-finite payload is a bare header and never gets here.)
-            sent = values if residual is None else values + backup
-            payload = self._compress_raw(sent)
-            if residual is not None:
-                residual[...] = 0.0
-        return payload
+            # Only tiny inputs get here.  (A non-finite payload is a bare header and never does.)
+            payload = self._compress_raw(values)
+        return payload, self.flagged_nonfinite(payload)
+
+    def feedback(self, values, payload, residual) -> None:
+        """Error feedback after a step: ``residual = values - decompress(payload)``.
+
+        ``values`` are what was compressed (gradient plus old residual).  The result is the
+        residual the codec's own in-place update would have left, bit for bit: ``q * scale`` and
+        ``v - q * scale`` are exact in float32 (docs/FORMAT.md).
+        """
+        self.decompress(payload, residual)
+        self.subtract_from(values, residual)
+
+    def flagged_nonfinite(self, payload) -> bool:
+        """Whether a payload this process just made says its input held NaN or Inf."""
+        return bool(int(payload[_FLAGS_OFFSET]) & payload_format.FLAG_NONFINITE)
 
 
 class NumbaCodec(_Codec):
@@ -84,10 +98,10 @@ class NumbaCodec(_Codec):
     def lock(self):
         return CODEC_LOCK
 
-    def _compress(self, values, residual, segments):
+    def _compress(self, values, segments):
         with CODEC_LOCK:
-            return threelc.compress(values, residual=residual, segments=segments, nonfinite="flag",
-                                    sparsity=self.sparsity, block=self.block)
+            return threelc.compress(values, segments=segments, nonfinite="flag", sparsity=self.sparsity,
+                                    block=self.block)
 
     def _compress_raw(self, values):
         with CODEC_LOCK:
@@ -98,9 +112,6 @@ class NumbaCodec(_Codec):
 
     def decompress_add(self, payload, out) -> None:
         threelc.decompress_add(payload, out)
-
-    def any_nonfinite(self, payloads) -> bool:
-        return any(threelc.payload_info(payload).nonfinite for payload in payloads)
 
     @staticmethod
     def nbytes(payload) -> int:
@@ -114,8 +125,24 @@ class NumbaCodec(_Codec):
         return np.zeros(count, dtype=np.float32)
 
     @staticmethod
-    def copy(destination, source) -> None:
-        np.copyto(destination, source)
+    def add(destination, source) -> None:
+        np.add(destination, source, out=destination)
+
+    @staticmethod
+    def subtract_from(minuend, destination) -> None:
+        np.subtract(minuend, destination, out=destination)
+
+    @staticmethod
+    def fill_nan(values) -> None:
+        values[...] = np.nan
+
+    def text_payload(self, text: str):
+        """``text`` as a uint8 payload-like array (an error report in place of a payload)."""
+        return np.frombuffer(text.encode(), dtype=np.uint8).copy()
+
+    @staticmethod
+    def payload_text(payload) -> str:
+        return payload.tobytes().decode(errors="replace")
 
     @staticmethod
     def divide(values, divisor: int) -> None:
@@ -140,9 +167,9 @@ class TorchCodec(_Codec):
         # The torch codec runs no numba kernels; nothing to serialise.
         return contextlib.nullcontext()
 
-    def _compress(self, values, residual, segments):
-        return device_codec.compress_tensor(values, residual=residual, segments=segments, nonfinite="flag",
-                                            sparsity=self.sparsity, block=self.block)
+    def _compress(self, values, segments):
+        return device_codec.compress_tensor(values, segments=segments, nonfinite="flag", sparsity=self.sparsity,
+                                            block=self.block)
 
     def _compress_raw(self, values):
         return device_codec.compress_raw_tensor(values.contiguous())
@@ -152,12 +179,6 @@ class TorchCodec(_Codec):
 
     def decompress_add(self, payload, out) -> None:
         device_codec.decompress_add_tensor(payload, out)
-
-    def any_nonfinite(self, payloads) -> bool:
-        # One host synchronisation for all payloads: the flags byte of each header.  Payloads are
-        # never shorter than a header (the decoder has validated the received ones already).
-        flags = torch.stack([payload[_FLAGS_OFFSET] for payload in payloads]).cpu()
-        return bool((flags & payload_format.FLAG_NONFINITE).any())
 
     @staticmethod
     def nbytes(payload) -> int:
@@ -171,8 +192,24 @@ class TorchCodec(_Codec):
         return torch.zeros(count, dtype=torch.float32, device=self.device)
 
     @staticmethod
-    def copy(destination, source) -> None:
-        destination.copy_(source)
+    def add(destination, source) -> None:
+        destination.add_(source)
+
+    @staticmethod
+    def subtract_from(minuend, destination) -> None:
+        torch.sub(minuend, destination, out=destination)
+
+    @staticmethod
+    def fill_nan(values) -> None:
+        values.fill_(float("nan"))
+
+    def text_payload(self, text: str):
+        """``text`` as a uint8 tensor on the codec's device (an error report in place of a payload)."""
+        return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(self.device)
+
+    @staticmethod
+    def payload_text(payload) -> str:
+        return bytes(payload.cpu().numpy()).decode(errors="replace")
 
     @staticmethod
     def divide(values, divisor: int) -> None:

@@ -32,6 +32,11 @@ scatter and a cumulative sum (memory-safe even for a corrupt body), and a 243 x 
 the ternary values.  One last synchronisation reads whether the body was valid (skip it with
 ``validate=False`` for bytes this process produced itself).
 
+The payload's checksum (Adler-32, docs/FORMAT.md) is computed on the device from its closed form,
+``a = 1 + sum(c_k)`` and ``b = n + sum((n - k) c_k)`` (mod 65521), with int64 sums that cannot
+overflow; the encoder writes it into the header without a synchronisation, and the decoder copies
+it to the host together with the header, so verifying it before decoding costs no extra one.
+
 Host synchronisations per call: compress 1 (body length and finiteness); decompress 2 for the
 header and tables, plus 1 for the body check unless ``validate=False``.
 """
@@ -183,6 +188,29 @@ def _to_device(data: bytes, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+_ADLER_MODULUS = 65521
+
+
+def _checksum_tensor(payload: torch.Tensor) -> torch.Tensor:
+    """Adler-32 of the payload's bytes except the checksum field (``threelc.format.checksum``),
+    as a 0-d int64 tensor on the payload's device; no host synchronisation."""
+    covered = torch.cat([payload[: fmt.CHECKSUM_OFFSET], payload[fmt.HEADER_SIZE:]]).to(torch.int64)
+    n = covered.numel()
+    # Each product is below 65521 * 255 and n < 2**40, so the int64 sums cannot overflow.
+    weights = torch.arange(n, 0, -1, dtype=torch.int64, device=payload.device).remainder_(_ADLER_MODULUS)
+    a = (covered.sum() + 1).remainder(_ADLER_MODULUS)
+    b = ((covered * weights).sum() + n).remainder(_ADLER_MODULUS)
+    return b * 65536 + a
+
+
+def _seal(payload: torch.Tensor) -> torch.Tensor:
+    """Write the checksum into an assembled payload on its device (in place); returns it."""
+    value = _checksum_tensor(payload)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=payload.device)
+    payload[fmt.CHECKSUM_OFFSET:fmt.HEADER_SIZE] = ((value >> shifts) & 0xFF).to(torch.uint8)
+    return payload
 
 
 def _unit_scales_per_value(scales: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -365,7 +393,7 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
         header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=fmt.FLAG_NONFINITE, count=count,
                                  segment_count=0, block=0, chunk=0, chunk_count=0, body_length=0,
                                  sparsity=float(sparsity32))
-        return _to_device(header, device)
+        return _seal(_to_device(header, device))
     if residual is not None:
         # residual = v - q * scale; q * scale is exact, so this equals the numba kernel's update.
         torch.addcmul(values, q, scale_per_value, value=-1, out=residual_flat)
@@ -381,13 +409,13 @@ def _assemble_payload(plan: _Plan, block: int, sparsity32: np.float32, scales: t
     header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=0, count=plan.count,
                              segment_count=len(plan.segment_sizes), block=block, chunk=plan.chunk,
                              chunk_count=plan.n_chunks, body_length=body.numel(), sparsity=float(sparsity32))
-    return torch.cat([
+    return _seal(torch.cat([
         _to_device(header, body.device),
         plan.segment_table,
         scales.view(torch.uint8),  # float32 and int32 tables are little-endian in memory
         chunk_lengths.view(torch.uint8),
         body,
-    ])
+    ]))
 
 
 def compress_raw_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -395,18 +423,25 @@ def compress_raw_tensor(x: torch.Tensor) -> torch.Tensor:
     x = _check_float_tensor(x, "x")
     header = fmt.pack_header(encoding=fmt.ENCODING_RAW, flags=0, count=x.numel(), segment_count=0, block=0,
                              chunk=0, chunk_count=0, body_length=4 * x.numel(), sparsity=0.0)
-    return torch.cat([_to_device(header, x.device), x.view(torch.uint8)])
+    return _seal(torch.cat([_to_device(header, x.device), x.view(torch.uint8)]))
 
 
 def _parse_on_host(payload: torch.Tensor) -> tuple[fmt.Layout, int]:
     """Validate the header and tables with :func:`threelc.format.parse`, copying only them.
 
     Returns the layout (its ``body`` is a placeholder, not the payload's bytes) and the body's
-    offset in the payload.  Two small device-to-host copies: the header, then the tables, whose
-    size the header gives (an upper bound in block mode, where it depends on the segment sizes).
+    offset in the payload.  Two small device-to-host copies: the header together with the
+    checksum computed on the device, then the tables, whose size the header gives (an upper
+    bound in block mode, where it depends on the segment sizes).
     """
     size = payload.numel()
-    header = payload[: fmt.HEADER_SIZE].cpu().numpy()
+    if size < fmt.HEADER_SIZE:
+        return fmt.parse(payload.cpu().numpy()), 0  # raises: truncated
+    computed = _checksum_tensor(payload)
+    computed_bytes = torch.stack([(computed >> shift) & 0xFF for shift in (0, 8, 16, 24)]).to(torch.uint8)
+    header_and_checksum = torch.cat([payload[: fmt.HEADER_SIZE], computed_bytes]).cpu().numpy()
+    header = header_and_checksum[: fmt.HEADER_SIZE]
+    computed_checksum = int(np.frombuffer(header_and_checksum[fmt.HEADER_SIZE:].tobytes(), "<u4")[0])
     prefix = header
     if size > fmt.HEADER_SIZE:
         # Field offsets from the layout in threelc.format: count 8, segment_count 16, block 20,
@@ -423,7 +458,7 @@ def _parse_on_host(payload: torch.Tensor) -> tuple[fmt.Layout, int]:
     # whose unused tail is never read (np.empty does not touch the memory).
     proxy = np.empty(size, dtype=np.uint8)
     proxy[: prefix.size] = prefix
-    layout = fmt.parse(proxy)
+    layout = fmt.parse(proxy, computed_checksum=computed_checksum)
     return layout, size - layout.header.body_length
 
 

@@ -7,14 +7,18 @@ Data flow of one bucket (see docs/HOOK.md for the full design)::
     threelc_hook(state, bucket)
       read index, layout, iteration  -->  [first call] compare config fingerprints
       submit job, return future           warm-up / small bucket: allreduce (mean)
-                                          else: compress (worker residual)
-                                                exchange sizes + layout fingerprint
+                                          else: compress v = gradient + worker residual
+                                                exchange sizes, non-finite flags, layout fingerprint
                                                 allgather | scatter-reduce-allgather
-                                                decode in rank order, average
+                                                residual = v - own payload (if all finite)
+                                                decode in rank order (checksums), average
                                           write the mean into the bucket, resolve future
+    [last bucket] wait for the worker,
+      raise the step's failure, typed
 
 Every rank decodes the same bytes in the same order with the same float32 arithmetic, so the
-replicas receive bitwise identical gradients.
+replicas receive bitwise identical gradients, and a corrupt payload stops every rank with the
+same error (:mod:`threelc.hooks.faults`).
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects the hook's
@@ -29,7 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import codecs, collectives, never_called
+import threelc
+
+from . import codecs, collectives, faults, never_called
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
 
 __all__ = ["threelc_hook", "register"]
@@ -69,8 +75,14 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
        shard j of every rank to rank j ("scatter_reduce"; rank j averages, adds its server
        residual, compresses again, and every rank gathers the compressed shards).
     4. Decode the payloads in rank order, average, and write the mean into the bucket in its
-       own dtype.  If any payload was flagged non-finite, the whole bucket becomes NaN on every
-       rank (so ``torch.amp.GradScaler`` skips the step everywhere) and the residuals roll back.
+       own dtype.  If any payload was flagged non-finite (the size headers carry the flags), the
+       whole bucket becomes NaN on every rank (so ``torch.amp.GradScaler`` skips the step
+       everywhere) and the residuals stay as they were: they are updated only once every rank's
+       payloads are known to be finite.
+    5. Failures are raised from the hook call of the step's last bucket, on the autograd thread,
+       with their own type (``ConfigMismatchError``, :class:`~threelc.hooks.CorruptPayloadError`,
+       the collectives' errors); a corrupt payload raises the same error, naming its sender, on
+       every rank (see :mod:`threelc.hooks.faults`).
 
     The work runs on the state's worker thread; this function only enqueues it, so the
     collectives are issued in bucket order on every rank while backward continues.
@@ -92,6 +104,10 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     if not state._hook_called:
         state._hook_called = True
         state.check_owner()
+    # A failure of an earlier bucket job is raised here, on the autograd thread, with its own type:
+    # DDP passes an exception raised by the hook call to loss.backward() unchanged (one set on the
+    # future would reach the user as "RuntimeError: Unable to cast ... to Tensor").
+    faults.raise_pending(state)
     group = state.group()
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
@@ -132,6 +148,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         # used-parameter map).  Letting the worker finish first keeps the order identical on every
         # rank; it costs no overlap, because DDP waits for every bucket's future next anyway.
         state.wait()
+        faults.raise_pending(state)  # every job of the step has run: raise its failure, typed
     return future
 
 
@@ -263,26 +280,46 @@ def _allgather_mean(state, codec, job, values, group, rank, world_size, device) 
     stats = state._stats
     count = codec.numel(values)
     entry = _residual_entry(state, codec, job, count, world_size)
-    residual = backup = None
-    if entry is not None:
-        residual, backup = codec.array(entry.worker), codec.array(entry.worker_backup)
-        codec.copy(backup, residual)
+    residual = None if entry is None else codec.array(entry.worker)
+    if residual is not None:
+        codec.add(values, residual)  # v = gradient + residual; the residual itself waits (see _feedback)
     with stats.timer("compress_s"):
-        payload = codec.compress(values, residual, backup, job.layout)
-    header = collectives.exchange_header([_layout_fingerprint(job, count), codec.nbytes(payload)], group, device,
-                                         stats)
+        payload, nonfinite = codec.compress(values, job.layout)
+    header = collectives.exchange_header([_layout_fingerprint(job, count), codec.nbytes(payload), nonfinite],
+                                         group, device, stats)
     _check_layouts(header[:, 0], job.index)
+    if header[:, 2].any():
+        # Every rank saw the same flags: every rank poisons the bucket, keeps its residual as it
+        # was (AMP skips the step) and skips the payload exchange, whose result would be NaN.
+        codec.fill_nan(values)
+        return
     payloads = collectives.allgather_payload(payload, header[:, 1], group, device, stats)
+    if residual is not None:
+        _feedback(stats, codec, [(values, payload, residual)])
     with stats.timer("decompress_s"), codec.lock():
         # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
-        codec.decompress(payloads[0], values)
-        for rank_payload in payloads[1:]:
-            codec.decompress_add(rank_payload, values)
+        # Every rank decodes the same bytes in the same order, so a corrupt payload stops every
+        # rank at the same sender with the same message.
+        for sender, rank_payload in enumerate(payloads):
+            faults.decode_checked(codec.decompress if sender == 0 else codec.decompress_add, rank_payload, values,
+                                  bucket=job.index, sender=sender)
         codec.divide(values, world_size)
-    if codec.any_nonfinite(payloads):
-        values[...] = float("nan")
-        if residual is not None:
-            codec.copy(residual, backup)
+
+
+def _feedback(stats, codec, updates) -> None:
+    """Error feedback once the step is known to be finite: ``residual = v - decoded`` for each
+    ``(v, own payload, residual)``.  Deferring it is what makes the non-finite rollback free:
+    a step that turns out non-finite never touched the residual, so no backup copy is kept.
+
+    An own payload damaged since it was made fails here on this rank only; the error is left
+    to the decoding of the payloads in rank order that follows, which fails on every rank alike.
+    """
+    with stats.timer("compress_s"), codec.lock():
+        for values, payload, residual in updates:
+            try:
+                codec.feedback(values, payload, residual)
+            except threelc.FormatError:
+                return
 
 
 def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device) -> None:
@@ -290,51 +327,68 @@ def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, dev
     stats = state._stats
     count = codec.numel(values)
     bounds = collectives.shard_bounds(count, world_size)
-    own_start, own_stop = int(bounds[rank]), int(bounds[rank + 1])
-    entry = _residual_entry(state, codec, job, count, world_size, (own_start, own_stop))
-    worker = worker_backup = server = server_backup = None
+    shards = [slice(int(bounds[j]), int(bounds[j + 1])) for j in range(world_size)]
+    own = shards[rank]
+    entry = _residual_entry(state, codec, job, count, world_size, (own.start, own.stop))
+    worker = server = None
     if entry is not None:
-        worker, worker_backup = codec.array(entry.worker), codec.array(entry.worker_backup)
-        server, server_backup = codec.array(entry.server), codec.array(entry.server_backup)
-        codec.copy(worker_backup, worker)
-        codec.copy(server_backup, server)
-    shard_segments = [collectives.segments_in_range(job.layout, int(bounds[j]), int(bounds[j + 1]))
-                      for j in range(world_size)]
+        worker, server = codec.array(entry.worker), codec.array(entry.server)
+        codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
+    shard_segments = [collectives.segments_in_range(job.layout, shard.start, shard.stop) for shard in shards]
 
-    # Scatter-reduce: compress every shard with the worker residual, send shard j to rank j.
-    shard_payloads = []
+    # Scatter-reduce: compress every shard, send shard j to rank j.
     with stats.timer("compress_s"):
-        for j in range(world_size):
-            shard = slice(int(bounds[j]), int(bounds[j + 1]))
-            residual = None if worker is None else worker[shard]
-            backup = None if worker is None else worker_backup[shard]
-            shard_payloads.append(codec.compress(values[shard], residual, backup, shard_segments[j]))
-    header = collectives.exchange_header([_layout_fingerprint(job, count), *map(codec.nbytes, shard_payloads)],
-                                         group, device, stats)
+        compressed = [codec.compress(values[shard], segments) for shard, segments in zip(shards, shard_segments)]
+    shard_payloads = [payload for payload, _ in compressed]
+    header = collectives.exchange_header(
+        [_layout_fingerprint(job, count), int(any(nonfinite for _, nonfinite in compressed)),
+         *map(codec.nbytes, shard_payloads)], group, device, stats)
     _check_layouts(header[:, 0], job.index)
-    receive_sizes = header[:, 1 + rank].copy()
+    if header[:, 1].any():
+        codec.fill_nan(values)  # as in _allgather_mean: every rank skips the step, residuals unchanged
+        return
+    receive_sizes = header[:, 2 + rank].copy()
     receive_sizes[rank] = 0
     empty = shard_payloads[rank][:0]
     outgoing = [empty if j == rank else shard_payloads[j] for j in range(world_size)]
     received = collectives.exchange_payloads(outgoing, receive_sizes, group, device, stats)
     received[rank] = shard_payloads[rank]
 
-    # This rank's shard: average in rank order, add the server residual, compress again.
-    shard_mean = codec.zeros(own_stop - own_start)
-    with stats.timer("decompress_s"), codec.lock():
-        for rank_payload in received:
-            codec.decompress_add(rank_payload, shard_mean)
-        codec.divide(shard_mean, world_size)
-    with stats.timer("compress_s"):
-        mean_payload = codec.compress(shard_mean, server, server_backup, shard_segments[rank])
+    # This rank's shard: average in rank order, add the server residual, compress again.  A
+    # corrupt shard payload reaches this rank only: its report replaces the compressed mean.
+    shard_mean = codec.zeros(own.stop - own.start)
+    report, mean_nonfinite = faults.NO_REPORT, False
+    try:
+        with stats.timer("decompress_s"), codec.lock():
+            for sender, rank_payload in enumerate(received):
+                faults.decode_checked(codec.decompress_add, rank_payload, shard_mean, bucket=job.index, sender=sender,
+                                      receiver=rank)
+            codec.divide(shard_mean, world_size)
+    except faults.CorruptPayloadError as error:
+        report, mean_payload = error.sender, codec.text_payload(str(error))
+    else:
+        if server is not None:
+            codec.add(shard_mean, server)
+        with stats.timer("compress_s"):
+            mean_payload, mean_nonfinite = codec.compress(shard_mean, shard_segments[rank])
 
     # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
-    mean_payloads = collectives.allgather_payload(mean_payload, None, group, device, stats)
+    mean_header = collectives.exchange_header([codec.nbytes(mean_payload), report, mean_nonfinite], group, device,
+                                              stats)
+    mean_payloads = collectives.allgather_payload(mean_payload, mean_header[:, 0], group, device, stats)
+    reporters = np.flatnonzero(mean_header[:, 1] != faults.NO_REPORT)
+    if reporters.size:
+        owner = int(reporters[0])  # the same report on every rank
+        raise faults.CorruptPayloadError(codec.payload_text(mean_payloads[owner]), bucket=job.index,
+                                         sender=int(mean_header[owner, 1]), receiver=owner)
+    if mean_header[:, 2].any():
+        codec.fill_nan(values)
+        return
+    if entry is not None:
+        _feedback(stats, codec, [(values[shard], shard_payload, worker[shard])
+                                 for shard, shard_payload in zip(shards, shard_payloads)]
+                  + [(shard_mean, mean_payload, server)])
     with stats.timer("decompress_s"), codec.lock():
-        for j, shard_payload in enumerate(mean_payloads):
-            codec.decompress(shard_payload, values[int(bounds[j]):int(bounds[j + 1])])
-    if codec.any_nonfinite(mean_payloads):
-        values[...] = float("nan")
-        if entry is not None:
-            codec.copy(worker, worker_backup)
-            codec.copy(server, server_backup)
+        for owner, shard_payload in enumerate(mean_payloads):
+            faults.decode_checked(codec.decompress, shard_payload, values[shards[owner]], bucket=job.index,
+                                  sender=owner)

@@ -46,9 +46,10 @@ class _BucketResidual:
 
     The residuals are float32 torch tensors on the device of the codec that uses them: host
     memory for the numba codec (which works on ``Tensor.numpy()`` views of them, sharing the
-    memory), the bucket's device for the torch codec."""
+    memory), the bucket's device for the torch codec.  No backup copies: the hook updates them only
+    once every rank's payload is known to be finite, so a skipped step leaves them untouched."""
 
-    __slots__ = ("layout", "names", "worker", "server", "server_start", "worker_backup", "server_backup")
+    __slots__ = ("layout", "names", "worker", "server", "server_start")
 
     def __init__(self, layout: tuple, worker: torch.Tensor, server: torch.Tensor | None = None,
                  server_start: int = 0, names: tuple | None = None):
@@ -57,22 +58,16 @@ class _BucketResidual:
         self.worker = worker
         self.server = server
         self.server_start = server_start
-        # Copies taken before each compressed step, to roll back a step whose result is
-        # non-finite (AMP skips it, so what it "sent" never reached the model).
-        self.worker_backup = torch.empty_like(worker)
-        self.server_backup = None if server is None else torch.empty_like(server)
 
     @property
     def device(self) -> torch.device:
         return self.worker.device
 
     def to(self, device: torch.device) -> None:
-        """Move the residuals (and their backups) to ``device``, in place."""
+        """Move the residuals to ``device``, in place."""
         self.worker = self.worker.to(device)
-        self.worker_backup = torch.empty_like(self.worker)
         if self.server is not None:
             self.server = self.server.to(device)
-            self.server_backup = torch.empty_like(self.server)
 
     def fold_server(self, world_size: int) -> None:
         """Move the server residual into the worker residual, keeping what is owed unchanged.
@@ -85,7 +80,10 @@ class _BucketResidual:
             stop = self.server_start + self.server.numel()
             # float32 arithmetic, as numpy's float32 scalar times a float32 array.
             self.worker[self.server_start:stop] += self.server.to(self.worker.device) * float(np.float32(world_size))
-        self.server = self.server_backup = None
+        self.server = None
+
+    def tensors(self) -> list:
+        return [tensor for tensor in (self.worker, self.server) if tensor is not None]
 
 
 class ThreeLCState:
@@ -140,7 +138,12 @@ class ThreeLCState:
         Keep residuals (worker and server).  Without them 3LC is biased and loses accuracy.
     stats_dir : str, optional
         Append one JSON line per step to ``{stats_dir}/hook-rank{rank}.jsonl``; defaults to the
-        environment variable ``THREELC_STATS_DIR``, and to no log when neither is set.
+        environment variable ``THREELC_STATS_DIR``, and to no log when neither is set.  The
+        folder is created and checked to be writable at construction (ValueError otherwise).
+    stats_every : int, default 1
+        Log only the steps whose index is a multiple of ``stats_every`` (a line is ~300 bytes).
+    stats_max_bytes : int, optional
+        Stop appending to the log once it would grow beyond this many bytes (one warning).
     codec_threads : int, optional
         Threads of the numba codec kernels in this process.  By default the cores numba sees
         divided by torchrun's ``LOCAL_WORLD_SIZE`` (at least 1): every worker's kernels would
@@ -184,6 +187,8 @@ class ThreeLCState:
         min_numel: int = 1024,
         error_feedback: bool = True,
         stats_dir: str | None = None,
+        stats_every: int = 1,
+        stats_max_bytes: int | None = None,
         codec_threads: int | None = None,
         codec: str = "auto",
     ):
@@ -210,6 +215,10 @@ class ThreeLCState:
             stats_dir = os.environ.get(STATS_DIR_ENV) or None
         if stats_dir is not None and not isinstance(stats_dir, (str, os.PathLike)):
             raise ValueError(f"stats_dir must be a path or None, got {stats_dir!r}")
+        if not _is_int(stats_every) or stats_every < 1:
+            raise ValueError(f"stats_every must be a positive integer, got {stats_every!r}")
+        if stats_max_bytes is not None and (not _is_int(stats_max_bytes) or stats_max_bytes < 1):
+            raise ValueError(f"stats_max_bytes must be a positive integer or None, got {stats_max_bytes!r}")
         if codec_threads is None:
             codec_threads = default_codec_threads()
         if not _is_int(codec_threads) or codec_threads < 1:
@@ -227,6 +236,8 @@ class ThreeLCState:
         self.min_numel = int(min_numel)
         self.error_feedback = error_feedback
         self.stats_dir = os.fspath(stats_dir) if stats_dir is not None else None
+        self.stats_every = int(stats_every)
+        self.stats_max_bytes = None if stats_max_bytes is None else int(stats_max_bytes)
         self.codec_threads = int(codec_threads)
         self.codec = codec
 
@@ -241,7 +252,7 @@ class ThreeLCState:
         # layouts instead: name -> (entry, offset, size) of the latest copy of its residual.
         self._parameter_names: dict[int, str] = {}
         self._by_name: dict[str, tuple] = {}
-        self._stats = HookStats(self.stats_dir)
+        self._stats = HookStats(self.stats_dir, self.stats_every, self.stats_max_bytes)
         self._worker: BucketWorker | None = None
         self._config_checked = False
         # The first exception of a bucket job: later jobs fail fast instead of issuing
@@ -260,7 +271,8 @@ class ThreeLCState:
         """The hyperparameters as a JSON-able dict (``ThreeLCState(**config)`` rebuilds them)."""
         return {"sparsity": self.sparsity, "collective": self.collective, "scale": self.scale,
                 "block_size": self.block_size, "start_iter": self.start_iter, "min_numel": self.min_numel,
-                "error_feedback": self.error_feedback, "stats_dir": self.stats_dir}
+                "error_feedback": self.error_feedback, "stats_dir": self.stats_dir,
+                "stats_every": self.stats_every, "stats_max_bytes": self.stats_max_bytes}
 
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
@@ -333,7 +345,6 @@ class ThreeLCState:
                 entry.fold_server(world_size)
                 entry.server = torch.zeros(stop - start, dtype=torch.float32, device=device)
                 entry.server_start = start
-                entry.server_backup = torch.empty_like(entry.server)
         return entry
 
     def _holds_latest(self, entry: _BucketResidual) -> bool:
@@ -365,6 +376,15 @@ class ThreeLCState:
         if parked is not None and parked.layout == layout:
             return parked
         return _BucketResidual(layout, torch.zeros(count, dtype=torch.float32, device=device))
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the state holds (residuals, including any set aside).
+
+        With error feedback: 4 bytes per compressed gradient value (the worker residual), plus
+        4 / N per value for scatter-reduce's server residual of this rank's shard.
+        """
+        entries = [*self._residuals.values(), *self._parked.values()]
+        return sum(tensor.numel() * tensor.element_size() for entry in entries for tensor in entry.tensors())
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict:
@@ -433,7 +453,7 @@ class ThreeLCState:
             self.check_owner()
         saved = state_dict.get("config", {})
         changed = {key: (saved[key], value) for key, value in self.config().items()
-                   if key in saved and saved[key] != value and key != "stats_dir"}
+                   if key in saved and saved[key] != value and not key.startswith("stats_")}
         if changed:
             logger.warning("threelc: loading a state saved with other options (saved, now): %s", changed)
         self.iteration = int(state_dict["iteration"])

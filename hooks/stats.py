@@ -33,9 +33,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 
-__all__ = ["HookStats", "STAT_KEYS"]
+__all__ = ["HookStats", "STAT_KEYS", "check_writable"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,44 @@ class _Counters:
         }
 
 
+def check_writable(stats_dir: str) -> None:
+    """Create ``stats_dir`` if needed and check that a file can be written in it.
+
+    Raises
+    ------
+    ValueError
+        Saying which folder and why, at construction rather than once per step mid-training.
+    """
+    try:
+        os.makedirs(stats_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=stats_dir):
+            pass
+    except OSError as error:
+        raise ValueError(f"stats_dir {stats_dir!r} cannot be written ({error}); give a writable folder, or "
+                         f"stats_dir=None for statistics in memory only") from error
+
+
 class HookStats:
     """Accumulates the current step's counters, closes steps, and appends them to the log.
 
     Parameters
     ----------
     stats_dir : str or None
-        Folder of the JSON-lines log; ``None`` keeps statistics in memory only.
+        Folder of the JSON-lines log; ``None`` keeps statistics in memory only.  Checked to be
+        writable here.
+    every : int
+        Log only the steps whose index is a multiple of ``every``.
+    max_bytes : int or None
+        Stop appending once the log file would grow beyond this size (a warning says so, once).
     """
 
-    def __init__(self, stats_dir: str | None):
+    def __init__(self, stats_dir: str | None, every: int = 1, max_bytes: int | None = None):
+        if stats_dir:
+            check_writable(stats_dir)
         self.stats_dir = stats_dir
+        self.every = every
+        self.max_bytes = max_bytes
+        self._warned = False  # the log warns at most once per state
         self.current = _Counters()
         self.total = _Counters()
         self.steps_completed = 0
@@ -130,7 +158,7 @@ class HookStats:
         self.current = _Counters()
         self.steps_completed += 1
         self.last_step = record
-        if self.stats_dir:
+        if self.stats_dir and step % self.every == 0:
             self._append(record)
         return record
 
@@ -146,14 +174,24 @@ class HookStats:
 
     def _append(self, record: dict) -> None:
         path = os.path.join(self.stats_dir, f"hook-rank{record['rank']}.jsonl")
-        line = json.dumps({**record, "time": time.time()})
+        line = json.dumps({**record, "time": time.time()}) + "\n"
         try:
+            if self.max_bytes is not None and _size(path) + len(line) > self.max_bytes:
+                self._warn_once("threelc: the statistics log %s reached its cap of %d bytes (stats_max_bytes); "
+                                "later steps are not logged", path, self.max_bytes)
+                return
             os.makedirs(self.stats_dir, exist_ok=True)
             with open(path, "a", encoding="utf-8") as log:
-                log.write(line + "\n")
+                log.write(line)
         except OSError as error:
-            # Statistics must never stop training: warn once per failure and carry on.
-            logger.warning("threelc: cannot append statistics to %s: %s", path, error)
+            # Statistics must never stop training: warn (once) and carry on.
+            self._warn_once("threelc: cannot append statistics to %s: %s (later failures are not reported)",
+                            path, error)
+
+    def _warn_once(self, message: str, *args) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(message, *args)
 
     # Checkpointing: the cumulative counters travel with the hook state.
     def state_dict(self) -> dict:
@@ -164,6 +202,13 @@ class HookStats:
         self.steps_completed = int(state["steps_completed"])
         for name in _Counters.__slots__:
             setattr(self.total, name, type(getattr(self.total, name))(state[name]))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 class _Timer:

@@ -49,8 +49,11 @@ def _entry(rank, fn, world_size, port, folder, collective_timeout_s, args):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_timeout_s: float = 60) -> list:
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_timeout_s: float = 60,
+              missing_ok: bool = False) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results.
+
+    ``missing_ok``: a rank that exits without a result (a test that kills it) gives None.
 
     Raises AssertionError with the failing ranks' tracebacks, or TimeoutError after
     ``timeout_s`` seconds (the processes are then terminated).
@@ -72,4 +75,6 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_tim
                 if process.is_alive():
                     process.terminate()
                     process.join(5)
-        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]
+        paths = [os.path.join(folder, f"rank{rank}.pt") for rank in range(world_size)]
+        return [None if missing_ok and not os.path.exists(path) else torch.load(path, weights_only=False)
+                for path in paths]

@@ -23,7 +23,8 @@ def test_bench_codec_json():
     for row in figures["rows"]:
         assert row["ratio"] == 50000 * 4 / row["payload_bytes"]
         assert 20 < row["ratio"] <= 280  # 1.6 bits per value at worst, 70 zeros per byte at best
-        assert all(row[key] > 0 for key in ("encode_gbps_1t", "encode_gbps_all", "decode_gbps_1t", "decode_gbps_all"))
+        assert all(row[key] > 0 for key in ("encode_gbps_1t", "encode_gbps_all", "decode_gbps_1t", "decode_gbps_all",
+                                            "checksum_share_encode_1t", "checksum_share_decode_1t"))
 
 
 def test_bench_compare_rows():

@@ -207,12 +207,15 @@ def test_argument_errors_match_numba_codec():
 # ---- malformed payloads: the same FormatError as the numba codec --------------------------------
 
 def _same_error(payload: np.ndarray):
-    """Both decoders reject the payload with the same FormatError message."""
-    with pytest.raises(fmt.FormatError) as numba_error:
-        threelc.decompress(payload)
-    with pytest.raises(fmt.FormatError) as device_error:
-        decompress_tensor(torch.from_numpy(payload.copy()))
-    assert str(device_error.value) == str(numba_error.value)
+    """Both decoders reject the payload with the same FormatError message, as it is (most
+    corruptions then fail the checksum) and resealed (so the check behind the checksum runs)."""
+    variants = [payload] + ([fmt.seal(payload.copy())] if payload.size >= fmt.HEADER_SIZE else [])
+    for variant in variants:
+        with pytest.raises(fmt.FormatError) as numba_error:
+            threelc.decompress(variant)
+        with pytest.raises(fmt.FormatError) as device_error:
+            decompress_tensor(torch.from_numpy(variant.copy()))
+        assert str(device_error.value) == str(numba_error.value)
 
 
 def _with_body(payload: np.ndarray, body: list[int]) -> np.ndarray:
@@ -224,7 +227,7 @@ def _with_body(payload: np.ndarray, body: list[int]) -> np.ndarray:
     new = np.concatenate([payload[:table_end], np.array(body, np.uint8)])
     new[32:40] = np.frombuffer(np.array([len(body)], "<u8").tobytes(), np.uint8)  # body_length
     new[table_end - 4 : table_end] = np.frombuffer(np.array([len(body)], "<u4").tobytes(), np.uint8)
-    return new
+    return fmt.seal(new)
 
 
 def test_truncated_and_corrupt_headers():
@@ -233,7 +236,7 @@ def test_truncated_and_corrupt_headers():
     for cut in (0, 1, 47, 48, 55, 60, 80, payload.size - 1):
         _same_error(payload[:cut])
     _same_error(np.concatenate([payload, np.zeros(1, np.uint8)]))
-    for offset, value in ((0, ord("X")), (3, 2), (4, 7), (5, 4), (6, 1), (24, 7), (28, 9), (43, 0x40), (16, 9), (20, 0)):
+    for offset, value in ((0, ord("X")), (3, 1), (4, 7), (5, 4), (6, 1), (24, 7), (28, 9), (43, 0x40), (16, 9), (20, 0)):
         corrupt = payload.copy()
         corrupt[offset] = value
         _same_error(corrupt)
@@ -366,3 +369,12 @@ def test_gpu_check_refuses_without_cuda(capsys):
 
     assert gpu_check.main(["--out", "/dev/null"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [48, 49, 1000, 300_001])
+def test_device_checksum_equals_zlib(size):
+    """The vectorized Adler-32 gives zlib's value, also where the int64 sums are large."""
+    from threelc.hooks.device_codec import _checksum_tensor
+
+    payload = np.random.default_rng(size).integers(200, 256, size).astype(np.uint8)  # large bytes: large sums
+    assert int(_checksum_tensor(torch.from_numpy(payload))) == fmt.checksum(payload)

@@ -38,8 +38,8 @@ def test_worked_example_of_format_doc():
     """docs/FORMAT.md walks through this payload byte by byte."""
     payload = (FIXTURES / "worked_example.bin").read_bytes()
     assert payload.hex() == (
-        "334c430100000000" "1100000000000000" "01000000" "00000000" "00a00000" "01000000"
-        "0200000000000000" "0000803f" "00000000" "1100000000000000" "00000040" "02000000" "61f4"
+        "334c430200000000" "1100000000000000" "01000000" "00000000" "00a00000" "01000000"
+        "0200000000000000" "0000803f" "e103815d" "1100000000000000" "00000040" "02000000" "61f4"
     )
 
 
@@ -49,10 +49,23 @@ def _valid_payload():
     return threelc.compress(x, sparsity=1.3, segments=[100, 130], block=50, chunk=100)
 
 
-def _set(payload, offset, fmt_char, value):
+def _set(payload, offset, fmt_char, value, seal=True):
+    """The payload with one field changed; resealed (a valid checksum) unless ``seal=False``,
+    so the field's own check is what rejects it."""
     changed = bytearray(payload.tobytes())
     struct.pack_into("<" + fmt_char, changed, offset, value)
-    return np.frombuffer(bytes(changed), dtype=np.uint8)
+    changed = np.frombuffer(bytes(changed), dtype=np.uint8).copy()
+    return _sealed(changed) if seal else changed
+
+
+def _sealed(payload):
+    return fmt.seal(payload.copy()) if payload.size >= fmt.HEADER_SIZE else payload
+
+
+def _flip(payload, offset):
+    flipped = payload.copy()
+    flipped[offset] ^= 0xFF
+    return flipped
 
 
 def _malformed_cases():
@@ -64,7 +77,8 @@ def _malformed_cases():
         "empty": (np.zeros(0, np.uint8), "truncated"),
         "short_header": (good[:20], "truncated"),
         "bad_magic": (_set(good, 0, "3s", b"XYZ"), "bad magic"),
-        "future_version": (_set(good, 3, "B", 2), "unsupported format version 2"),
+        "old_version": (_set(good, 3, "B", 1), "unsupported format version 1"),
+        "future_version": (_set(good, 3, "B", 3), "unsupported format version 3"),
         "unknown_encoding": (_set(good, 4, "B", 9), "unknown encoding"),
         "unknown_flags": (_set(good, 5, "B", 0x80), "unknown flag"),
         "reserved": (_set(good, 6, "H", 1), "reserved"),
@@ -79,8 +93,16 @@ def _malformed_cases():
         "nan_scale": (_set(good, table_start + 16, "f", float("nan")), "scale 0"),
         "negative_scale": (_set(good, table_start + 20, "f", -1.0), "scale 1"),
         "impossible_chunk_length": (_set(good, body_start - 8, "I", 10**6), "impossible"),
-        "truncated_body": (good[:-1], "payload is"),
-        "trailing_garbage": (np.concatenate([good, np.zeros(3, np.uint8)]), "payload is"),
+        "truncated_body": (_sealed(good[:-1]), "payload is"),
+        "trailing_garbage": (_sealed(np.concatenate([good, np.zeros(3, np.uint8)])), "payload is"),
+        # Unsealed: what corruption after encoding looks like; the checksum catches all of it.
+        "checksum_field": (_set(good, fmt.CHECKSUM_OFFSET, "I", 12345, seal=False), "checksum mismatch"),
+        "unsealed_truncation": (good[:-1], "checksum mismatch"),
+        "unsealed_trailing_bytes": (np.concatenate([good, np.zeros(3, np.uint8)]), "checksum mismatch"),
+        "unsealed_finite_scale_x1e6": (_set(good, table_start + 16, "f", 1e6 * float(layout.scales[0]), seal=False),
+                                       "checksum mismatch"),
+        "unsealed_huge_count": (_set(good, 8, "Q", 1 << 39, seal=False), "checksum mismatch"),
+        "unsealed_flipped_body_byte": (_flip(good, body_start), "checksum mismatch"),
         "not_uint8": (good.astype(np.int16), "uint8"),
         "not_bytes": (12345, "uint8 array or bytes"),
     }
@@ -88,7 +110,7 @@ def _malformed_cases():
     overflow = good.copy()
     overflow[body_start] = 255
     overflow[body_start + 1] = 255
-    cases["run_overflows_chunk"] = (overflow, "chunk 0")
+    cases["run_overflows_chunk"] = (_sealed(overflow), "chunk 0")
     return cases
 
 
@@ -107,6 +129,7 @@ def test_nonzero_tail_padding_is_rejected():
     payload = threelc.compress(np.array([1.0, 0.0, 0.0], np.float32))  # one group: digits 2,1,1 + 2 pad
     corrupt = payload.copy()
     corrupt[-1] = 81 * 2 + 27 + 9 + 3 * 2 + 1  # a padding digit set to +1
+    fmt.seal(corrupt)
     with pytest.raises(threelc.FormatError, match="tail padding"):
         threelc.decompress(corrupt)
 
@@ -115,6 +138,8 @@ def test_raw_and_nonfinite_headers_are_checked():
     raw = threelc.compress_raw(np.ones(4, np.float32))
     with pytest.raises(threelc.FormatError, match="body length"):
         threelc.decompress(_set(raw, 8, "Q", 5))
+    with pytest.raises(threelc.FormatError, match="checksum mismatch"):
+        threelc.decompress(_flip(raw, fmt.HEADER_SIZE + 3))
     flagged = threelc.compress(np.array([np.nan], np.float32), nonfinite="flag")
     with pytest.raises(threelc.FormatError, match="carry no segments"):
         threelc.decompress(_set(flagged, 16, "I", 1))
@@ -128,7 +153,11 @@ def _decode_or_error(function, payload):
 
 
 def test_fuzz_decoder_against_reference():
-    """Random and mutated payloads: the codec gives the reference's output or FormatError."""
+    """Random and mutated payloads: the codec gives the reference's output or FormatError.
+
+    Every other mutated payload is resealed (a valid checksum), so the checks behind the checksum
+    are fuzzed too; the unsealed ones must all be rejected.
+    """
     rng = np.random.default_rng(42)
     seeds = [
         threelc.compress((rng.standard_t(3, n) * 1e-3).astype(np.float32), sparsity=s, block=b, chunk=c)
@@ -152,9 +181,14 @@ def test_fuzz_decoder_against_reference():
             payload = np.concatenate([seed, rng.integers(0, 256, 5).astype(np.uint8)])[:cut]
         elif kind == 3:  # random bytes behind a valid magic and version
             payload = rng.integers(0, 256, int(rng.integers(0, 120))).astype(np.uint8)
-            payload[:4] = np.frombuffer(b"3LC\x01", np.uint8)[: payload.size]
+            payload[:4] = np.frombuffer(b"3LC\x02", np.uint8)[: payload.size]
         else:  # pure noise
             payload = rng.integers(0, 256, int(rng.integers(0, 80))).astype(np.uint8)
+        mutated = not np.array_equal(payload, seeds[trial % len(seeds)])
+        if trial % 2:
+            payload = _sealed(payload)
+        elif mutated:
+            assert _decode_or_error(threelc.decompress, payload) == "FormatError", f"trial {trial}: unsealed"
         fast = _decode_or_error(threelc.decompress, payload)
         slow = _decode_or_error(reference.decode, payload)
         assert fast == slow, f"trial {trial}: codec and reference disagree"
@@ -213,3 +247,13 @@ def test_kernels_run_without_jit():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("size", [0, 1, 43, 48, 49, 5553, 70_000])
+def test_checksum_is_rfc1950_adler32_of_all_bytes_but_its_field(size):
+    """format.checksum (zlib) equals the reference's plain Adler-32 loop, and seal() makes parse accept."""
+    payload = np.random.default_rng(size).integers(0, 256, max(size, fmt.HEADER_SIZE)).astype(np.uint8)
+    covered = np.concatenate([payload[: fmt.CHECKSUM_OFFSET], payload[fmt.HEADER_SIZE :]])
+    assert fmt.checksum(payload) == reference.adler32(covered)
+    assert fmt.checksum(payload) == fmt.checksum(reference.seal(payload.copy()))  # the field itself is not covered
+    assert reference.seal(payload.copy()).tobytes() == fmt.seal(payload.copy()).tobytes()

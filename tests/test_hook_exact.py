@@ -159,8 +159,8 @@ def _mismatch_checks(rank, world_size):
         try:
             run_hook(state, gradient(rank, 0, (50,)), (50,))
             messages[name] = None
-        except Exception as error:  # the future re-raises the worker's exception
-            messages[name] = (str(error),)
+        except Exception as error:  # the hook call of the last bucket raises the worker's exception
+            messages[name] = (str(error), type(error).__name__)
         state.close()
     state = ThreeLCState(min_numel=0, start_iter=2)
     state.iteration = 2
@@ -169,13 +169,14 @@ def _mismatch_checks(rank, world_size):
         run_hook(state, gradient(rank, 0, layout), layout)
         messages["layout"] = None
     except Exception as error:
-        messages["layout"] = (str(error),)
-    # A state that failed refuses further collectives instead of desynchronizing the ranks.
+        messages["layout"] = (str(error), type(error).__name__)
+    # A state that failed refuses further collectives instead of desynchronizing the ranks: the
+    # next hook call raises the same failure again, before it issues anything.
     try:
         run_hook(state, gradient(rank, 0, layout), layout)
         messages["after_failure"] = None
     except Exception as error:
-        messages["after_failure"] = (str(error),)
+        messages["after_failure"] = (str(error), type(error).__name__)
     state.close()
     return messages
 
@@ -242,11 +243,12 @@ def test_mismatched_configuration_raises_the_same_clear_error_on_every_rank(exac
     for name in ("sparsity", "collective", "start_iter", "layout", "after_failure"):
         outcomes = [result["mismatch"][name] for result in results]
         assert all(outcome is not None for outcome in outcomes), f"{name}: some rank did not raise"
-        messages = {outcome[0] for outcome in outcomes}
+        messages = set(outcomes)
         assert len(messages) == 1, f"{name}: ranks raised different errors: {messages}"
-        message = messages.pop()
+        message, type_name = messages.pop()
+        assert type_name == "ConfigMismatchError"
         if name == "after_failure":
-            assert "earlier bucket failed" in message
+            assert message == results[0]["mismatch"]["layout"][0]
         elif name == "layout":
             assert "different layouts" in message
         else:

@@ -27,6 +27,9 @@ from threelc.hooks.stats import HookStats
     ({"min_numel": -1}, "min_numel"),
     ({"error_feedback": 1}, "error_feedback"),
     ({"stats_dir": 3}, "stats_dir"),
+    ({"stats_every": 0}, "stats_every"),
+    ({"stats_every": 1.5}, "stats_every"),
+    ({"stats_max_bytes": 0}, "stats_max_bytes"),
     ({"codec_threads": 0}, "codec_threads"),
     ({"codec_threads": 1.5}, "codec_threads"),
 ])
@@ -38,7 +41,8 @@ def test_bad_options_raise_value_error_that_says_why(options, words):
 def test_defaults_and_repr():
     state = ThreeLCState()
     assert state.config() == {"sparsity": 1.0, "collective": "auto", "scale": "block", "block_size": 8192,
-                              "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None}
+                              "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None,
+                              "stats_every": 1, "stats_max_bytes": None}
     assert repr(state).startswith("ThreeLCState(sparsity=1.0, collective='auto'")
     assert state.resolved_collective(2) == "allgather"
     assert state.resolved_collective(3) == "scatter_reduce"
@@ -177,6 +181,42 @@ def test_stats_schema_and_json_lines(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "hook-rank3.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1]
     assert all(tuple(line) == STAT_KEYS + ("time",) for line in lines)
+
+
+def test_unwritable_stats_dir_is_a_clear_error_at_construction(tmp_path):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="stats_dir .*not-a-folder.* cannot be written"):
+        ThreeLCState(stats_dir=str(a_file))
+    with pytest.raises(ValueError, match="cannot be written"):
+        ThreeLCState(stats_dir=str(a_file / "below"))
+
+
+def test_stats_log_warns_once_when_it_cannot_append(tmp_path, caplog):
+    stats = HookStats(str(tmp_path / "log"))
+    (tmp_path / "log").rmdir()
+    (tmp_path / "log").write_text("")  # the folder became a file after construction
+    with caplog.at_level("WARNING", logger="threelc.hooks.stats"):
+        for step in range(5):
+            stats.finish_step(step, 0, 2)
+    assert len(caplog.records) == 1 and "cannot append" in caplog.records[0].getMessage()
+    assert stats.snapshot()["total"]["step"] == 5  # statistics in memory go on
+
+
+def test_stats_log_is_bounded_by_every_and_by_a_size_cap(tmp_path, caplog):
+    every = HookStats(str(tmp_path / "every"), every=4)
+    for step in range(10):
+        every.finish_step(step, 0, 2)
+    lines = (tmp_path / "every" / "hook-rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 4, 8]
+    capped = HookStats(str(tmp_path / "capped"), max_bytes=1000)
+    with caplog.at_level("WARNING", logger="threelc.hooks.stats"):
+        for step in range(100):
+            capped.finish_step(step, 0, 2)
+    path = tmp_path / "capped" / "hook-rank0.jsonl"
+    assert 0 < path.stat().st_size <= 1000
+    assert len(path.read_text().splitlines()) < 100
+    assert len(caplog.records) == 1 and "reached its cap of 1000 bytes" in caplog.records[0].getMessage()
 
 
 def test_stats_before_any_step_and_with_nothing_sent():

@@ -69,7 +69,7 @@ def _nonfinite_payload(count: int, sparsity32: np.float32) -> np.ndarray:
     header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=fmt.FLAG_NONFINITE, count=count,
                              segment_count=0, block=0, chunk=0, chunk_count=0, body_length=0,
                              sparsity=float(sparsity32))
-    return np.frombuffer(header, dtype=np.uint8).copy()
+    return fmt.seal(np.frombuffer(header, dtype=np.uint8).copy())
 
 
 def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfinite="raise",
@@ -155,7 +155,7 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
         payload[offset : offset + table.size] = table
         offset += table.size
     kernels.gather_chunks(coded, chunk // 5, chunk_lengths, payload[offset:])
-    return payload
+    return fmt.seal(payload)
 
 
 def compress_raw(x) -> np.ndarray:
@@ -166,7 +166,7 @@ def compress_raw(x) -> np.ndarray:
     payload = np.empty(fmt.HEADER_SIZE + 4 * x.size, dtype=np.uint8)
     payload[: fmt.HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
     payload[fmt.HEADER_SIZE :] = x.astype("<f4", copy=False).view(np.uint8)
-    return payload
+    return fmt.seal(payload)
 
 
 def payload_info(payload) -> fmt.Header:

@@ -10,7 +10,7 @@ Layout (all integers little-endian)::
 
     offset size field
     0      3    magic            b"3LC"
-    3      1    version          1
+    3      1    version          2
     4      1    encoding         0 = ternary (3LC), 1 = raw float32
     5      1    flags            bit 0: the input held NaN/Inf (decodes to all NaN)
     6      2    reserved         0
@@ -21,17 +21,24 @@ Layout (all integers little-endian)::
     28     4    chunk_count      number of chunks (u32)
     32     8    body_length      bytes of coded body (u64)
     40     4    sparsity         the sparsity multiplier s used (float32, informational)
-    44     4    reserved         0
+    44     4    checksum         Adler-32 of every other byte of the payload (u32)
     48     ...  segment sizes    u64[segment_count]
     ...    ...  scales           float32[scale_count]
     ...    ...  chunk lengths    u32[chunk_count]  (coded bytes of each chunk)
     ...    ...  body             uint8[body_length]
+
+The checksum lets a receiver reject a payload corrupted after it was made (in memory, on the
+wire, by a faulty peer) before decoding it: without it, a flipped scale byte decodes to a
+finite but wrong gradient that nothing downstream can tell from a real one.  Adler-32 rather
+than CRC-32 because its closed form (a sum and a position-weighted sum) vectorizes on a device
+(:mod:`threelc.hooks.device_codec`) exactly as zlib computes it on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+import zlib
 
 import numpy as np
 
@@ -48,17 +55,23 @@ __all__ = [
     "Layout",
     "parse",
     "pack_header",
+    "checksum",
+    "check_checksum",
+    "seal",
+    "CHECKSUM_OFFSET",
     "scale_count",
     "unit_starts",
     "chunk_count",
 ]
 
 MAGIC = b"3LC"
-VERSION = 1
+VERSION = 2
 ENCODING_TERNARY = 0
 ENCODING_RAW = 1
 FLAG_NONFINITE = 1
 HEADER_SIZE = 48
+#: Offset of the u32 checksum in the header; the checksum covers every byte but these four.
+CHECKSUM_OFFSET = 44
 #: Values per independently coded chunk: 5 * 2**13, so a chunk holds whole 5-value groups and
 #: codes to at most 8192 bytes; small enough that the chunks of one bucket spread over all cores.
 DEFAULT_CHUNK = 5 * 8192
@@ -87,6 +100,7 @@ class Header:
     chunk_count: int
     body_length: int
     sparsity: float
+    checksum: int
 
     @property
     def nonfinite(self) -> bool:
@@ -146,11 +160,35 @@ def pack_header(
     body_length: int,
     sparsity: float,
 ) -> bytes:
-    """Serialize a header (the caller guarantees the fields are consistent)."""
+    """Serialize a header with checksum 0 (the caller guarantees the fields are consistent).
+
+    The checksum covers the tables and body too, so it is written last: :func:`seal` the
+    assembled payload.
+    """
     return _HEADER.pack(
         MAGIC, VERSION, encoding, flags, 0, count, segment_count, block, chunk,
         chunk_count, body_length, sparsity, 0,
     )
+
+
+def checksum(payload: np.ndarray) -> int:
+    """Adler-32 (zlib's) of the payload's bytes before and after the checksum field, in order."""
+    payload = np.ascontiguousarray(payload)
+    head = zlib.adler32(memoryview(payload[:CHECKSUM_OFFSET]))
+    return zlib.adler32(memoryview(payload[HEADER_SIZE:]), head)
+
+
+def seal(payload: np.ndarray) -> np.ndarray:
+    """Write the checksum of an assembled payload (uint8 array, in place); returns the payload."""
+    payload[CHECKSUM_OFFSET:HEADER_SIZE] = np.frombuffer(struct.pack("<I", checksum(payload)), np.uint8)
+    return payload
+
+
+def check_checksum(stored: int, computed: int) -> None:
+    """Raise :class:`FormatError` unless the stored checksum equals the computed one."""
+    if stored != computed:
+        raise FormatError(f"checksum mismatch: the header (offset {CHECKSUM_OFFSET}) says {stored:#010x}, the bytes "
+                          f"give {computed:#010x}: the payload was corrupted or truncated after it was made")
 
 
 def _table(payload: np.ndarray, offset: int, count: int, dtype: str) -> np.ndarray:
@@ -160,12 +198,15 @@ def _table(payload: np.ndarray, offset: int, count: int, dtype: str) -> np.ndarr
     return np.frombuffer(raw.tobytes(), dtype=dtype)
 
 
-def parse(payload) -> Layout:
+def parse(payload, *, computed_checksum: int | None = None) -> Layout:
     """Parse and validate a payload's header and tables.
 
-    Checks everything that can be checked without decoding the body: magic, version, field
-    ranges, that the tables agree with each other, and that the payload's length is exactly what
-    the header declares.  The body's contents are checked by the decoder.
+    Checks everything that can be checked without decoding the body: magic, version, the
+    checksum, field ranges, that the tables agree with each other, and that the payload's length
+    is exactly what the header declares.  The body's contents are checked by the decoder.
+    ``computed_checksum`` is for a caller that computed the checksum itself (the device codec
+    computes it on the device and parses a host copy of the header and tables only); by default
+    it is computed here.
 
     Raises
     ------
@@ -182,18 +223,21 @@ def parse(payload) -> Layout:
     if payload.size < HEADER_SIZE:
         raise FormatError(f"payload truncated: {payload.size} bytes, the header alone is {HEADER_SIZE}")
     (magic, version, encoding, flags, reserved, count, segment_count, block, chunk,
-     n_chunks, body_length, sparsity, reserved2) = _HEADER.unpack(payload[:HEADER_SIZE].tobytes())
+     n_chunks, body_length, sparsity, stored_checksum) = _HEADER.unpack(payload[:HEADER_SIZE].tobytes())
     if magic != MAGIC:
         raise FormatError(f"bad magic {magic!r} at offset 0, expected {MAGIC!r}: not a 3LC payload")
     if version != VERSION:
         raise FormatError(f"unsupported format version {version} at offset 3 (this decoder reads version {VERSION})")
+    # Before any other field: a corrupt payload is reported as corrupt, whatever field it hit.
+    check_checksum(stored_checksum, checksum(payload) if computed_checksum is None else computed_checksum)
     if encoding not in (ENCODING_TERNARY, ENCODING_RAW):
         raise FormatError(f"unknown encoding {encoding} at offset 4")
     if flags & ~FLAG_NONFINITE:
         raise FormatError(f"unknown flag bits {flags:#04x} at offset 5")
-    if reserved or reserved2:
-        raise FormatError("reserved header fields (offsets 6 and 44) must be zero")
-    header = Header(version, encoding, flags, count, segment_count, block, chunk, n_chunks, body_length, sparsity)
+    if reserved:
+        raise FormatError("reserved header field (offset 6) must be zero")
+    header = Header(version, encoding, flags, count, segment_count, block, chunk, n_chunks, body_length, sparsity,
+                    stored_checksum)
     # Tables are bounded by the payload's own length before anything is allocated.
     if count > (1 << 40):
         raise FormatError(f"element count {count} is implausibly large (> 2**40)")

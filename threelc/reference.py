@@ -21,6 +21,8 @@ __all__ = [
     "unit_sizes",
     "encode",
     "decode",
+    "adler32",
+    "seal",
 ]
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -127,7 +129,7 @@ def encode(x, *, sparsity=1.0, residual=None, segments=None, block=0, chunk=fmt.
         header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=fmt.FLAG_NONFINITE, count=count,
                                  segment_count=0, block=0, chunk=0, chunk_count=0, body_length=0,
                                  sparsity=float(sparsity32))
-        return np.frombuffer(header, dtype=np.uint8).copy()
+        return seal(np.frombuffer(header, dtype=np.uint8).copy())
     scales, digits = [], []
     start = 0
     for size in unit_sizes(segments, block):
@@ -152,7 +154,23 @@ def encode(x, *, sparsity=1.0, residual=None, segments=None, block=0, chunk=fmt.
         np.array([len(c) for c in chunks], dtype="<u4").view(np.uint8),
         *chunks,
     ]
-    return np.concatenate(parts).astype(np.uint8)
+    return seal(np.concatenate(parts).astype(np.uint8))
+
+
+def adler32(data) -> int:
+    """Adler-32 as RFC 1950 defines it: a = 1 + sum of bytes, b = sum of the running a's, mod 65521."""
+    a, b = 1, 0
+    for byte in data:
+        a = (a + int(byte)) % 65521
+        b = (b + a) % 65521
+    return (b << 16) | a
+
+
+def seal(payload: np.ndarray) -> np.ndarray:
+    """Write the checksum at offset 44: Adler-32 of bytes [0, 44) followed by bytes [48, end)."""
+    covered = np.concatenate([payload[: fmt.CHECKSUM_OFFSET], payload[fmt.HEADER_SIZE :]])
+    payload[fmt.CHECKSUM_OFFSET : fmt.HEADER_SIZE] = np.array([adler32(covered)], dtype="<u4").view(np.uint8)
+    return payload
 
 
 def decode_digits(digits, scales, units) -> np.ndarray:
@@ -167,7 +185,7 @@ def decode_digits(digits, scales, units) -> np.ndarray:
 
 def decode(payload) -> np.ndarray:
     """Decompress a payload into a new float32 array (raises FormatError on bad input)."""
-    layout = fmt.parse(payload)
+    layout = fmt.parse(payload)  # the header, tables and checksum (zlib's Adler-32, equal to adler32 here)
     header = layout.header
     if header.nonfinite:
         return np.full(header.count, np.nan, dtype=np.float32)

@@ -9,6 +9,9 @@ This module is also ``threelc bench`` itself (:func:`add_arguments`, :func:`run`
 here, ``train`` in :mod:`threelc.launch.bench.bench_train`.  It lives in ``threelc.launch``, not
 in the codec package, because ``--compare`` captures real gradients from the examples (torch);
 ``threelc bench codec`` alone still never imports torch.
+
+The payload checksum (format version 2) is timed on its own and reported as a share of the
+single-thread encode and decode times: every encode writes it and every decode verifies it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numba
 import numpy as np
 
 from threelc import codec
+from threelc import format as payload_format
 
 __all__ = ["add_arguments", "run", "gradient_like", "bench_codec", "bench_compare"]
 
@@ -72,6 +76,10 @@ def bench_codec(numel: int, sparsities, repeats: int, block: int = 1024) -> dict
                 decode = _best_seconds(lambda: codec.decompress(payload, out=out), repeats)
                 row[f"encode_gbps_{label}"] = gigabytes / encode
                 row[f"decode_gbps_{label}"] = gigabytes / decode
+                if threads == 1:
+                    checksum = _best_seconds(lambda: payload_format.checksum(payload), repeats)
+                    row["checksum_share_encode_1t"] = checksum / encode
+                    row["checksum_share_decode_1t"] = checksum / decode
             numba.set_num_threads(all_cores)
             results["rows"].append(row)
     return results
@@ -164,13 +172,18 @@ def _print_table(results: dict) -> None:
           f"numba {machine['numba']} with {machine['numba_threads']} threads")
     print(f"single-thread np.copyto: {copy:.2f} GB/s (the yardstick; 'x' columns are ratios to it)")
     print("encode runs with error feedback; GB/s counts float32 input bytes")
-    header = ("s", "scales", "ratio", "enc 1t GB/s", "x", "enc all", "x", "dec 1t GB/s", "x", "dec all", "x")
-    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>11} {:>5} {:>8} {:>5}".format(*header))
+    print("'cksum': the payload checksum's time as a share of the single-thread encode / decode time")
+    header = ("s", "scales", "ratio", "enc 1t GB/s", "x", "enc all", "x", "dec 1t GB/s", "x", "dec all", "x",
+              "cksum enc", "cksum dec")
+    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>11} {:>5} {:>8} {:>5} {:>9} {:>9}".format(*header))
     for row in results["rows"]:
-        print("{:>4} {:>10} {:>6.1f}x {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f}".format(
-            row["sparsity"], row["scales"], row["ratio"],
-            row["encode_gbps_1t"], row["encode_gbps_1t"] / copy, row["encode_gbps_all"], row["encode_gbps_all"] / copy,
-            row["decode_gbps_1t"], row["decode_gbps_1t"] / copy, row["decode_gbps_all"], row["decode_gbps_all"] / copy))
+        print("{:>4} {:>10} {:>6.1f}x {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} "
+              "{:>8.2%} {:>8.2%}".format(
+                  row["sparsity"], row["scales"], row["ratio"],
+                  row["encode_gbps_1t"], row["encode_gbps_1t"] / copy, row["encode_gbps_all"],
+                  row["encode_gbps_all"] / copy, row["decode_gbps_1t"], row["decode_gbps_1t"] / copy,
+                  row["decode_gbps_all"], row["decode_gbps_all"] / copy, row["checksum_share_encode_1t"],
+                  row["checksum_share_decode_1t"]))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,12 +78,19 @@ def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int,
     if (folder / "final.json").exists():
         return folder
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    port = port or _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(port), "-m", TASKS[task], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed),
                "--eval-every", "100", "--no-progress", "--run-dir", str(folder)]
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, env=env)
     return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def measure(folder: Path) -> dict:
@@ -179,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
                         help="run only these (all seeds); default: MAIN with every seed, then FRONTIER with the first")
     parser.add_argument("--nproc", type=int, default=4, help="ranks (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=29631, help="torchrun master port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="torchrun master port (default: a free one per run)")
     parser.add_argument("--report-only", action="store_true", help="only summarize the folders that exist")
     parser.add_argument("--doc", default=None, help="markdown file whose bench_adamw section gets the table")
     args = parser.parse_args(argv)

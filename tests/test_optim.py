@@ -149,10 +149,13 @@ def matches_torch_before_the_freeze(rank, world_size):
     reference_ddp = DDP(reference_model, find_unused_parameters=True)
     reference = torch.optim.AdamW(_groups(reference_model))
     register(reference_ddp, start_iter=10**6, **HOOK_OPTIONS)  # allreduce every step
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step)) for opt in (optimizer, reference)]
     same, compressed = [], []
     for step in range(STEPS):
         _step(ddp, optimizer, rank, step)
         _step(reference_ddp, reference, rank, step)
+        for scheduler in schedulers:
+            scheduler.step()
         same.append(torch.equal(_flat(model), _flat(reference_model)))
         compressed.append(state.stats()["step"]["compressed"])
     return same, compressed, _flat(model), optimizer.steps

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 REFRESH = ("none", "doubling")
 #: ``compress`` choices: what the hook compresses after the freeze.
 COMPRESS = ("gradient", "momentum")
+#: The least fraction of v a refresh keeps (see AdamW._frozen_group_step).
+REFRESH_KEEP = 0.5
 #: Version of the ``"threelc"`` entry in :meth:`AdamW.state_dict`.
 STATE_VERSION = 1
 
@@ -59,7 +61,8 @@ class AdamW(torch.optim.AdamW):
     2. ``t >= freeze_step``, a *refresh* step (``refresh="doubling"``: ``t = freeze_step * 2**k``, ``k >= 1``):
        full-precision gradients again; ``v`` catches up on the ``n`` steps since its last update
        as if the squared gradient had been this step's all along,
-       ``v = beta2**n v + (1 - beta2**n) g**2``, and the step is the usual AdamW step.
+       ``v = d v + (1 - d) g**2`` with ``d = max(beta2**n, 1/2)`` (one minibatch never replaces
+       more than half of ``v``), and the step is the usual AdamW step.
     3. any other step: the hook sends 3LC-compressed gradients (error feedback keeps what was not
        sent); ``m`` is updated as usual, ``v`` is not, and the step divides by ``sqrt(v_hat)``
        with the bias correction of ``v``'s last update (so the preconditioner stays fixed).
@@ -199,7 +202,10 @@ class AdamW(torch.optim.AdamW):
             else:
                 state["exp_avg"].lerp_(grad, 1 - beta1)
             if refresh_this:
-                decay = beta2 ** (step - variance_step)
+                # One minibatch's square stands for the n skipped steps; after long gaps (n of
+                # thousands) it would replace v outright, and a coordinate whose gradient is ~0 on
+                # this step would get v ~ 0 and a huge step.  At most half of v comes from it.
+                decay = max(beta2 ** (step - variance_step), REFRESH_KEEP)
                 state["exp_avg_sq"].mul_(decay).addcmul_(grad, grad, value=1 - decay)
                 state["variance_step"] = variance_step = int(step)
             bias_correction1 = 1 - beta1 ** step

@@ -293,3 +293,18 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     for rank in range(2):
         assert torch.equal(resumed[rank], references[rank])
     assert torch.equal(references[0], references[1])
+
+
+def test_a_refresh_after_a_long_gap_keeps_half_of_v():
+    """beta2**n -> 0 would let one minibatch replace v; a zero gradient then would zero it."""
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = threelc.optim.AdamW([parameter], betas=(0.9, 0.5), weight_decay=0.0, freeze_step=2)
+    optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+    for step in range(5):  # full, full, compressed, compressed, refresh (step 4 = 2 * 2)
+        if step == 4:
+            before = optimizer.state[parameter]["exp_avg_sq"].clone()
+        parameter.grad = torch.zeros(3) if step == 4 else torch.ones(3)
+        optimizer.step()
+    state = optimizer.state[parameter]
+    assert state["variance_step"] == 5  # 0.5**3 = 0.125 < the floor of 0.5
+    torch.testing.assert_close(state["exp_avg_sq"], before * 0.5, rtol=0, atol=0)

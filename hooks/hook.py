@@ -94,7 +94,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     is_last = bucket.is_last()
     if is_last:
         state.iteration += 1
-        if state.iteration == state.start_iter:
+        if state.iteration == state.start_iter and state.optimizer is None:
             logger.info("threelc: compression starts after %d iterations", state.iteration)
 
     full_precision = iteration < state.start_iter if state.optimizer is None else state.optimizer.full_precision()

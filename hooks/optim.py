@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 #: ``refresh`` choices: no refresh after the freeze, or refreshes at freeze_step * 2**k.
 REFRESH = ("none", "doubling")
 #: ``compress`` choices: what the hook compresses after the freeze.
-COMPRESS = ("gradient", "momentum")
+COMPRESS = ("gradient", "momentum", "preconditioned")
 #: The least fraction of v a refresh keeps (see AdamW._frozen_group_step).
 REFRESH_KEEP = 0.5
 #: Version of the ``"threelc"`` entry in :meth:`AdamW.state_dict`.
@@ -140,19 +140,24 @@ class AdamW(torch.optim.AdamW):
         return f"AdamW(freeze_step={self.freeze_step} refresh={self.refresh} compress={self.compress})"
 
     def prepare_bucket(self, parameters, buffer: torch.Tensor) -> None:
-        """Before a compressed step with ``compress="momentum"``: turn the gradients in ``buffer``
-        (the flat DDP bucket of ``parameters``) into this rank's ``beta1 m + (1 - beta1) g``."""
-        if self.compress != "momentum":
+        """Before a compressed step: turn the gradients in ``buffer`` (the flat DDP bucket of
+        ``parameters``) into what ``compress`` says this rank sends (nothing to do for "gradient")."""
+        if self.compress == "gradient":
             return
-        beta1_of = {id(parameter): group["betas"][0] for group in self.param_groups for parameter in group["params"]}
+        group_of = {id(parameter): group for group in self.param_groups for parameter in group["params"]}
         offset = 0
         for parameter in parameters:
             size = parameter.numel()
-            exp_avg = self.state.get(parameter, {}).get("exp_avg")
-            if exp_avg is not None:
+            state = self.state.get(parameter, {})
+            if "exp_avg" in state:
                 chunk = buffer[offset:offset + size]
-                # lerp(g, m, beta1) = beta1 m + (1 - beta1) g, in float32 whatever the bucket's dtype.
-                chunk.copy_(torch.lerp(chunk.float(), exp_avg.float().reshape(-1), beta1_of[id(parameter)]))
+                group = group_of[id(parameter)]
+                if self.compress == "momentum":
+                    # lerp(g, m, beta1) = beta1 m + (1 - beta1) g, in float32 whatever the bucket's dtype.
+                    sent = torch.lerp(chunk.float(), state["exp_avg"].float().reshape(-1), group["betas"][0])
+                else:
+                    sent = chunk.float() / _denominator(state, group).float().reshape(-1)
+                chunk.copy_(sent)
             offset += size
 
     # ------------------------------------------------------------------ step
@@ -197,9 +202,11 @@ class AdamW(torch.optim.AdamW):
             variance_step = state.setdefault("variance_step", int(state["step"]))
             state["step"] += 1
             parameter.mul_(1 - lr * weight_decay)
-            if self.compress == "momentum" and not refresh:
+            if self.compress == "momentum" and not refresh_this:
                 state["exp_avg"].copy_(grad)  # the hook averaged beta1 m + (1 - beta1) g
             else:
+                if self.compress == "preconditioned" and not refresh_this:
+                    grad = grad * _denominator(state, group)  # the hook averaged g / denominator
                 state["exp_avg"].lerp_(grad, 1 - beta1)
             if refresh_this:
                 # One minibatch's square stands for the n skipped steps; after long gaps (n of
@@ -209,9 +216,7 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg_sq"].mul_(decay).addcmul_(grad, grad, value=1 - decay)
                 state["variance_step"] = variance_step = int(step)
             bias_correction1 = 1 - beta1 ** step
-            bias_correction2 = 1 - beta2 ** variance_step
-            denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
-            parameter.addcdiv_(state["exp_avg"], denominator, value=-lr / bias_correction1)
+            parameter.addcdiv_(state["exp_avg"], _denominator(state, group), value=-lr / bias_correction1)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -240,6 +245,13 @@ class AdamW(torch.optim.AdamW):
         if changed:
             logger.warning("threelc.optim.AdamW: loading a state saved with other options (saved, now): %s", changed)
         self.steps = int(entry["steps"])
+
+
+def _denominator(state: dict, group: dict) -> torch.Tensor:
+    """AdamW's ``sqrt(v_hat) + eps``, with the bias correction of v's last update."""
+    variance_step = state.get("variance_step", int(state["step"]))
+    bias_correction2 = 1 - group["betas"][1] ** variance_step
+    return (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
 
 
 def check_pairing(optimizer, module) -> None:

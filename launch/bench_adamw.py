@@ -53,6 +53,7 @@ VARIANTS = {
     "ours-f20-doubling": _ours(20),
     "ours-f20-none": _ours(20, "none"),
     "ours-f20-momentum": _ours(20, "doubling", "momentum"),
+    "ours-f20-precond": _ours(20, "doubling", "preconditioned"),
     "ours-f10-doubling": _ours(10),
     "ours-f50-doubling": _ours(50),
     "ours-f100-none": _ours(100, "none"),

@@ -158,7 +158,7 @@ def _add_arguments(group):
                        help="threelc-adamw: full-precision steps before v freezes (default: the optimizer's)")
     group.add_argument("--refresh", choices=("doubling", "none"), default=None,
                        help="threelc-adamw: full-precision refreshes of v at freeze_step * 2**k (default: the optimizer's)")
-    group.add_argument("--adam-compress", choices=("gradient", "momentum"), default=None,
+    group.add_argument("--adam-compress", choices=("gradient", "momentum", "preconditioned"), default=None,
                        help="threelc-adamw: what the hook compresses after the freeze (default: the optimizer's)")
 
 

@@ -176,7 +176,7 @@ def test_bitwise_adamw_before_the_freeze_and_identical_replicas(world_size):
 def half_precision_and_momentum(rank, world_size):
     out = {}
     for dtype in (torch.bfloat16, torch.float16):
-        for compress in ("gradient", "momentum"):
+        for compress in ("gradient", "momentum", "preconditioned"):
             # eps 1e-8 is 0 in float16, and torch's own AdamW then turns float16 weights into NaN.
             model, ddp, optimizer, state = _paired(dtype, compress=compress, eps=1e-4)
             compressed = 0
@@ -194,6 +194,28 @@ def test_half_precision_buckets_and_momentum_compression():
         assert compressed_steps == STEPS - FREEZE - 1, key
         assert torch.equal(parameters, results[1][key][0]), key
     assert not torch.equal(results[0][("torch.bfloat16", "gradient")][0], results[0][("torch.bfloat16", "momentum")][0])
+
+
+def exact_exchange(rank, world_size):
+    """Every bucket allreduced (min_numel above the model) on the optimizer's schedule: what each
+    compress mode sends, averaged exactly, must give the same steps."""
+    out = {}
+    for compress in ("gradient", "momentum", "preconditioned"):
+        torch.manual_seed(0)
+        model = Net()
+        ddp = DDP(model, find_unused_parameters=True)
+        optimizer = threelc.optim.AdamW(_groups(model), freeze_step=FREEZE, compress=compress)
+        register(ddp, optimizer=optimizer, min_numel=10**9)
+        for step in range(STEPS):
+            _step(ddp, optimizer, rank, step, clip=False)
+        out[compress] = _flat(model)
+    return out
+
+
+def test_compress_modes_agree_when_the_exchange_is_exact():
+    results = run_ranks(exact_exchange, 2, timeout_s=300)
+    for compress in ("momentum", "preconditioned"):
+        torch.testing.assert_close(results[0][compress], results[0]["gradient"], rtol=1e-5, atol=1e-6)
 
 
 def grad_scaler_skips(rank, world_size):

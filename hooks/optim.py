@@ -82,12 +82,15 @@ class AdamW(torch.optim.AdamW):
     refresh : {"doubling", "none"}, default "doubling"
         Refresh ``v`` at full precision on steps ``freeze_step * 2**k`` (0/1 Adam's schedule:
         ``log2(T / freeze_step)`` extra full-precision steps in a T-step run), or never.
-    compress : {"gradient", "momentum"}, default "gradient"
-        What the hook compresses after the freeze (see step 3).
+    compress : {"gradient", "momentum", "preconditioned"}, default "gradient"
+        What the hook compresses after the freeze (see step 3); ``"preconditioned"`` sends
+        ``g / (sqrt(v_hat) + eps)`` (exact to average while v is frozen) and multiplies the mean
+        back.  docs/benchmarks.md measures all three; "gradient" was the best.
 
     Gradient clipping (``clip_grad_norm_`` between backward and step) clips what the hook
     delivered: the exact mean gradient on full-precision steps, the decoded 3LC mean gradient on
-    compressed steps, and, with ``compress="momentum"``, the averaged momentum.
+    compressed steps, the averaged momentum with ``compress="momentum"``, and the averaged
+    preconditioned gradient with ``compress="preconditioned"``.
 
     Raises
     ------

@@ -56,6 +56,7 @@ VARIANTS = {
     "ours-f20-precond": _ours(20, "doubling", "preconditioned"),
     "ours-f10-doubling": _ours(10),
     "ours-f50-doubling": _ours(50),
+    "ours-f100-doubling": _ours(100),
     "ours-f100-none": _ours(100, "none"),
     "ours-f200-none": _ours(200, "none"),
     "fp16": ("--hook", "fp16", *ADAMW),

@@ -127,6 +127,8 @@ def summarize(out: Path, tasks, seeds) -> dict:
                 common = [seed for seed in row["seeds"] if seed in base["seeds"]]
                 base_loss = statistics.mean(base["runs"][seed]["val_loss"] for seed in common) if common else None
                 row["loss_vs_allreduce"] = (row["val_loss"] / base_loss - 1) if base_loss else None
+                row["per_seed_vs_allreduce"] = {seed: row["runs"][seed]["val_loss"] / base["runs"][seed]["val_loss"] - 1
+                                                for seed in common}
                 row["whole_ratio"] = base["whole_bytes"] / row["whole_bytes"]
                 row["steady_ratio"] = base["steady_bytes"] / row["steady_bytes"]
         table[task] = rows
@@ -138,13 +140,14 @@ def markdown(table: dict) -> str:
     for task, rows in table.items():
         lines += [f"**{task}** (4 ranks; loss: mean over the seeds listed; bytes per rank, whole run)", "",
                   "| variant | seeds | val loss | vs allreduce | full-precision steps | whole-run MB | whole-run x | "
-                  "steady x |", "|---|---|---|---|---|---|---|---|"]
+                  "steady x | vs allreduce, per seed |", "|---|---|---|---|---|---|---|---|---|"]
         for variant, row in rows.items():
             relative = row.get("loss_vs_allreduce")
             lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | {row['val_loss']:.4f} | "
                          f"{'' if relative is None else f'{relative * 100:+.2f}%'} | "
                          f"{row['full_precision_steps']:.0f} | {row['whole_bytes'] / 1e6:.1f} | "
-                         f"{row.get('whole_ratio', 0):.1f} | {row.get('steady_ratio', 0):.1f} |")
+                         f"{row.get('whole_ratio', 0):.1f} | {row.get('steady_ratio', 0):.1f} | "
+                         f"{' '.join(f'{value * 100:+.2f}%' for value in row.get('per_seed_vs_allreduce', {}).values())} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import threelc
 
-from . import codecs, collectives, faults, never_called
+from . import codecs, collectives, faults, never_called, optim
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
 
 __all__ = ["threelc_hook", "register"]
@@ -115,8 +115,12 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     is_last = bucket.is_last()
     if is_last:
         state.iteration += 1
-        if state.iteration == state.start_iter:
+        if state.iteration == state.start_iter and state.optimizer is None:
             logger.info("threelc: compression starts after %d iterations", state.iteration)
+
+    full_precision = iteration < state.start_iter if state.optimizer is None else state.optimizer.full_precision()
+    if state.optimizer is not None and not full_precision:
+        state.optimizer.prepare_bucket(bucket.parameters(), buffer)  # compress="momentum": send local momentum
 
     if world_size == 1:
         # Nothing to exchange: the mean is the gradient itself, and it stays exact.
@@ -128,7 +132,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         future.set_result(buffer)
         return future
 
-    compress = iteration >= state.start_iter and buffer.numel() >= max(state.min_numel, 1)
+    compress = not full_precision and buffer.numel() >= max(state.min_numel, 1)
     layout, names = (), None
     if compress:
         parameters = bucket.parameters()
@@ -152,24 +156,31 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
     return future
 
 
-def register(ddp_model, **options) -> ThreeLCState:
+def register(ddp_model, optimizer=None, **options) -> ThreeLCState:
     """Create a :class:`ThreeLCState` and register :func:`threelc_hook` on a DDP model.
 
     ``options`` are ThreeLCState's keyword arguments; ``process_group`` defaults to the
-    model's own.  Returns the state (for ``stats()``, ``state_dict()``, ...).  ``ddp_model`` may
+    model's own.  ``optimizer``: a :class:`threelc.optim.AdamW` over the model's parameters, to
+    pair with the hook (its schedule then decides which steps are compressed; ``start_iter`` is
+    not used).  Returns the state (for ``stats()``, ``state_dict()``, ...).  ``ddp_model`` may
     be ``torch.compile`` of a DDP model (the DDP model inside is used).  Raises TypeError for a
     model that is not DDP, and NotImplementedError under compiled autograd's Python reducer.
 
     Example::
         >>> # xdoctest: +SKIP
-        >>> state = threelc.hooks.register(ddp_model, sparsity=1.0)
+        >>> opt = threelc.optim.AdamW(ddp_model.parameters(), lr=3e-4, weight_decay=0.1)
+        >>> state = threelc.hooks.register(ddp_model, optimizer=opt)
     """
     ddp_model = _distributed_model(ddp_model)
     process_group = options.pop("process_group", None)
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
+    if optimizer is not None:
+        optim.check_pairing(optimizer, ddp_model.module)
     state = ThreeLCState(process_group=process_group, **options)
     state.bind_parameters(ddp_model.module)
+    if optimizer is not None:
+        state.optimizer, optimizer.hook_state = optimizer, state
     ddp_model.register_comm_hook(state, threelc_hook)
     never_called.watch_registered(state)
     return state

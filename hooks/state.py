@@ -255,6 +255,9 @@ class ThreeLCState:
         self._stats = HookStats(self.stats_dir, self.stats_every, self.stats_max_bytes)
         self._worker: BucketWorker | None = None
         self._config_checked = False
+        #: The paired threelc optimizer (``register(..., optimizer=)``): its schedule decides which
+        #: iterations are compressed, instead of ``start_iter``.
+        self.optimizer = None
         # The first exception of a bucket job: later jobs fail fast instead of issuing
         # collectives that the other ranks may never match.
         self._failure: BaseException | None = None
@@ -297,7 +300,8 @@ class ThreeLCState:
         return (f"format={payload_format.VERSION} sparsity={np.float32(self.sparsity)!r} "
                 f"collective={self.resolved_collective(world_size)} scale={self.scale} "
                 f"block_size={self.block_size} start_iter={self.start_iter} min_numel={self.min_numel} "
-                f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration}")
+                f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration} "
+                f"optimizer={None if self.optimizer is None else self.optimizer.schedule_text()}")
 
     # ------------------------------------------------------------------ residuals
     def bind_parameters(self, module) -> None:

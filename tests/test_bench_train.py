@@ -110,6 +110,16 @@ def test_delayed_rows_get_their_own_table_and_leave_the_rest_alone(tmp_path):
     assert "| powersgd-r1 | 200 ms (5.0x) | - | - |" in table  # no delayed run: a dash, not an error
 
 
+def test_rewriting_the_doc_keeps_the_sections_after_the_marker(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"stale numbers\n{bench_doc.KEEP_MARKER}\n## AdamW\nhand-written table\n")
+    text = bench_doc.write_doc(_results(), doc).read_text()
+    assert "stale numbers" not in text and "threelc bench train (test)" in text
+    assert text.endswith(f"\n{bench_doc.KEEP_MARKER}\n## AdamW\nhand-written table\n")
+    plain = bench_doc.write_doc(_results(), tmp_path / "new.md").read_text()
+    assert bench_doc.KEEP_MARKER not in plain  # nothing to keep: no marker, no tail
+
+
 def test_doc_written_from_results(tmp_path):
     doc = bench_doc.write_doc(_results(), tmp_path / "docs" / "benchmarks.md")
     text = doc.read_text()

@@ -704,6 +704,18 @@ def _method_section(plots: list[Path]) -> list[str]:
     ]
 
 
+#: A line in the document after which other scripts' sections follow (the AdamW benchmark's):
+#: :func:`write_doc` rewrites what comes before it and keeps the rest as it is.
+KEEP_MARKER = "<!-- threelc bench train writes the sections above; it keeps everything below this line -->"
+
+
+def _kept_tail(doc: Path) -> str:
+    """The part of an existing ``doc`` from :data:`KEEP_MARKER` on ("" without one)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    start = text.find(KEEP_MARKER)
+    return "" if start < 0 else "\n" + text[start:]
+
+
 def write_doc(results: dict, doc: Path) -> Path:
     """Write ``doc`` (markdown) and its plots into ``doc``'s folder ``bench/``; return ``doc``."""
     doc = Path(doc)
@@ -721,6 +733,6 @@ def write_doc(results: dict, doc: Path) -> Path:
     parts += _scaling_section(results)
     parts += _method_section(plots)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(parts), encoding="utf-8")
+    doc.write_text("\n".join(parts) + _kept_tail(doc), encoding="utf-8")
     logger.info("wrote %s and %d plots", doc, len(plots))
     return doc

@@ -159,12 +159,15 @@ def _powersgd_hook(accounting: _CollectiveAccounting):
     return hook
 
 
-def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size):
+def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size, optimizer):
     try:
         from threelc.hooks import register
+        from threelc.hooks.optim import AdamW as ThreeLCAdamW
     except ImportError as error:  # the hook is developed in parallel; say so plainly
         raise RuntimeError(f"the threelc hook is not available ({error}); use --hook allreduce|fp16|powersgd") from error
     options = {"sparsity": sparsity, "collective": collective, "stats_dir": stats_dir}
+    if isinstance(optimizer, ThreeLCAdamW):  # a threelc optimizer pairs; a torch one runs as before
+        options["optimizer"] = optimizer
     if warmup_steps is not None:
         options["start_iter"] = warmup_steps  # ThreeLCState's name for its allreduce warm-up
     # Unset options keep the hook's own defaults.
@@ -183,17 +186,21 @@ def attach_hook(
     warmup_steps: int | None = None,
     scale: str | None = None,
     block_size: int | None = None,
+    optimizer=None,
 ) -> HookHandle:
     """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
 
     ``warmup_steps``: uncompressed allreduce iterations before compression starts (PowerSGD's
     ``start_powerSGD_iter``, default 2; the threelc hook's ``start_iter``, default 10).
+    ``optimizer``: the training optimizer; a ``threelc.optim.AdamW`` is paired with the threelc
+    hook (other hooks leave it unpaired, and it refuses to step).
     """
     if name not in HOOKS:
         raise ValueError(f"unknown hook {name!r}; choose one of {', '.join(HOOKS)}")
     if name == "threelc":
         state = _register_threelc(ddp_model, sparsity=sparsity, collective=collective, stats_dir=stats_dir,
-                                  warmup_steps=warmup_steps, scale=scale, block_size=block_size)
+                                  warmup_steps=warmup_steps, scale=scale, block_size=block_size,
+                                  optimizer=optimizer)
         return HookHandle(name, state=state)
     accounting = _CollectiveAccounting(dist.get_rank(), dist.get_world_size(), stats_dir)
     if name == "allreduce":

@@ -63,8 +63,9 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(hidden))
 
 
-#: The optimizers the example offers, and each one's default learning rate.
-DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.15}
+#: The optimizers the example offers, and each one's default learning rate.  "threelc-adamw" is
+#: threelc.optim.AdamW, which the trainer pairs with the threelc hook (--freeze-step, --refresh).
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.15, "threelc-adamw": 1e-3}
 OPTIMIZERS = tuple(DEFAULT_LR)
 
 
@@ -75,10 +76,11 @@ class TextTask:
     eval_metric = "val_loss"
 
     def __init__(self, *, d_model=128, layers=2, heads=4, context=64, corpus_chars=1_000_000,
-                 batch_size=32, lr=None, seed=0, val_batches=8, optimizer="adamw"):
+                 batch_size=32, lr=None, seed=0, val_batches=8, optimizer="adamw", adam_options=None):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.optimizer = optimizer
+        self.adam_options = dict(adam_options or {})  # threelc.optim.AdamW's freeze_step, refresh, compress
         self.model_options = {"d_model": d_model, "layers": layers, "heads": heads, "context": context}
         self.context = context
         self.batch_size = batch_size
@@ -109,6 +111,10 @@ class TextTask:
     def build_optimizer(self, parameters):
         if self.optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=self.lr, momentum=0.9)
+        if self.optimizer == "threelc-adamw":
+            from threelc.optim import AdamW
+
+            return AdamW(parameters, lr=self.lr, weight_decay=0.0, **self.adam_options)
         return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
 
     def batches(self, rank, world_size):
@@ -135,7 +141,7 @@ class TextTask:
                 "parameters": sum(p.numel() for p in CharTransformer(**self.model_options).parameters()),
                 "train_bytes": len(self.train_data), "val_bytes": len(self.val_data),
                 "corpus": "stdlib top-level *.py, sorted", "corpus_sha256": self.corpus_sha256,
-                "optimizer": self.optimizer, "lr": self.lr}
+                "optimizer": self.optimizer, "lr": self.lr, **self.adam_options}
 
 
 def _add_arguments(group):
@@ -145,14 +151,27 @@ def _add_arguments(group):
     group.add_argument("--context", type=int, default=64, help="context length in bytes (default: %(default)s)")
     group.add_argument("--corpus-chars", type=int, default=1_000_000, help="corpus size in bytes (default: %(default)s)")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                       help="adamw (lr 1e-3) or sgd with momentum 0.9 (lr 0.15): 3LC's accuracy gap on this model "
-                            "depends on it, see docs/LAUNCH.md (default: %(default)s)")
+                       help="adamw (lr 1e-3), sgd with momentum 0.9 (lr 0.15), or threelc-adamw (threelc.optim.AdamW, "
+                            "lr 1e-3, paired with --hook threelc): 3LC's accuracy gap on this model depends on it, see "
+                            "docs/LAUNCH.md (default: %(default)s)")
+    group.add_argument("--freeze-step", type=int, default=None,
+                       help="threelc-adamw: full-precision steps before v freezes (default: the optimizer's)")
+    group.add_argument("--refresh", choices=("doubling", "none"), default=None,
+                       help="threelc-adamw: full-precision refreshes of v at freeze_step * 2**k (default: the optimizer's)")
+    group.add_argument("--adam-compress", choices=("gradient", "momentum", "preconditioned"), default=None,
+                       help="threelc-adamw: what the hook compresses after the freeze (default: the optimizer's)")
 
 
-def _build(args):
-    return TextTask(d_model=args.d_model, layers=args.layers, heads=args.heads, context=args.context,
+def adam_options(args) -> dict:
+    """threelc.optim.AdamW's keyword arguments that were given on the command line."""
+    given = {"freeze_step": args.freeze_step, "refresh": args.refresh, "compress": args.adam_compress}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _build(args, task_class=None):
+    return (task_class or TextTask)(d_model=args.d_model, layers=args.layers, heads=args.heads, context=args.context,
                     corpus_chars=args.corpus_chars, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, optimizer=args.optimizer)
+                    lr=args.lr, seed=args.seed, optimizer=args.optimizer, adam_options=adam_options(args))
 
 
 def main(argv=None) -> int:

@@ -190,10 +190,11 @@ def train(args, task: Task) -> dict:
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         model = task.build_model()
         ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+        optimizer = task.build_optimizer(ddp_model.parameters())  # first: a threelc optimizer pairs with the hook
         handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                              stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
-                             warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size)
-        optimizer = task.build_optimizer(ddp_model.parameters())
+                             warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size,
+                             optimizer=optimizer)
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)
         batches = task.batches(rank, world_size)

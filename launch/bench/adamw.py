@@ -1,0 +1,221 @@
+"""AdamW under 3LC: validation loss against whole-run bytes, for threelc.optim.AdamW's variants
+beside allreduce, the fp16 hook, PowerSGD and 3LC with torch's own AdamW.
+
+::
+
+    python -m threelc.launch.bench.adamw --out runs/bench_adamw --steps 1000 --seeds 0 1 2 \
+        --doc docs/benchmarks.md
+
+Each run is ``torchrun --nproc-per-node 4 -m threelc.launch.examples.train_{text,gpt2}`` into
+``{out}/{task}-{variant}-seed{seed}``; a folder that already holds ``final.json`` is reused, so
+an interrupted benchmark resumes where it stopped.  The variants in :data:`MAIN` run with every
+seed, the others (:data:`FRONTIER`) with the first seed only.  Per run:
+
+* ``val_loss``: the final validation loss (nats per byte);
+* whole-run bytes: what each rank sent over all steps, warm-up and refresh allreduces included
+  (the hook's own count; PyTorch's hooks under the ring-allreduce model, see
+  :mod:`threelc.launch.examples.comm`), mean over ranks;
+* steady-state bytes: the mean per compressed step.
+
+Ratios are allreduce's bytes (same task, same seed set) divided by the variant's.  Writes
+``{out}/adamw.json``, ``{out}/adamw.md`` (the table) and ``{out}/adamw_frontier.png``; with
+``--doc`` the table replaces the text between the ``<!-- bench_adamw -->`` markers of that file
+and the plot goes to ``docs/bench/adamw_frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ..runs.runlog import load_run
+
+__all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
+
+ADAMW = ("--optimizer", "adamw")
+
+
+def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient") -> tuple:
+    return ("--hook", "threelc", "--optimizer", "threelc-adamw", "--freeze-step", str(freeze), "--refresh", refresh,
+            "--adam-compress", compress)
+
+
+#: variant name -> the training script's options.
+VARIANTS = {
+    "allreduce": ("--hook", "allreduce", *ADAMW),
+    "3lc+torch-adamw": ("--hook", "threelc", *ADAMW),
+    "ours-f20-doubling": _ours(20),
+    "ours-f20-none": _ours(20, "none"),
+    "ours-f20-momentum": _ours(20, "doubling", "momentum"),
+    "ours-f20-precond": _ours(20, "doubling", "preconditioned"),
+    "ours-f10-doubling": _ours(10),
+    "ours-f50-doubling": _ours(50),
+    "ours-f100-doubling": _ours(100),
+    "ours-f100-none": _ours(100, "none"),
+    "ours-f200-none": _ours(200, "none"),
+    "fp16": ("--hook", "fp16", *ADAMW),
+    "powersgd-r1": ("--hook", "powersgd", "--powersgd-rank", "1", *ADAMW),
+    "powersgd-r4": ("--hook", "powersgd", "--powersgd-rank", "4", *ADAMW),
+}
+#: Run with every seed, in this order (the targets); then FRONTIER with the first seed.
+MAIN = ("allreduce", "ours-f20-doubling", "3lc+torch-adamw")
+FRONTIER = tuple(name for name in VARIANTS if name not in MAIN)
+TASKS = {"text": "threelc.launch.examples.train_text", "gpt2": "threelc.launch.examples.train_gpt2"}
+MARKER_BEGIN, MARKER_END = "<!-- bench_adamw:begin -->", "<!-- bench_adamw:end -->"
+
+
+def run_folder(out: Path, task: str, variant: str, seed: int) -> Path:
+    return out / f"{task}-{variant}-seed{seed}"
+
+
+def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int) -> Path:
+    """One training run (skipped when its folder already holds final.json)."""
+    folder = run_folder(out, task, variant, seed)
+    if (folder / "final.json").exists():
+        return folder
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    port = port or _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(port), "-m", TASKS[task], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed),
+               "--eval-every", "100", "--no-progress", "--run-dir", str(folder)]
+    print(" ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, env=env)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure(folder: Path) -> dict:
+    """Final validation loss and bytes of one finished run folder."""
+    run = load_run(folder)
+    ranks = list(run.hook.values())
+    whole = statistics.mean(sum(line["sent_bytes"] for line in lines) for lines in ranks)
+    compressed = [line["sent_bytes"] for lines in ranks for line in lines if line["compressed"]]
+    every = [line["sent_bytes"] for lines in ranks for line in lines]
+    full_steps = sum(not line["compressed"] for line in ranks[0])
+    evaluated = [record for record in run.metrics if "val_loss" in record]
+    return {"val_loss": evaluated[-1]["val_loss"], "whole_bytes": whole,
+            "steady_bytes": statistics.mean(compressed or every), "full_precision_steps": full_steps,
+            "steps": len(run.metrics)}
+
+
+def summarize(out: Path, tasks, seeds) -> dict:
+    """Per task and variant: mean (and per-seed) loss and bytes, ratios against allreduce."""
+    table = {}
+    for task in tasks:
+        rows = {}
+        for variant in VARIANTS:
+            runs = {seed: measure(run_folder(out, task, variant, seed)) for seed in seeds
+                    if (run_folder(out, task, variant, seed) / "final.json").exists()}
+            if runs:
+                rows[variant] = {"seeds": sorted(runs), "runs": runs,
+                                 **{key: statistics.mean(run[key] for run in runs.values())
+                                    for key in ("val_loss", "whole_bytes", "steady_bytes", "full_precision_steps")}}
+        base = rows.get("allreduce")
+        for row in rows.values():
+            if base:
+                common = [seed for seed in row["seeds"] if seed in base["seeds"]]
+                base_loss = statistics.mean(base["runs"][seed]["val_loss"] for seed in common) if common else None
+                row["loss_vs_allreduce"] = (row["val_loss"] / base_loss - 1) if base_loss else None
+                row["per_seed_vs_allreduce"] = {seed: row["runs"][seed]["val_loss"] / base["runs"][seed]["val_loss"] - 1
+                                                for seed in common}
+                row["whole_ratio"] = base["whole_bytes"] / row["whole_bytes"]
+                row["steady_ratio"] = base["steady_bytes"] / row["steady_bytes"]
+        table[task] = rows
+    return table
+
+
+def markdown(table: dict) -> str:
+    lines = []
+    for task, rows in table.items():
+        lines += [f"**{task}** (4 ranks; loss: mean over the seeds listed; bytes per rank, whole run)", "",
+                  "| variant | seeds | val loss | vs allreduce | full-precision steps | whole-run MB | whole-run x | "
+                  "steady x | vs allreduce, per seed |", "|---|---|---|---|---|---|---|---|---|"]
+        for variant, row in rows.items():
+            relative = row.get("loss_vs_allreduce")
+            lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | {row['val_loss']:.4f} | "
+                         f"{'' if relative is None else f'{relative * 100:+.2f}%'} | "
+                         f"{row['full_precision_steps']:.0f} | {row['whole_bytes'] / 1e6:.1f} | "
+                         f"{row.get('whole_ratio', 0):.1f} | {row.get('steady_ratio', 0):.1f} | "
+                         f"{' '.join(f'{value * 100:+.2f}%' for value in row.get('per_seed_vs_allreduce', {}).values())} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4.5), squeeze=False)
+    for axis, (task, rows) in zip(axes[0], table.items()):
+        for variant, row in rows.items():
+            axis.scatter(row["whole_bytes"] / 1e6, row["val_loss"], marker="*" if variant.startswith("ours") else "o")
+            axis.annotate(variant, (row["whole_bytes"] / 1e6, row["val_loss"]), fontsize=7)
+        axis.set_xscale("log")
+        axis.set_xlabel("MB sent per rank, whole run (log)")
+        axis.set_ylabel("validation loss (nats/byte)")
+        axis.set_title(task)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def update_doc(doc: Path, text: str) -> None:
+    """Replace the text between the markers (the rest of the file stays byte for byte)."""
+    content = doc.read_text()
+    if MARKER_BEGIN not in content or MARKER_END not in content:
+        raise SystemExit(f"{doc} has no {MARKER_BEGIN} ... {MARKER_END} section")
+    head, rest = content.split(MARKER_BEGIN, 1)
+    tail = rest.split(MARKER_END, 1)[1]
+    doc.write_text(f"{head}{MARKER_BEGIN}\n{text}\n{MARKER_END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_adamw", help="run folders and results (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1000, help="steps per run (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the MAIN variants")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
+                        help="run only these (all seeds); default: MAIN with every seed, then FRONTIER with the first")
+    parser.add_argument("--nproc", type=int, default=4, help="ranks (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="torchrun master port (default: a free one per run)")
+    parser.add_argument("--report-only", action="store_true", help="only summarize the folders that exist")
+    parser.add_argument("--doc", default=None, help="markdown file whose bench_adamw section gets the table")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        plan = ([(variant, seed) for variant in args.variants for seed in args.seeds] if args.variants else
+                [(variant, seed) for variant in MAIN for seed in args.seeds] +
+                [(variant, args.seeds[0]) for variant in FRONTIER])
+        for task in args.tasks:
+            for variant, seed in plan:
+                train(out, task, variant, seed, args.steps, args.nproc, args.port)
+    table = summarize(out, args.tasks, args.seeds)
+    (out / "adamw.json").write_text(json.dumps(table, indent=1, default=str))
+    text = markdown(table)
+    (out / "adamw.md").write_text(text)
+    plot(table, out / "adamw_frontier.png")
+    if args.doc:
+        update_doc(Path(args.doc), text)
+        plot(table, Path(args.doc).parent / "bench" / "adamw_frontier.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

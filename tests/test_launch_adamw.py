@@ -1,0 +1,88 @@
+"""The examples' threelc.optim.AdamW wiring, the tiny GPT-2 example, and bench_adamw's arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import threelc.optim
+from launch_helpers import torchrun
+from threelc.launch.bench import adamw as bench_adamw
+from threelc.launch.runs.runlog import append_jsonl
+from threelc.launch.examples.train_text import TextTask
+
+TINY_TEXT = ["--d-model", "16", "--layers", "1", "--heads", "2", "--context", "16", "--corpus-chars", "20000",
+             "--batch-size", "4", "--no-progress"]
+
+
+def test_text_task_builds_threelc_adamw_with_its_options():
+    task = TextTask(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000, optimizer="threelc-adamw",
+                    adam_options={"freeze_step": 5, "refresh": "none"})
+    optimizer = task.build_optimizer(task.build_model().parameters())
+    assert isinstance(optimizer, threelc.optim.AdamW)
+    assert (optimizer.freeze_step, optimizer.refresh, optimizer.defaults["lr"]) == (5, "none", 1e-3)
+    assert task.describe()["freeze_step"] == 5
+
+
+def test_tiny_gpt2_is_a_byte_language_model():
+    pytest.importorskip("transformers")
+    from threelc.launch.examples.train_gpt2 import GPT2Task
+
+    task = GPT2Task(d_model=16, layers=1, heads=2, context=16, corpus_chars=20_000)
+    model = task.build_model()
+    inputs, targets = next(task.batches(0, 1))
+    assert model(inputs).shape == (32, 16, 256)
+    with torch.no_grad():
+        assert float(task.loss(model, inputs, targets)) == pytest.approx(5.55, abs=0.3)  # ~ln 256 at random init
+    assert task.describe()["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_trainer_pairs_threelc_adamw_with_the_hook(tmp_path):
+    torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "12", "--eval-every", "12", "--hook", "threelc",
+                                              "--optimizer", "threelc-adamw", "--freeze-step", "4",
+                                              "--run-dir", tmp_path], timeout=300)
+    lines = [json.loads(line) for line in (tmp_path / "hook-rank0.jsonl").read_text().splitlines()]
+    assert [line["compressed"] for line in lines] == [False] * 4 + [True] * 4 + [False] + [True] * 3
+    assert json.loads((tmp_path / "final.json").read_text())["val_loss"] < 5.6
+
+
+def test_threelc_adamw_without_the_threelc_hook_refuses_to_train(tmp_path):
+    with pytest.raises(AssertionError, match="must be paired"):
+        torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "3", "--hook", "allreduce",
+                                                  "--optimizer", "threelc-adamw"], timeout=300)
+
+
+def _fake_run(folder, val_loss, per_step, compressed):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"eval_metric": "val_loss", "world_size": 2}))
+    (folder / "final.json").write_text("{}")
+    for step, (sent, flag) in enumerate(zip(per_step, compressed)):
+        append_jsonl(folder / "metrics.jsonl", {"step": step + 1, "loss": 1.0, "time": 0.0, "step_s": 0.0,
+                                                **({"val_loss": val_loss} if step == len(per_step) - 1 else {})})
+        for rank in range(2):
+            append_jsonl(folder / f"hook-rank{rank}.jsonl", {"step": step, "rank": rank, "sent_bytes": sent,
+                                                             "raw_bytes": 100, "compressed": flag})
+
+
+def test_bench_adamw_counts_warm_up_bytes_in_the_whole_run(tmp_path):
+    _fake_run(bench_adamw.run_folder(tmp_path, "text", "allreduce", 0), 2.0, [100] * 4, [False] * 4)
+    _fake_run(bench_adamw.run_folder(tmp_path, "text", "ours-f20-doubling", 0), 2.02, [100, 2, 2, 4],
+              [False, True, True, True])
+    rows = bench_adamw.summarize(tmp_path, ["text"], [0])["text"]
+    ours = rows["ours-f20-doubling"]
+    assert ours["whole_bytes"] == 108 and ours["full_precision_steps"] == 1
+    assert ours["whole_ratio"] == pytest.approx(400 / 108) and ours["steady_ratio"] == pytest.approx(100 / (8 / 3))
+    assert ours["loss_vs_allreduce"] == pytest.approx(0.01)
+    assert "| ours-f20-doubling | 0 | 2.0200 | +1.00% | 1 |" in bench_adamw.markdown({"text": rows})
+
+
+def test_bench_adamw_replaces_only_its_section(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{bench_adamw.MARKER_BEGIN}\nold\n{bench_adamw.MARKER_END}\nafter\n")
+    bench_adamw.update_doc(doc, "new table")
+    assert doc.read_text() == f"before\n{bench_adamw.MARKER_BEGIN}\nnew table\n{bench_adamw.MARKER_END}\nafter\n"
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="bench_adamw"):
+        bench_adamw.update_doc(doc, "x")

@@ -1,0 +1,332 @@
+"""threelc.optim.AdamW paired with the hook: schedule, update rule, replicas, checkpoints, errors.
+
+The multi-process tests run real gloo ranks (tests/_dist.py).  Bitwise promises: before the
+freeze the optimizer is torch.optim.AdamW (compared against torch's own, under the same hook with
+compression off); replicas stay identical; a resumed run equals an uninterrupted one.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import threelc.optim
+from threelc.hooks import register
+from threelc.hooks.optim import UnpairedOptimizerError
+
+from _dist import run_ranks
+
+FREEZE = 4  # full precision for steps 0-3, compressed 4-7, refresh at 8, compressed 9-...
+STEPS = 12
+HOOK_OPTIONS = {"min_numel": 16, "scale": "tensor"}
+
+
+class Net(nn.Module):
+    """Two layers in two param groups, plus a parameter that never gets a gradient."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.first = nn.Linear(16, 64).to(dtype)
+        self.second = nn.Linear(64, 4).to(dtype)
+        self.unused = nn.Parameter(torch.ones(32, dtype=dtype))
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def _groups(model, lr=1e-2):
+    return [{"params": model.first.parameters(), "lr": lr, "weight_decay": 0.1},
+            {"params": [*model.second.parameters(), model.unused], "lr": lr / 2, "weight_decay": 0.0}]
+
+
+def _batch(rank, step, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 16, generator=generator).to(dtype)
+
+
+def _step(ddp, optimizer, rank, step, clip=True, scaler=None, poison=False):
+    optimizer.zero_grad()
+    loss = ddp(_batch(rank, step, next(ddp.parameters()).dtype)).float().pow(2).mean()
+    if poison:
+        loss = loss * float("inf")
+    if scaler is None:
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _flat(model):
+    return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def _paired(dtype=torch.float32, seed=0, **options):
+    torch.manual_seed(seed)
+    model = Net(dtype)
+    ddp = DDP(model, find_unused_parameters=True)
+    optimizer = threelc.optim.AdamW(_groups(model), freeze_step=options.pop("freeze_step", FREEZE), **options)
+    state = register(ddp, optimizer=optimizer, **HOOK_OPTIONS)
+    return model, ddp, optimizer, state
+
+
+# ---------------------------------------------------------------------------- single process
+def test_schedule_is_a_pure_function_of_the_step():
+    doubling = threelc.optim.AdamW([nn.Parameter(torch.zeros(1))], freeze_step=10)
+    none = threelc.optim.AdamW([nn.Parameter(torch.zeros(1))], freeze_step=10, refresh="none")
+    full = [step for step in range(200) if doubling.full_precision(step)]
+    assert full == [*range(10), 20, 40, 80, 160]
+    assert [step for step in range(200) if none.full_precision(step)] == list(range(10))
+    assert doubling.full_precision() is True  # the coming step: 0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"freeze_step": 1}, "freeze_step"), ({"freeze_step": 2.5}, "freeze_step"), ({"freeze_step": True}, "freeze_step"),
+    ({"refresh": "sometimes"}, "refresh"), ({"compress": "weights"}, "compress"), ({"amsgrad": True}, "amsgrad"),
+    ({"fused": True}, "fused"), ({"compress": "momentum", "maximize": True}, "maximize"), ({"lr": -1.0}, "learning rate"),
+    ({"betas": (0.9, 1.5)}, "beta"),
+])
+def test_bad_arguments_raise_value_error(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        threelc.optim.AdamW([nn.Parameter(torch.zeros(1))], **arguments)
+
+
+def test_unpaired_optimizer_refuses_to_step():
+    parameter = nn.Parameter(torch.ones(3))
+    optimizer = threelc.optim.AdamW([parameter])
+    parameter.grad = torch.ones(3)
+    with pytest.raises(UnpairedOptimizerError, match="register"):
+        optimizer.step()
+    assert torch.equal(parameter, torch.ones(3))
+
+
+def _frozen_rule_run(refresh_every_step):
+    torch.manual_seed(0)
+    model = Net()
+    ours = threelc.optim.AdamW(_groups(model), freeze_step=2)
+    ours.hook_state = "a stand-in: this test drives the optimizer alone"
+    if refresh_every_step:
+        ours.full_precision = lambda step=None: True
+    reference_model = Net()
+    reference_model.load_state_dict(model.state_dict())
+    reference = torch.optim.AdamW(_groups(reference_model))
+    for step in range(20):
+        for net, optimizer in ((model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            net(_batch(0, step)).pow(2).mean().backward()
+            optimizer.step()
+    return model, reference_model, ours
+
+
+def test_refresh_every_step_is_adamw():
+    """After the freeze, a refresh on every step (n = 1) is AdamW's rule: equal to float32 rounding."""
+    model, reference_model, _ = _frozen_rule_run(refresh_every_step=True)
+    torch.testing.assert_close(_flat(model), _flat(reference_model), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_steps_keep_the_second_moment():
+    model, reference_model, ours = _frozen_rule_run(refresh_every_step=False)
+    assert not torch.allclose(_flat(model), _flat(reference_model))  # the frozen rule is a different rule
+    state = ours.state[model.first.weight]
+    # v's last update: the refresh at 0-based step 16 (freeze_step 2 * 2**3), its 17th update.
+    assert state["variance_step"] == 17 and int(state["step"]) == 20
+    assert "exp_avg" not in ours.state.get(model.unused, {})  # no gradient, no state, as torch
+
+
+# ---------------------------------------------------------------------------- gloo ranks
+def matches_torch_before_the_freeze(rank, world_size):
+    """Per step: parameters under threelc.optim.AdamW and under torch.optim.AdamW (same hook, compression off)."""
+    model, ddp, optimizer, state = _paired()
+    torch.manual_seed(0)
+    reference_model = Net()
+    reference_ddp = DDP(reference_model, find_unused_parameters=True)
+    reference = torch.optim.AdamW(_groups(reference_model))
+    register(reference_ddp, start_iter=10**6, **HOOK_OPTIONS)  # allreduce every step
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step)) for opt in (optimizer, reference)]
+    same, compressed = [], []
+    for step in range(STEPS):
+        _step(ddp, optimizer, rank, step)
+        _step(reference_ddp, reference, rank, step)
+        for scheduler in schedulers:
+            scheduler.step()
+        same.append(torch.equal(_flat(model), _flat(reference_model)))
+        compressed.append(state.stats()["step"]["compressed"])
+    return same, compressed, _flat(model), optimizer.steps
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_bitwise_adamw_before_the_freeze_and_identical_replicas(world_size):
+    results = run_ranks(matches_torch_before_the_freeze, world_size, timeout_s=300)
+    for same, compressed, parameters, steps in results:
+        assert same[:FREEZE] == [True] * FREEZE and not any(same[FREEZE:])
+        assert compressed == [not threelc.optim.AdamW([nn.Parameter(torch.zeros(1))], freeze_step=FREEZE)
+                              .full_precision(step) for step in range(STEPS)]
+        assert compressed[FREEZE] and not compressed[2 * FREEZE]  # the freeze step compresses; a refresh does not
+        assert steps == STEPS and torch.isfinite(parameters).all()
+        assert torch.equal(parameters, results[0][2])
+
+
+def half_precision_and_momentum(rank, world_size):
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for compress in ("gradient", "momentum", "preconditioned"):
+            # eps 1e-8 is 0 in float16, and torch's own AdamW then turns float16 weights into NaN.
+            model, ddp, optimizer, state = _paired(dtype, compress=compress, eps=1e-4)
+            compressed = 0
+            for step in range(STEPS):
+                _step(ddp, optimizer, rank, step)
+                compressed += state.stats()["step"]["compressed"]
+            out[(str(dtype), compress)] = (_flat(model), compressed)
+    return out
+
+
+def test_half_precision_buckets_and_momentum_compression():
+    results = run_ranks(half_precision_and_momentum, 2, timeout_s=300)
+    for key, (parameters, compressed_steps) in results[0].items():
+        assert torch.isfinite(parameters).all(), key
+        assert compressed_steps == STEPS - FREEZE - 1, key
+        assert torch.equal(parameters, results[1][key][0]), key
+    assert not torch.equal(results[0][("torch.bfloat16", "gradient")][0], results[0][("torch.bfloat16", "momentum")][0])
+
+
+def exact_exchange(rank, world_size):
+    """Every bucket allreduced (min_numel above the model) on the optimizer's schedule: what each
+    compress mode sends, averaged exactly, must give the same steps."""
+    out = {}
+    for compress in ("gradient", "momentum", "preconditioned"):
+        torch.manual_seed(0)
+        model = Net()
+        ddp = DDP(model, find_unused_parameters=True)
+        optimizer = threelc.optim.AdamW(_groups(model), freeze_step=FREEZE, compress=compress)
+        register(ddp, optimizer=optimizer, min_numel=10**9)
+        for step in range(STEPS):
+            _step(ddp, optimizer, rank, step, clip=False)
+        out[compress] = _flat(model)
+    return out
+
+
+def test_compress_modes_agree_when_the_exchange_is_exact():
+    results = run_ranks(exact_exchange, 2, timeout_s=300)
+    for compress in ("momentum", "preconditioned"):
+        torch.testing.assert_close(results[0][compress], results[0]["gradient"], rtol=1e-5, atol=1e-6)
+
+
+def grad_scaler_skips(rank, world_size):
+    model, ddp, optimizer, state = _paired()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(STEPS):
+        # rank 0 alone overflows in a full-precision step (1) and in a compressed one (6)
+        _step(ddp, optimizer, rank, step, scaler=scaler, poison=(rank == 0 and step in (1, 6)))
+    return optimizer.steps, state.iteration, _flat(model)
+
+
+def test_grad_scaler_skips_keep_every_rank_on_one_schedule():
+    results = run_ranks(grad_scaler_skips, 2, timeout_s=300)
+    for steps, iterations, parameters in results:
+        assert (steps, iterations) == (STEPS - 2, STEPS)
+        assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][2])
+
+
+def different_freeze_steps(rank, world_size):
+    model, ddp, optimizer, state = _paired(freeze_step=FREEZE + rank)
+    try:
+        _step(ddp, optimizer, rank, 0)
+    except Exception as error:  # DDP may wrap the hook's error
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_ranks_with_different_freeze_steps_fail_clearly():
+    for message in run_ranks(different_freeze_steps, 2, timeout_s=120):
+        assert "different configurations" in message and "freeze_step=4" in message and "freeze_step=5" in message
+
+
+def bad_pairings(rank, world_size):
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model, find_unused_parameters=True)
+    errors = []
+    for optimizer in (torch.optim.AdamW(model.parameters()), threelc.optim.AdamW(Net().parameters()), "adam"):
+        try:
+            register(ddp, optimizer=optimizer)
+            errors.append(None)
+        except ValueError as error:
+            errors.append(str(error))
+    paired = threelc.optim.AdamW(model.parameters())
+    register(ddp, optimizer=paired)
+    try:
+        register(DDP(model, find_unused_parameters=True), optimizer=paired)
+        errors.append(None)
+    except ValueError as error:
+        errors.append(str(error))
+    return errors
+
+
+def test_bad_pairings_raise_value_error():
+    torch_adamw, foreign, text, twice = run_ranks(bad_pairings, 1, timeout_s=120)[0]
+    assert "threelc.optim.AdamW" in torch_adamw and "torch.optim.adamw.AdamW" in torch_adamw
+    assert "not the DDP model's" in foreign
+    assert "threelc.optim.AdamW" in text
+    assert "already paired" in twice
+
+
+TOTAL, STOP_AT = 14, 7  # the stop falls between the freeze (4) and the refresh (8)
+
+
+def first_half_and_uninterrupted(rank, world_size, folder):
+    model, ddp, optimizer, state = _paired()
+    for step in range(TOTAL):
+        _step(ddp, optimizer, rank, step)
+    reference = _flat(model)
+    model, ddp, optimizer, state = _paired()
+    for step in range(STOP_AT):
+        _step(ddp, optimizer, rank, step)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict()},
+               os.path.join(folder, f"rank{rank}.pt"))
+    return reference
+
+
+def resume(rank, world_size, folder):
+    checkpoint = torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False)
+    torch.manual_seed(123)  # a fresh process with other random weights: everything comes from the checkpoint
+    model = Net()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = threelc.optim.AdamW(_groups(model), freeze_step=FREEZE)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    ddp = DDP(model, find_unused_parameters=True)
+    state = register(ddp, optimizer=optimizer, **HOOK_OPTIONS)
+    state.load_state_dict(checkpoint["hook"])
+    assert optimizer.steps == STOP_AT and state.iteration == STOP_AT
+    for step in range(STOP_AT, TOTAL):
+        _step(ddp, optimizer, rank, step)
+    return _flat(model)
+
+
+def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    references = run_ranks(first_half_and_uninterrupted, 2, str(tmp_path), timeout_s=300)
+    resumed = run_ranks(resume, 2, str(tmp_path), timeout_s=300)
+    for rank in range(2):
+        assert torch.equal(resumed[rank], references[rank])
+    assert torch.equal(references[0], references[1])
+
+
+def test_a_refresh_after_a_long_gap_keeps_half_of_v():
+    """beta2**n -> 0 would let one minibatch replace v; a zero gradient then would zero it."""
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = threelc.optim.AdamW([parameter], betas=(0.9, 0.5), weight_decay=0.0, freeze_step=2)
+    optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+    for step in range(5):  # full, full, compressed, compressed, refresh (step 4 = 2 * 2)
+        if step == 4:
+            before = optimizer.state[parameter]["exp_avg_sq"].clone()
+        parameter.grad = torch.zeros(3) if step == 4 else torch.ones(3)
+        optimizer.step()
+    state = optimizer.state[parameter]
+    assert state["variance_step"] == 5  # 0.5**3 = 0.125 < the floor of 0.5
+    torch.testing.assert_close(state["exp_avg_sq"], before * 0.5, rtol=0, atol=0)

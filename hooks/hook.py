@@ -175,12 +175,12 @@ def register(ddp_model, optimizer=None, **options) -> ThreeLCState:
     process_group = options.pop("process_group", None)
     if process_group is None:
         process_group = getattr(ddp_model, "process_group", None)
-    if optimizer is not None:
-        optim.check_pairing(optimizer, ddp_model.module)
+    if optimizer is not None:  # checked before the state exists: a refused pairing leaves nothing behind
+        optim.check_pairing(optim.unwrap(optimizer), ddp_model.module)
     state = ThreeLCState(process_group=process_group, **options)
     state.bind_parameters(ddp_model.module)
     if optimizer is not None:
-        state.optimizer, optimizer.hook_state = optimizer, state
+        optim.pair(state, optimizer, ddp_model.module)
     ddp_model.register_comm_hook(state, threelc_hook)
     never_called.watch_registered(state)
     return state

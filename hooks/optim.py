@@ -27,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["AdamW", "REFRESH", "COMPRESS", "UnpairedOptimizerError", "check_pairing"]
+__all__ = ["AdamW", "REFRESH", "COMPRESS", "UnpairedOptimizerError", "check_pairing", "pair", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,30 @@ def _denominator(state: dict, group: dict) -> torch.Tensor:
     variance_step = state.get("variance_step", int(state["step"]))
     bias_correction2 = 1 - group["betas"][1] ** variance_step
     return (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+
+
+def unwrap(optimizer):
+    """The optimizer inside a framework's wrapper: Accelerate's ``AcceleratedOptimizer`` (and so
+    the Hugging Face Trainer's) keeps it in ``.optimizer``, Lightning's ``LightningOptimizer`` in
+    ``._optimizer``.  An optimizer that wraps nothing comes back as it is."""
+    for _ in range(4):  # wrappers of wrappers, but never a cycle
+        if isinstance(optimizer, AdamW):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def pair(state, optimizer, module) -> None:
+    """Pair a threelc optimizer (or a framework's wrapper of one) with the hook ``state`` that is
+    registered on the DDP model of ``module``: from the next backward on, the optimizer's schedule
+    decides which steps the hook compresses.  :func:`threelc.hooks.register` calls it for its
+    ``optimizer=``; the framework integrations call it once the framework has built the optimizer."""
+    optimizer = unwrap(optimizer)
+    check_pairing(optimizer, module)
+    state.optimizer, optimizer.hook_state = optimizer, state
 
 
 def check_pairing(optimizer, module) -> None:

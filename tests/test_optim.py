@@ -277,6 +277,37 @@ def test_bad_pairings_raise_value_error():
     assert "already paired" in twice
 
 
+def framework_wrappers(rank, world_size):
+    """Accelerate (and the HF Trainer) hand out ``.optimizer`` wrappers, Lightning ``._optimizer``
+    ones; Lightning builds its optimizer after the hook is registered, so it pairs later."""
+    import types
+
+    from threelc.hooks import optim
+
+    torch.manual_seed(0)
+    results = []
+    for wrap in (lambda opt: types.SimpleNamespace(optimizer=opt), lambda opt: types.SimpleNamespace(_optimizer=opt)):
+        model = Net()
+        ddp = DDP(model, find_unused_parameters=True)
+        inner = threelc.optim.AdamW(model.parameters())
+        state = register(ddp, optimizer=wrap(inner))
+        results.append(state.optimizer is inner and inner.hook_state is state)
+    model = Net()
+    ddp = DDP(model, find_unused_parameters=True)
+    state = register(ddp)  # registered first, as Lightning's configure_ddp does
+    inner = threelc.optim.AdamW(model.parameters())
+    optim.pair(state, wrap(inner), ddp.module)
+    _step(ddp, inner, rank, 0)  # a paired optimizer steps
+    results.append(state.optimizer is inner and inner.hook_state is state)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    results.append(optim.unwrap(types.SimpleNamespace(optimizer=plain)) is plain)  # then check_pairing refuses it
+    return results
+
+
+def test_framework_wrappers_and_late_pairing():
+    assert run_ranks(framework_wrappers, 1, timeout_s=120)[0] == [True, True, True, True]
+
+
 TOTAL, STOP_AT = 14, 7  # the stop falls between the freeze (4) and the refresh (8)
 
 

@@ -42,7 +42,8 @@ def register_accelerate(accelerator, model, *, reshard: bool = False, **options)
         :class:`~threelc.hooks.StateOwnerError`; True spreads every saved rank's residuals over
         the new ranks (:func:`threelc.hooks.merge_state_dicts`).
     **options
-        Keyword arguments of :func:`threelc.hooks.register` (``sparsity``, ``collective``, ...).
+        Keyword arguments of :func:`threelc.hooks.register` (``sparsity``, ``collective``, ...),
+        including ``optimizer=``: a prepared ``threelc.optim.AdamW`` pairs as it is.
 
     Raises
     ------

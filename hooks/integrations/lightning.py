@@ -19,6 +19,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
+from .. import optim
 from ..hook import register
 from ..state import ThreeLCState
 from . import check_option_names
@@ -70,6 +71,16 @@ class ThreeLCStrategy(DDPStrategy):
         self._load_pending()
 
     # ------------------------------------------------------------------ checkpoints
+    def setup_optimizers(self, trainer) -> None:
+        """Lightning builds the optimizers after :meth:`configure_ddp`: pair a threelc one then."""
+        super().setup_optimizers(trainer)
+        paired = [optimizer for optimizer in self.optimizers if isinstance(optim.unwrap(optimizer), optim.AdamW)]
+        if self.threelc_state is not None and paired:
+            if len(paired) > 1:
+                raise ValueError("threelc: one threelc.optim.AdamW per DDP model; configure_optimizers returned "
+                                 f"{len(paired)}")
+            optim.pair(self.threelc_state, paired[0], self.model.module)
+
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         state = self.threelc_state
         if state is not None:

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import optim
 from ..hook import register
 from ..state import ThreeLCState
 from . import check_option_names
@@ -73,7 +74,10 @@ class ThreeLCCallback(TrainerCallback):
                            "hook is not registered; start several, e.g. torchrun --nproc-per-node 2 train.py")
             return
         previous = self.threelc_state
-        self.threelc_state = register(self.trainer.model_wrapped, **self.options)
+        options = dict(self.options)
+        if "optimizer" not in options and isinstance(optim.unwrap(kwargs.get("optimizer")), optim.AdamW):
+            options["optimizer"] = kwargs["optimizer"]  # Trainer(optimizers=(threelc.optim.AdamW(...), ...))
+        self.threelc_state = register(self.trainer.model_wrapped, **options)
         if state.global_step > 0:
             self._resume(args, state)
         elif previous is not None:  # a second train() in this process continues with its residuals

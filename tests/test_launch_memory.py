@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from threelc.hooks.collectives import shard_bounds
-from threelc.launch import memory
+from threelc.launch.bench import memory
 
 
 @pytest.mark.slow

@@ -7,10 +7,15 @@ cross no host copy: they are concatenated with ``torch.cat`` and the received bu
 into views.
 
 Compressed payloads have data-dependent sizes and cannot be summed by an allreduce.  gloo has no
-allgatherv, so every exchange here is two collectives: a fixed-size ``all_gather_single`` of a
-small int64 header (payload sizes, plus a fingerprint that every rank checks), then an
-``all_to_all_single`` with exact split sizes.  No padding crosses the wire, and a rank never sends
-to itself, so the byte counts in :mod:`threelc.hooks.stats` are what the network carries.
+allgatherv, so every exchange here is two collectives: a fixed-size exchange of a small int64
+header (payload sizes, plus a fingerprint that every rank checks), then an ``all_to_all_single``
+with exact split sizes.  No padding crosses the wire, and a rank never sends to itself, so the byte
+counts in :mod:`threelc.hooks.stats` are what the network carries.
+
+Both collectives are ``all_to_all_single``, the header too: gloo's ``all_gather`` is a ring of
+N - 1 dependent hops, so on a link with one-way delay d it costs ~2 (N - 1) d, while an all-to-all
+posts every send at once and costs one round trip, ~2 d (measured with the emulator's delay line,
+4 nodes, 20 ms: 124 ms against 42 ms per header; docs/LAUNCH.md).  The bytes are the same.
 
 Every function is blocking and must be called in the same order on every rank; the hook
 guarantees that by calling them from one FIFO worker thread per state (see
@@ -29,7 +34,7 @@ import torch.distributed as dist
 from .stats import HookStats
 
 __all__ = ["comm_device", "exchange_header", "exchange_payloads", "allgather_payload", "allreduce_mean",
-           "shard_bounds", "segments_in_range"]
+           "concat_payloads", "split_payload", "shard_bounds", "segments_in_range"]
 
 
 def comm_device(group, bucket_device: torch.device) -> torch.device:
@@ -45,15 +50,34 @@ def comm_device(group, bucket_device: torch.device) -> torch.device:
 
 
 def exchange_header(values, group, device: torch.device, stats: HookStats) -> np.ndarray:
-    """All-gather one int64 vector of the same length from every rank; returns ``[world, len]``."""
+    """All-gather one int64 vector of the same length from every rank; returns ``[world, len]``.
+
+    One all-to-all that sends the vector to every rank (one round trip; see the module docstring).
+    """
     local = torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
     world_size = dist.get_world_size(group)
     gathered = torch.empty(world_size * local.numel(), dtype=torch.int64, device=device)
     with stats.timer("comm_s"):
-        dist.all_gather_single(gathered, local, group=group)
+        dist.all_to_all_single(gathered, local.repeat(world_size), group=group)
     nbytes = (world_size - 1) * local.numel() * 8
     stats.add_traffic(nbytes, nbytes)
     return gathered.cpu().numpy().reshape(world_size, local.numel())
+
+
+def concat_payloads(payloads: list, empty):
+    """One payload of the given payloads' bytes in order (``empty``: a zero-length one of the same kind)."""
+    if not payloads:
+        return empty
+    if isinstance(empty, torch.Tensor):
+        return torch.cat(payloads)
+    return np.concatenate(payloads)
+
+
+def split_payload(payload, sizes) -> list:
+    """The consecutive pieces of ``payload`` with the given sizes (views)."""
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(sizes, dtype=np.int64), out=offsets[1:])
+    return [payload[int(offsets[i]):int(offsets[i + 1])] for i in range(len(sizes))]
 
 
 def _nbytes(payload) -> int:

@@ -8,11 +8,13 @@ Data flow of one bucket (see docs/HOOK.md for the full design)::
       read index, layout, iteration  -->  [first call] compare config fingerprints
       submit job, return future           warm-up / small bucket: allreduce (mean)
                                           else: compress v = gradient + worker residual
-                                                exchange sizes, non-finite flags, layout fingerprint
+                                                [first time] measure, agree on the plan (plan.py)
+                                          [per bucket, or after the last one when coalesced]
+                                                exchange sizes, non-finite flags, layout fingerprints
                                                 allgather | scatter-reduce-allgather
                                                 residual = v - own payload (if all finite)
                                                 decode in rank order (checksums), average
-                                          write the mean into the bucket, resolve future
+                                          write the means into the buckets, resolve futures
     [last bucket] wait for the worker,
       raise the step's failure, typed
 
@@ -35,7 +37,7 @@ import torch.distributed as dist
 
 import threelc
 
-from . import codecs, collectives, faults, never_called, optim
+from . import codecs, collectives, faults, never_called, optim, plan
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
 
 __all__ = ["threelc_hook", "register"]
@@ -55,6 +57,7 @@ class _BucketJob:
     layout: tuple  # sizes of the bucket's parameter tensors
     names: tuple | None  # their names, when the state knows them
     check_config: bool
+    future: torch.futures.Future  # what the hook returned to DDP; the worker side resolves it
 
 
 def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -73,7 +76,10 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
        both write the same bytes.
     3. Exchange payload sizes and a layout fingerprint, then the payloads ("allgather"), or
        shard j of every rank to rank j ("scatter_reduce"; rank j averages, adds its server
-       residual, compresses again, and every rank gathers the compressed shards).
+       residual, compresses again, and every rank gathers the compressed shards); per bucket,
+       or for all the step's buckets at once after the last one (``state.coalesce``).  With
+       ``"auto"`` options the collective and the coalescing come from a cost model of the link
+       and codec measured at the first compressed bucket (:mod:`threelc.hooks.plan`).
     4. Decode the payloads in rank order, average, and write the mean into the bucket in its
        own dtype.  If any payload was flagged non-finite (the size headers carry the flags), the
        whole bucket becomes NaN on every rank (so ``torch.amp.GradScaler`` skips the step
@@ -141,11 +147,12 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         if padding > 0:  # DDP may pad a bucket; the padding is one more segment
             layout += (padding,)
         names = state.parameter_names(parameters, bucket.index(), padding)
+    future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
     job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
-                     compress=compress, layout=layout, names=names, check_config=not state._config_checked)
+                     compress=compress, layout=layout, names=names, check_config=not state._config_checked,
+                     future=future)
     state._config_checked = True
-    devices = [buffer.device] if buffer.is_cuda else None
-    future = state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
+    state.worker().submit(functools.partial(_run_job, state, job))
     if is_last:
         # Right after the last bucket, DDP issues collectives of its own on the same process
         # group from this thread (with find_unused_parameters=True, the allreduce of the
@@ -208,8 +215,33 @@ def _distributed_model(model) -> torch.nn.parallel.DistributedDataParallel:
 
 
 # ---------------------------------------------------------------------------- worker side
-def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
-    """Average one bucket (runs on the worker thread; see the module docstring)."""
+@dataclasses.dataclass
+class _Compressed:
+    """A bucket compressed on the worker thread, waiting for its exchange (alone, or coalesced
+    with the step's other buckets)."""
+
+    job: _BucketJob
+    codec: object
+    work: torch.Tensor  # float32 values in the codec's memory: the bucket itself when in_place
+    in_place: bool
+    values: object  # the codec's view of ``work``: gradient + worker residual, then the mean
+    shards: list  # slices of ``values``: [all] for allgather, one per rank for scatter-reduce
+    payloads: list  # one per shard
+    nonfinite: bool
+    worker: object  # the codec's view of the worker residual (None without error feedback)
+    server: object  # scatter-reduce: this rank's server residual shard (None without error feedback)
+    segments: list  # parameter pieces inside each shard
+
+    def finish(self) -> None:
+        """Write the mean into the bucket (when the codec worked on a copy) and resolve its future."""
+        if not self.in_place:
+            self.job.buffer.copy_(self.work.view(self.job.buffer.shape))
+        self.job.future.set_result(self.job.buffer)
+
+
+def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
+    """Average one bucket, or compress it and wait for the step's last bucket (runs on the worker
+    thread; see the module docstring).  Resolves ``job.future``."""
     group = state.group()
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     stats = state._stats
@@ -222,35 +254,91 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> torch.Tensor:
         with torch.cuda.device(job.buffer.device) if job.buffer.is_cuda else contextlib.nullcontext():
             if job.check_config:
                 _check_config(state, group, world_size, job.iteration, device)
+            _drop_stale(state, job.index)
             stats.add_raw(job.buffer.numel() * job.buffer.element_size())
             if not job.compress:
-                return collectives.allreduce_mean(job.buffer, group, stats)
-            stats.mark_compressed()
-            return _compressed_mean(state, job, group, rank, world_size, device)
+                job.future.set_result(collectives.allreduce_mean(job.buffer, group, stats))
+            else:
+                stats.mark_compressed()
+                state._pending.append(_compress_bucket(state, job, group, rank, world_size, device))
+            if state._pending and (job.is_last or not state._plan.coalesce):
+                pending, state._pending = state._pending, []
+                _exchange(state, pending, group, rank, world_size, device)
+                for item in pending:
+                    item.finish()
     except BaseException as error:
         if state._failure is None:
             state._failure = error
+        for waiting in [job] + [item.job for item in state._pending]:
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+        state._pending = []
         raise
     finally:
+        state.record_bucket(job.buffer.numel(), job.is_last)
         if job.is_last:
             stats.finish_step(job.iteration, dist.get_rank(), world_size)
 
 
-def _compressed_mean(state, job, group, rank, world_size, device) -> torch.Tensor:
-    """Average a bucket through 3LC payloads; returns the bucket, overwritten with the mean."""
+def _drop_stale(state, index: int) -> None:
+    """Forget buckets still waiting for a coalesced exchange when a new backward pass begins.
+
+    DDP hands buckets over in increasing index order, so a bucket whose index is not above the
+    last waiting one starts a new pass.  Only a backward that stopped between buckets (an
+    exception in user code, on every rank alike) leaves buckets waiting: their step never
+    reached its last bucket, their residuals were not touched, and DDP reuses their buffers.
+    """
+    if not state._pending or state._pending[-1].job.index < index:
+        return
+    logger.warning("threelc: dropping %d compressed bucket(s) of a backward pass that never reached its last "
+                   "bucket", len(state._pending))
+    for item in state._pending:
+        item.job.future.set_exception(RuntimeError("threelc: the backward pass of this bucket's step was abandoned"))
+    state._pending = []
+
+
+def _compress_bucket(state, job, group, rank, world_size, device) -> _Compressed:
+    """``v = gradient + worker residual``, compressed whole (allgather) or per shard (scatter-reduce)."""
     codec = codecs.for_bucket(state, job.buffer)
     # The numba codec works on float32 host memory: a float32 CPU bucket in place, anything else
     # (fp16/bf16, CUDA) through a float32 host copy.  The torch codec works on the bucket's
     # device: a float32 bucket in place, fp16/bf16 through a float32 copy on the same device.
     work, in_place = codec.work_copy(job.buffer)
     values = codec.array(work.reshape(-1))
-    if state.resolved_collective(world_size) == "allgather":
-        _allgather_mean(state, codec, job, values, group, rank, world_size, device)
+    count = codec.numel(values)
+    if state._plan is None:  # the first compressed bucket of the run: every rank decides here
+        state._plan = plan.decide(state, codec, values, list(job.layout), group, world_size, device,
+                                  buckets=state.step_buckets or 1, total_values=state.step_values or count)
+    if state._plan.collective == "allgather":
+        shards, server_range = [slice(0, count)], None
     else:
-        _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device)
-    if not in_place:
-        job.buffer.copy_(work.view(job.buffer.shape))
-    return job.buffer
+        bounds = collectives.shard_bounds(count, world_size)
+        shards = [slice(int(bounds[j]), int(bounds[j + 1])) for j in range(world_size)]
+        server_range = (shards[rank].start, shards[rank].stop)
+    entry = _residual_entry(state, codec, job, count, world_size, server_range)
+    worker = server = None
+    if entry is not None:
+        worker = codec.array(entry.worker)
+        server = None if entry.server is None else codec.array(entry.server)
+        codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
+    segments = [collectives.segments_in_range(job.layout, shard.start, shard.stop) for shard in shards]
+    with state._stats.timer("compress_s"):
+        compressed = [codec.compress(values[shard], pieces) for shard, pieces in zip(shards, segments)]
+    return _Compressed(job=job, codec=codec, work=work, in_place=in_place, values=values, shards=shards,
+                       payloads=[payload for payload, _ in compressed],
+                       nonfinite=any(nonfinite for _, nonfinite in compressed), worker=worker, server=server,
+                       segments=segments)
+
+
+def _exchange(state, items, group, rank, world_size, device) -> None:
+    """Exchange and average compressed buckets (one bucket, or a step's coalesced buckets)."""
+    if len({type(item.codec) for item in items}) > 1:
+        raise RuntimeError("threelc: cannot coalesce buckets that live on different devices; "
+                           "construct the state with coalesce=False")
+    if state._plan.collective == "allgather":
+        _allgather_mean(state, items, group, rank, world_size, device)
+    else:
+        _scatter_reduce_mean(state, items, group, rank, world_size, device)
 
 
 def _check_config(state: ThreeLCState, group, world_size: int, iteration: int, device) -> None:
@@ -274,8 +362,8 @@ def _check_layouts(fingerprints: np.ndarray, index: int) -> None:
             f"{fingerprints.tolist()}); are the models or DDP's bucket_cap_mb different?")
 
 
-def _layout_fingerprint(job: _BucketJob, count: int) -> int:
-    return fingerprint(f"{job.index}:{count}:{job.layout}")
+def _layout_fingerprint(item: _Compressed) -> int:
+    return fingerprint(f"{item.job.index}:{item.codec.numel(item.values)}:{item.job.layout}")
 
 
 def _residual_entry(state, codec, job, count, world_size, server_range=None):
@@ -286,35 +374,51 @@ def _residual_entry(state, codec, job, count, world_size, server_range=None):
                               device=codec.device)
 
 
-def _allgather_mean(state, codec, job, values, group, rank, world_size, device) -> None:
-    """Each rank sends its compressed bucket to all others; all decode the N payloads."""
+def _finite_items(items, header, flag_column: int) -> list:
+    """The items no rank flagged non-finite; the flagged ones become NaN on every rank.
+
+    Every rank saw the same flags, so every rank poisons the same buckets (AMP then skips the
+    step everywhere), keeps their residuals as they were, and leaves them out of the exchanges
+    that follow, whose result would be NaN.
+    """
+    finite = []
+    for k, item in enumerate(items):
+        if header[:, k, flag_column].any():
+            item.codec.fill_nan(item.values)
+        else:
+            finite.append(k)
+    return finite
+
+
+def _allgather_mean(state, items, group, rank, world_size, device) -> None:
+    """Each rank sends its compressed buckets to all others; all decode the N payloads of each."""
     stats = state._stats
-    count = codec.numel(values)
-    entry = _residual_entry(state, codec, job, count, world_size)
-    residual = None if entry is None else codec.array(entry.worker)
-    if residual is not None:
-        codec.add(values, residual)  # v = gradient + residual; the residual itself waits (see _feedback)
-    with stats.timer("compress_s"):
-        payload, nonfinite = codec.compress(values, job.layout)
-    header = collectives.exchange_header([_layout_fingerprint(job, count), codec.nbytes(payload), nonfinite],
-                                         group, device, stats)
-    _check_layouts(header[:, 0], job.index)
-    if header[:, 2].any():
-        # Every rank saw the same flags: every rank poisons the bucket, keeps its residual as it
-        # was (AMP skips the step) and skips the payload exchange, whose result would be NaN.
-        codec.fill_nan(values)
+    codec = items[0].codec
+    header = collectives.exchange_header(
+        [value for item in items for value in (_layout_fingerprint(item), codec.nbytes(item.payloads[0]),
+                                                item.nonfinite)],
+        group, device, stats).reshape(world_size, len(items), 3)
+    for k, item in enumerate(items):
+        _check_layouts(header[:, k, 0], item.job.index)
+    finite = _finite_items(items, header, 2)
+    if not finite:
         return
-    payloads = collectives.allgather_payload(payload, header[:, 1], group, device, stats)
-    if residual is not None:
-        _feedback(stats, codec, [(values, payload, residual)])
+    sizes = header[:, finite, 1]
+    own = collectives.concat_payloads([items[k].payloads[0] for k in finite], items[0].payloads[0][:0])
+    received = collectives.allgather_payload(own, sizes.sum(axis=1), group, device, stats)
+    per_sender = [collectives.split_payload(payload, sizes[sender]) for sender, payload in enumerate(received)]
+    _feedback(stats, codec, [(items[k].values, items[k].payloads[0], items[k].worker)
+                             for k in finite if items[k].worker is not None])
     with stats.timer("decompress_s"), codec.lock():
         # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
         # Every rank decodes the same bytes in the same order, so a corrupt payload stops every
         # rank at the same sender with the same message.
-        for sender, rank_payload in enumerate(payloads):
-            faults.decode_checked(codec.decompress if sender == 0 else codec.decompress_add, rank_payload, values,
-                                  bucket=job.index, sender=sender)
-        codec.divide(values, world_size)
+        for position, k in enumerate(finite):
+            item = items[k]
+            for sender in range(world_size):
+                faults.decode_checked(codec.decompress if sender == 0 else codec.decompress_add,
+                                      per_sender[sender][position], item.values, bucket=item.job.index, sender=sender)
+            codec.divide(item.values, world_size)
 
 
 def _feedback(stats, codec, updates) -> None:
@@ -333,73 +437,85 @@ def _feedback(stats, codec, updates) -> None:
                 return
 
 
-def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device) -> None:
+def _scatter_reduce_mean(state, items, group, rank, world_size, device) -> None:
     """Shard j of every rank goes to rank j, which averages, recompresses and shares it."""
     stats = state._stats
-    count = codec.numel(values)
-    bounds = collectives.shard_bounds(count, world_size)
-    shards = [slice(int(bounds[j]), int(bounds[j + 1])) for j in range(world_size)]
-    own = shards[rank]
-    entry = _residual_entry(state, codec, job, count, world_size, (own.start, own.stop))
-    worker = server = None
-    if entry is not None:
-        worker, server = codec.array(entry.worker), codec.array(entry.server)
-        codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
-    shard_segments = [collectives.segments_in_range(job.layout, shard.start, shard.stop) for shard in shards]
+    codec = items[0].codec
+    empty = items[0].payloads[0][:0]
 
-    # Scatter-reduce: compress every shard, send shard j to rank j.
-    with stats.timer("compress_s"):
-        compressed = [codec.compress(values[shard], segments) for shard, segments in zip(shards, shard_segments)]
-    shard_payloads = [payload for payload, _ in compressed]
+    # Scatter-reduce: shard j of every bucket goes to rank j, in one all-to-all.
+    columns = 2 + world_size
     header = collectives.exchange_header(
-        [_layout_fingerprint(job, count), int(any(nonfinite for _, nonfinite in compressed)),
-         *map(codec.nbytes, shard_payloads)], group, device, stats)
-    _check_layouts(header[:, 0], job.index)
-    if header[:, 1].any():
-        codec.fill_nan(values)  # as in _allgather_mean: every rank skips the step, residuals unchanged
+        [value for item in items
+         for value in (_layout_fingerprint(item), item.nonfinite, *map(codec.nbytes, item.payloads))],
+        group, device, stats).reshape(world_size, len(items), columns)
+    for k, item in enumerate(items):
+        _check_layouts(header[:, k, 0], item.job.index)
+    finite = _finite_items(items, header, 1)
+    if not finite:
         return
-    receive_sizes = header[:, 2 + rank].copy()
+    outgoing = [empty if j == rank else collectives.concat_payloads([items[k].payloads[j] for k in finite], empty)
+                for j in range(world_size)]
+    shard_sizes = header[:, finite, 2 + rank]  # [sender, bucket]: the shard payloads this rank receives
+    receive_sizes = shard_sizes.sum(axis=1)
     receive_sizes[rank] = 0
-    empty = shard_payloads[rank][:0]
-    outgoing = [empty if j == rank else shard_payloads[j] for j in range(world_size)]
     received = collectives.exchange_payloads(outgoing, receive_sizes, group, device, stats)
-    received[rank] = shard_payloads[rank]
+    per_sender = [[items[k].payloads[rank] for k in finite] if sender == rank
+                  else collectives.split_payload(payload, shard_sizes[sender])
+                  for sender, payload in enumerate(received)]
 
-    # This rank's shard: average in rank order, add the server residual, compress again.  A
-    # corrupt shard payload reaches this rank only: its report replaces the compressed mean.
-    shard_mean = codec.zeros(own.stop - own.start)
-    report, mean_nonfinite = faults.NO_REPORT, False
-    try:
-        with stats.timer("decompress_s"), codec.lock():
-            for sender, rank_payload in enumerate(received):
-                faults.decode_checked(codec.decompress_add, rank_payload, shard_mean, bucket=job.index, sender=sender,
-                                      receiver=rank)
-            codec.divide(shard_mean, world_size)
-    except faults.CorruptPayloadError as error:
-        report, mean_payload = error.sender, codec.text_payload(str(error))
-    else:
-        if server is not None:
-            codec.add(shard_mean, server)
-        with stats.timer("compress_s"):
-            mean_payload, mean_nonfinite = codec.compress(shard_mean, shard_segments[rank])
+    # This rank's shard of each bucket: average in rank order, add the server residual, compress
+    # again.  A corrupt shard payload reaches this rank only: its report replaces the compressed mean.
+    means = [_shard_mean(state, codec, items[k], [per_sender[sender][position] for sender in range(world_size)],
+                         rank, world_size) for position, k in enumerate(finite)]
 
     # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
-    mean_header = collectives.exchange_header([codec.nbytes(mean_payload), report, mean_nonfinite], group, device,
-                                              stats)
-    mean_payloads = collectives.allgather_payload(mean_payload, mean_header[:, 0], group, device, stats)
-    reporters = np.flatnonzero(mean_header[:, 1] != faults.NO_REPORT)
-    if reporters.size:
-        owner = int(reporters[0])  # the same report on every rank
-        raise faults.CorruptPayloadError(codec.payload_text(mean_payloads[owner]), bucket=job.index,
-                                         sender=int(mean_header[owner, 1]), receiver=owner)
-    if mean_header[:, 2].any():
-        codec.fill_nan(values)
-        return
-    if entry is not None:
-        _feedback(stats, codec, [(values[shard], shard_payload, worker[shard])
-                                 for shard, shard_payload in zip(shards, shard_payloads)]
-                  + [(shard_mean, mean_payload, server)])
-    with stats.timer("decompress_s"), codec.lock():
-        for owner, shard_payload in enumerate(mean_payloads):
-            faults.decode_checked(codec.decompress, shard_payload, values[shards[owner]], bucket=job.index,
-                                  sender=owner)
+    mean_header = collectives.exchange_header(
+        [value for mean_payload, report, nonfinite, _ in means
+         for value in (codec.nbytes(mean_payload), report, nonfinite)],
+        group, device, stats).reshape(world_size, len(finite), 3)
+    own = collectives.concat_payloads([mean_payload for mean_payload, _, _, _ in means], empty)
+    received = collectives.allgather_payload(own, mean_header[:, :, 0].sum(axis=1), group, device, stats)
+    mean_payloads = [collectives.split_payload(payload, mean_header[owner, :, 0])
+                     for owner, payload in enumerate(received)]
+    for position, k in enumerate(finite):
+        reporters = np.flatnonzero(mean_header[:, position, 1] != faults.NO_REPORT)
+        if reporters.size:
+            owner = int(reporters[0])  # the same report on every rank
+            raise faults.CorruptPayloadError(codec.payload_text(mean_payloads[owner][position]),
+                                             bucket=items[k].job.index, sender=int(mean_header[owner, position, 1]),
+                                             receiver=owner)
+    for position, k in enumerate(finite):
+        item, (mean_payload, _, _, shard_mean) = items[k], means[position]
+        if mean_header[:, position, 2].any():
+            codec.fill_nan(item.values)
+            continue
+        if item.worker is not None:
+            _feedback(stats, codec, [(item.values[shard], shard_payload, item.worker[shard])
+                                     for shard, shard_payload in zip(item.shards, item.payloads)]
+                      + [(shard_mean, mean_payload, item.server)])
+        with stats.timer("decompress_s"), codec.lock():
+            for owner in range(world_size):
+                faults.decode_checked(codec.decompress, mean_payloads[owner][position], item.values[item.shards[owner]],
+                                      bucket=item.job.index, sender=owner)
+
+
+def _shard_mean(state, codec, item, received, rank, world_size) -> tuple:
+    """This rank's shard of one bucket, averaged over the received shard payloads, plus its
+    server residual, compressed again.  Returns ``(payload, report, nonfinite, shard mean)``; a
+    corrupt shard payload makes the payload the error's text and the report its sender."""
+    own = item.shards[rank]
+    shard_mean = codec.zeros(own.stop - own.start)
+    try:
+        with state._stats.timer("decompress_s"), codec.lock():
+            for sender, rank_payload in enumerate(received):
+                faults.decode_checked(codec.decompress_add, rank_payload, shard_mean, bucket=item.job.index,
+                                      sender=sender, receiver=rank)
+            codec.divide(shard_mean, world_size)
+    except faults.CorruptPayloadError as error:
+        return codec.text_payload(str(error)), error.sender, False, shard_mean
+    if item.server is not None:
+        codec.add(shard_mean, item.server)
+    with state._stats.timer("compress_s"):
+        mean_payload, nonfinite = codec.compress(shard_mean, item.segments[rank])
+    return mean_payload, faults.NO_REPORT, nonfinite, shard_mean

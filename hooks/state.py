@@ -14,6 +14,7 @@ from threelc import format as payload_format
 
 from . import never_called
 from .codecs import CODECS
+from .plan import Plan
 from .stats import HookStats
 from .worker import BucketWorker
 
@@ -117,8 +118,15 @@ class ThreeLCState:
         again, and all ranks gather the compressed shards; bytes per rank ~ 2 (N - 1) / N C,
         like a ring allreduce, at the price of a second lossy step and twice the collectives.
         ``"auto"`` picks allgather for world sizes up to 2 (the bytes are the same there, and it
-        quantizes once) and scatter_reduce above (fewer bytes, and decoding stays O(bucket)
-        instead of O(N * bucket)).
+        quantizes once); above, the collective with the smaller modelled step time, from a cost
+        model of the link and codec measured once at the first compressed bucket, agreed by
+        every rank (:mod:`threelc.hooks.plan`): allgather's two collectives win on far links,
+        scatter-reduce's fewer bytes and O(bucket) decoding on fast ones.
+    coalesce : bool or "auto", default "auto"
+        Exchange the step's compressed buckets together, after its last bucket: one exchange per
+        step instead of one per bucket (a round trip each), at the price of the overlap of
+        earlier buckets' exchanges with backward.  ``"auto"`` decides with the collective, from
+        the same measured cost model.  The plan taken is kept in :meth:`state_dict`.
     scale : {"tensor", "bucket", "block"}, default "block"
         One scale (max |v|) per ``block_size`` values of each parameter tensor; one per parameter
         tensor of the bucket, as in the paper; or one per bucket (or shard).  See docs/HOOK.md
@@ -181,6 +189,7 @@ class ThreeLCState:
         *,
         sparsity: float = 1.0,
         collective: str = "auto",
+        coalesce: bool | str = "auto",
         scale: str = "block",
         block_size: int = 8192,
         start_iter: int = 10,
@@ -198,6 +207,8 @@ class ThreeLCState:
             raise ValueError(f"sparsity must be a number in [1, 2) (the paper's sparsity multiplier s), got {sparsity!r}")
         if collective not in COLLECTIVES:
             raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        if not (isinstance(coalesce, bool) or coalesce == "auto"):
+            raise ValueError(f"coalesce must be True, False or 'auto', got {coalesce!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if not _is_int(block_size) or not 1 <= block_size < 2**32:
@@ -230,6 +241,7 @@ class ThreeLCState:
         self.process_group = process_group
         self.sparsity = float(sparsity32)
         self.collective = collective
+        self.coalesce = coalesce
         self.scale = scale
         self.block_size = int(block_size)
         self.start_iter = int(start_iter)
@@ -255,6 +267,13 @@ class ThreeLCState:
         self._stats = HookStats(self.stats_dir, self.stats_every, self.stats_max_bytes)
         self._worker: BucketWorker | None = None
         self._config_checked = False
+        #: How compressed buckets are exchanged (:class:`threelc.hooks.plan.Plan`), decided at the
+        #: first compressed bucket; buckets compressed and waiting for a coalesced exchange.
+        self._plan = None
+        self._pending: list = []
+        #: Buckets and values of the last complete step (for the plan's cost model).
+        self.step_buckets, self.step_values = 0, 0
+        self._step_buckets_seen, self._step_numel = 0, 0
         #: The paired threelc optimizer (``register(..., optimizer=)``): its schedule decides which
         #: iterations are compressed, instead of ``start_iter``.
         self.optimizer = None
@@ -272,7 +291,8 @@ class ThreeLCState:
     # ------------------------------------------------------------------ configuration
     def config(self) -> dict:
         """The hyperparameters as a JSON-able dict (``ThreeLCState(**config)`` rebuilds them)."""
-        return {"sparsity": self.sparsity, "collective": self.collective, "scale": self.scale,
+        return {"sparsity": self.sparsity, "collective": self.collective, "coalesce": self.coalesce,
+                "scale": self.scale,
                 "block_size": self.block_size, "start_iter": self.start_iter, "min_numel": self.min_numel,
                 "error_feedback": self.error_feedback, "stats_dir": self.stats_dir,
                 "stats_every": self.stats_every, "stats_max_bytes": self.stats_max_bytes}
@@ -286,10 +306,25 @@ class ThreeLCState:
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def resolved_collective(self, world_size: int) -> str:
-        """The collective for this world size (``"auto"`` resolved; see the class docstring)."""
-        if self.collective != "auto":
-            return self.collective
-        return "allgather" if world_size <= 2 else "scatter_reduce"
+        """The collective in use: the configured one, or the plan's once decided (``"auto"``
+        before the first compressed bucket at more than 2 ranks; see :mod:`threelc.hooks.plan`)."""
+        if self._plan is not None:
+            return self._plan.collective
+        if self.collective == "auto" and world_size <= 2:
+            return "allgather"
+        return self.collective
+
+    def plan(self) -> dict | None:
+        """The exchange plan (collective, coalesce, and why), or None before the first compressed bucket."""
+        return None if self._plan is None else self._plan.as_dict()
+
+    def record_bucket(self, numel: int, is_last: bool) -> None:
+        """Count a bucket of the current step; the last one closes the step's shape."""
+        self._step_numel += int(numel)
+        self._step_buckets_seen += 1
+        if is_last:
+            self.step_buckets, self.step_values = self._step_buckets_seen, self._step_numel
+            self._step_buckets_seen, self._step_numel = 0, 0
 
     def codec_options(self) -> dict:
         """Keyword arguments of :func:`threelc.compress` for this configuration."""
@@ -298,7 +333,9 @@ class ThreeLCState:
     def fingerprint_text(self, world_size: int, iteration: int) -> str:
         """What every rank must agree on before compressed steps: format, options, iteration."""
         return (f"format={payload_format.VERSION} sparsity={np.float32(self.sparsity)!r} "
-                f"collective={self.resolved_collective(world_size)} scale={self.scale} "
+                f"collective={self.resolved_collective(world_size)} coalesce={self.coalesce} "
+                f"plan={None if self._plan is None else (self._plan.collective, self._plan.coalesce)} "
+                f"scale={self.scale} "
                 f"block_size={self.block_size} start_iter={self.start_iter} min_numel={self.min_numel} "
                 f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration} "
                 f"optimizer={None if self.optimizer is None else self.optimizer.schedule_text()}")
@@ -433,7 +470,7 @@ class ThreeLCState:
         return {"version": STATE_DICT_VERSION, "owner": {"rank": rank, "world_size": world_size},
                 "config": self.config(), "iteration": self.iteration,
                 "residuals": _export(self._residuals), "parked": _export(self._parked),
-                "stats": self._stats.state_dict()}
+                "plan": self.plan(), "stats": self._stats.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed).
@@ -470,6 +507,9 @@ class ThreeLCState:
                 self._by_name.update({name: (entry, int(offset), int(size))
                                       for name, offset, size in zip(entry.names, offsets, entry.layout)})
         self._stats.load_state_dict(state_dict["stats"])
+        saved_plan = state_dict.get("plan")
+        self._plan = None if saved_plan is None else Plan(**saved_plan)
+        self._pending = []
         self._failure = None
         self._config_checked = False
 

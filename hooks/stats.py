@@ -21,6 +21,7 @@ compressed       whether any bucket of the step was 3LC-compressed (false during
 compress_s       seconds in the 3LC encoder
 decompress_s     seconds in the 3LC decoder
 comm_s           seconds in collectives (including waiting for slower ranks)
+collectives      collectives issued (each costs at least one network round trip)
 ===============  ==========================================================================
 
 Bytes are counted as the collectives move them: payloads and the small size headers exchanged
@@ -42,14 +43,14 @@ logger = logging.getLogger(__name__)
 
 #: The keys of every statistics dictionary, in order.
 STAT_KEYS = ("step", "rank", "world_size", "raw_bytes", "sent_bytes", "received_bytes", "ratio",
-             "compressed", "compress_s", "decompress_s", "comm_s")
+             "compressed", "compress_s", "decompress_s", "comm_s", "collectives")
 
 
 class _Counters:
     """Byte counts and timings summed over buckets (one step, or the whole run)."""
 
     __slots__ = ("raw_bytes", "sent_bytes", "received_bytes", "compressed", "compress_s", "decompress_s",
-                 "comm_s")
+                 "comm_s", "collectives")
 
     def __init__(self):
         self.raw_bytes = 0
@@ -59,6 +60,7 @@ class _Counters:
         self.compress_s = 0.0
         self.decompress_s = 0.0
         self.comm_s = 0.0
+        self.collectives = 0
 
     def add(self, other: "_Counters") -> None:
         self.raw_bytes += other.raw_bytes
@@ -68,6 +70,7 @@ class _Counters:
         self.compress_s += other.compress_s
         self.decompress_s += other.decompress_s
         self.comm_s += other.comm_s
+        self.collectives += other.collectives
 
     def as_dict(self, step: int, rank: int, world_size: int) -> dict:
         return {
@@ -82,6 +85,7 @@ class _Counters:
             "compress_s": self.compress_s,
             "decompress_s": self.decompress_s,
             "comm_s": self.comm_s,
+            "collectives": self.collectives,
         }
 
 
@@ -135,6 +139,8 @@ class HookStats:
         self.current.raw_bytes += int(nbytes)
 
     def add_traffic(self, sent: int, received: int) -> None:
+        """Count one collective and the bytes it moved."""
+        self.current.collectives += 1
         self.current.sent_bytes += int(sent)
         self.current.received_bytes += int(received)
 
@@ -201,7 +207,8 @@ class HookStats:
     def load_state_dict(self, state: dict) -> None:
         self.steps_completed = int(state["steps_completed"])
         for name in _Counters.__slots__:
-            setattr(self.total, name, type(getattr(self.total, name))(state[name]))
+            # Checkpoints from before a counter existed load it as zero.
+            setattr(self.total, name, type(getattr(self.total, name))(state.get(name, 0)))
 
 
 def _size(path: str) -> int:

@@ -108,7 +108,7 @@ def device_codec_checks(rank, world_size):
 @pytest.fixture(scope="module", params=[2, 4])
 def checks(request):
     world_size = request.param
-    return world_size, run_ranks(device_codec_checks, world_size, timeout_s=240)
+    return world_size, run_ranks(device_codec_checks, world_size, timeout_s=360)
 
 
 def test_torch_codec_training_is_bitwise_the_numba_codec_and_replicas_agree(checks):

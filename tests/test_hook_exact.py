@@ -91,19 +91,30 @@ MEAN_CASES_8 = [("allgather", "tensor", torch.float32), ("scatter_reduce", "tens
                 ("scatter_reduce", "block", torch.float32)]
 
 
-def _mean_checks(rank, world_size, cases):
-    """Hook result == mean of the decoded payloads, bitwise, for every collective/scale/dtype."""
+def _mean_checks(rank, world_size, cases, coalesce=False):
+    """Hook result == mean of the decoded payloads, bitwise, for every collective/scale/dtype.
+
+    With ``coalesce`` the step's buckets are exchanged together after the last one, so all
+    buckets are handed over before any future is waited on (as DDP does); without it each
+    bucket's future resolves on its own.
+    """
     outcomes = {}
     for collective, scale, dtype in cases:
-        state = ThreeLCState(collective=collective, scale=scale, block_size=64, sparsity=1.25,
+        state = ThreeLCState(collective=collective, coalesce=coalesce, scale=scale, block_size=64, sparsity=1.25,
                              start_iter=2, min_numel=0, error_feedback=False)
         state.iteration = 2
+        gradients = {layout: [gradient(r, index, layout, dtype) for r in range(world_size)]
+                     for index, layout in enumerate(MEAN_LAYOUTS)}
+        futures = []
         for index, layout in enumerate(MEAN_LAYOUTS):
-            gradients = [gradient(r, index, layout, dtype) for r in range(world_size)]
-            result = run_hook(state, gradients[rank].clone(), layout, index, index == len(MEAN_LAYOUTS) - 1)
-            expected = torch.from_numpy(expected_mean(gradients, layout, collective, scale, 1.25, 64))
+            bucket = FakeBucket(gradients[layout][rank].clone(), layout, index, index == len(MEAN_LAYOUTS) - 1)
+            future = threelc_hook(state, bucket)
+            futures.append(future if coalesce else future.wait())
+        for layout, result in zip(MEAN_LAYOUTS, futures):
+            result = result.wait() if coalesce else result
+            expected = torch.from_numpy(expected_mean(gradients[layout], layout, collective, scale, 1.25, 64))
             key = (collective, scale, str(dtype), layout)
-            outcomes[key] = (result.dtype == dtype and result.shape == gradients[rank].shape
+            outcomes[key] = (result.dtype == dtype and result.shape == gradients[layout][rank].shape
                              and torch.equal(result, expected.to(dtype)))
         state.close()
     return outcomes
@@ -183,6 +194,7 @@ def _mismatch_checks(rank, world_size):
 
 def exact_checks(rank, world_size, full):
     results = {"mean": _mean_checks(rank, world_size, MEAN_CASES if full else MEAN_CASES_8)}
+    results["coalesced"] = _mean_checks(rank, world_size, MEAN_CASES_8, coalesce=True)
     if full:
         results["small"] = _small_bucket_check(rank, world_size)
         results["drift"] = {(collective, feedback): _feedback_drift(rank, world_size, collective, feedback)
@@ -196,7 +208,7 @@ def exact_checks(rank, world_size, full):
 @pytest.fixture(scope="module", params=[2, 4, 8])
 def exact(request):
     world_size = request.param
-    return world_size, run_ranks(exact_checks, world_size, world_size <= 4, timeout_s=300)
+    return world_size, run_ranks(exact_checks, world_size, world_size <= 4, timeout_s=420)
 
 
 def test_result_is_the_mean_of_the_decoded_payloads_bitwise(exact):
@@ -205,6 +217,14 @@ def test_result_is_the_mean_of_the_decoded_payloads_bitwise(exact):
         failed = [key for key, ok in result["mean"].items() if not ok]
         assert not failed, f"world {world_size}, rank {rank}: hook result differs from the decoded mean for {failed}"
         assert len(result["mean"]) == len(MEAN_CASES if world_size <= 4 else MEAN_CASES_8) * len(MEAN_LAYOUTS)
+
+
+def test_coalesced_buckets_get_the_same_bitwise_mean(exact):
+    world_size, results = exact
+    for rank, result in enumerate(results):
+        failed = [key for key, ok in result["coalesced"].items() if not ok]
+        assert not failed, f"world {world_size}, rank {rank}: coalesced hook result differs for {failed}"
+        assert len(result["coalesced"]) == len(MEAN_CASES_8) * len(MEAN_LAYOUTS)
 
 
 def test_small_buckets_use_allreduce(exact):

@@ -25,6 +25,7 @@ import threelc
 from threelc import format as payload_format
 from threelc.hooks import ConfigMismatchError, CorruptPayloadError, register
 from threelc.hooks import codecs
+from threelc.hooks import hook as hook_module
 from threelc.hooks.collectives import shard_bounds
 
 from _dist import run_ranks
@@ -73,31 +74,39 @@ class _Corrupter:
     """Wraps the codec's compress on the bad rank: from the fault step on, damage what it sends.
 
     ``target`` "all" damages every payload; "mean" only scatter-reduce's compressed shard means
-    (the last of the N + 1 compress calls per bucket), so the fault reaches every rank alike.
+    (the compress calls made inside the hook's ``_shard_mean``), so the fault reaches every rank alike.
     """
 
     def __init__(self, kind, target, world_size):
         self.kind, self.target, self.world_size = kind, target, world_size
         self.active = False
-        self.calls = 0
+        self.in_mean = False
         self.original = codecs._Codec.compress
+        self.original_mean = hook_module._shard_mean
 
     def __enter__(self):
         corrupter = self
 
         def compress(codec, values, segments):
             payload, nonfinite = corrupter.original(codec, values, segments)
-            corrupter.calls += 1
-            is_mean = corrupter.calls % (corrupter.world_size + 1) == 0
-            if corrupter.active and (corrupter.target == "all" or is_mean):
+            if corrupter.active and (corrupter.target == "all" or corrupter.in_mean):
                 return corrupt(payload, corrupter.kind), nonfinite
             return payload, nonfinite
 
+        def shard_mean(*args, **kwargs):
+            corrupter.in_mean = True
+            try:
+                return corrupter.original_mean(*args, **kwargs)
+            finally:
+                corrupter.in_mean = False
+
         codecs._Codec.compress = compress
+        hook_module._shard_mean = shard_mean
         return self
 
     def __exit__(self, *exc):
         codecs._Codec.compress = self.original
+        hook_module._shard_mean = self.original_mean
 
 
 def _train_until_fault(rank, world_size, collective, kind, target="all", options=None):

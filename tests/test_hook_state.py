@@ -40,12 +40,14 @@ def test_bad_options_raise_value_error_that_says_why(options, words):
 
 def test_defaults_and_repr():
     state = ThreeLCState()
-    assert state.config() == {"sparsity": 1.0, "collective": "auto", "scale": "block", "block_size": 8192,
+    assert state.config() == {"sparsity": 1.0, "collective": "auto", "coalesce": "auto", "scale": "block",
+                              "block_size": 8192,
                               "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None,
                               "stats_every": 1, "stats_max_bytes": None}
     assert repr(state).startswith("ThreeLCState(sparsity=1.0, collective='auto'")
     assert state.resolved_collective(2) == "allgather"
-    assert state.resolved_collective(3) == "scatter_reduce"
+    assert state.resolved_collective(3) == "auto"  # decided at the first compressed bucket (threelc.hooks.plan)
+    assert state.plan() is None
     assert ThreeLCState(collective="scatter_reduce").resolved_collective(2) == "scatter_reduce"
 
 

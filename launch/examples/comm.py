@@ -53,7 +53,10 @@ class HookHandle:
         if self.accounting is not None:
             return dict(self.accounting.total)
         if self.state is not None and hasattr(self.state, "stats"):
-            return dict(self.state.stats().get("total", {}))
+            totals = dict(self.state.stats().get("total", {}))
+            if hasattr(self.state, "plan"):  # the threelc hook: how it exchanged compressed buckets
+                totals["plan"] = self.state.plan()
+            return totals
         return {}
 
 

@@ -1,0 +1,221 @@
+"""The exchange plan: collective="auto" and coalesce="auto" from a measured cost model, agreed by
+every rank; coalesced buckets inside real DDP; the plan across checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from threelc.hooks import ThreeLCState, plan, register, threelc_hook
+
+from _dist import run_ranks
+from test_hook_exact import FakeBucket, gradient
+
+# A far link (20 ms per collective, 100 Mbit/s) and a near one (50 us, 10 Gbit/s); the codec
+# at ~1 ns per value, ~0.06 payload bytes per value (3LC at s = 1.0 on gradients).
+FAR = plan.LinkEstimate(latency_s=0.04, seconds_per_byte=8e-8, encode_s=3e-9, decode_s=1e-9, payload_bytes=0.06)
+NEAR = plan.LinkEstimate(latency_s=5e-5, seconds_per_byte=8e-10, encode_s=3e-9, decode_s=1e-9, payload_bytes=0.06)
+
+
+def test_far_links_coalesce_and_prefer_fewer_round_trips():
+    chosen = plan.choose(FAR, collective="auto", coalesce="auto", world_size=4, values=2_000_000, buckets=2)
+    assert (chosen.collective, chosen.coalesce) == ("allgather", True)
+    assert "allgather+coalesce" in chosen.reason and "scatter_reduce" in chosen.reason
+
+
+def test_near_links_with_many_ranks_prefer_scatter_reduce_per_bucket():
+    chosen = plan.choose(NEAR, collective="auto", coalesce="auto", world_size=8, values=50_000_000, buckets=4)
+    assert (chosen.collective, chosen.coalesce) == ("scatter_reduce", False)
+
+
+def test_the_model_charges_round_trips_bytes_and_decoding():
+    kwargs = dict(world_size=4, values=1_000_000, buckets=3)
+    slow = plan.LinkEstimate(**{**FAR.__dict__, "latency_s": 2 * FAR.latency_s})
+    # Per bucket, each allgather exchange is two collectives: doubling the latency adds 2 a B.
+    added = plan.step_seconds("allgather", False, slow, **kwargs) - plan.step_seconds("allgather", False, FAR, **kwargs)
+    assert added == pytest.approx(2 * FAR.latency_s * 3)
+    # Coalesced: one exchange per step, so 4 a for scatter-reduce whatever the bucket count.
+    added = (plan.step_seconds("scatter_reduce", True, slow, **kwargs)
+             - plan.step_seconds("scatter_reduce", True, FAR, **kwargs))
+    assert added == pytest.approx(4 * FAR.latency_s)
+    # Allgather decodes N payloads, scatter-reduce two (shards, then the means).
+    free_link = plan.LinkEstimate(latency_s=0, seconds_per_byte=0, encode_s=0, decode_s=1e-9, payload_bytes=0.06)
+    assert plan.step_seconds("allgather", False, free_link, **kwargs) == pytest.approx(4e-3)
+    assert plan.step_seconds("scatter_reduce", False, free_link, **kwargs) == pytest.approx(2e-3)
+
+
+def test_configured_options_are_kept_and_two_ranks_use_allgather():
+    assert plan.configured("scatter_reduce", False, 4) == plan.Plan("scatter_reduce", False, "configured")
+    assert plan.configured("auto", True, 2) == plan.Plan("allgather", True, "configured")
+    assert plan.configured("auto", False, 3) is None and plan.configured("allgather", "auto", 4) is None
+    chosen = plan.choose(FAR, collective="scatter_reduce", coalesce="auto", world_size=4, values=10**6, buckets=2)
+    assert chosen.collective == "scatter_reduce"
+
+
+def test_estimates_survive_the_integer_exchange():
+    assert plan.LinkEstimate.from_ints(FAR.to_ints()) == FAR
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_coalesce_option_is_refused(bad):
+    with pytest.raises(ValueError, match="coalesce"):
+        ThreeLCState(coalesce=bad)
+
+
+# ----------------------------------------------------------------------------- on real ranks
+def _agreement(rank, world_size):
+    """Each rank measures a different link; every rank must still choose the same plan."""
+    local = plan.LinkEstimate(latency_s=0.001 * (rank + 1) ** 3, seconds_per_byte=1e-8 * (world_size - rank),
+                              encode_s=2e-9, decode_s=1e-9 * (rank + 1), payload_bytes=0.05 + 0.01 * rank)
+    plan._probe = lambda *args, **kwargs: local  # this rank's "measurement"
+    state = ThreeLCState(min_numel=0, start_iter=2)
+    state.iteration = 2
+    layout = (3000, 1000)
+    futures = [threelc_hook(state, FakeBucket(gradient(rank, 0, layout), layout, index, index == 1))
+               for index in range(2)]
+    results = [future.wait() for future in futures]
+    chosen = state.plan()
+    saved = state.state_dict()
+    state.close()
+
+    # A state loaded from the checkpoint keeps the plan and measures nothing.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loaded plan must not be measured again")
+
+    plan._probe = refuse
+    restored = ThreeLCState(min_numel=0, start_iter=2)
+    restored.load_state_dict(saved)
+    futures = [threelc_hook(restored, FakeBucket(gradient(rank, 1, layout), layout, index, index == 1))
+               for index in range(2)]
+    [future.wait() for future in futures]
+    restored_plan = restored.plan()
+    restored.close()
+    return {"plan": chosen, "restored": restored_plan, "local": local, "results": results}
+
+
+def test_every_rank_chooses_the_plan_from_the_worst_measurements():
+    results = run_ranks(_agreement, 4, timeout_s=300)
+    plans = [result["plan"] for result in results]
+    assert all(chosen == plans[0] for chosen in plans) and plans[0]["reason"] != "configured"
+    locals_ = [result["local"] for result in results]
+    worst = plan.LinkEstimate(latency_s=max(e.latency_s for e in locals_),
+                              seconds_per_byte=max(e.seconds_per_byte for e in locals_),
+                              encode_s=max(e.encode_s for e in locals_), decode_s=max(e.decode_s for e in locals_),
+                              payload_bytes=max(e.payload_bytes for e in locals_))
+    # The first compressed step knows no earlier step's shape: the model sees its first bucket.
+    expected = plan.choose(worst, collective="auto", coalesce="auto", world_size=4, values=4000, buckets=1)
+    assert plans[0] == expected.as_dict()
+    assert all(result["restored"] == plans[0] for result in results)
+    for result in results:  # the step averaged, whatever the plan
+        assert all(torch.isfinite(tensor).all() for tensor in result["results"])
+
+
+class TwoBuckets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(32, 64)
+        self.second = nn.Linear(64, 64)
+        self.third = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.third(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+def _ddp_training(rank, world_size):
+    """The same training with per-bucket and coalesced exchanges: bitwise the same parameters,
+    and fewer header bytes when coalesced."""
+    outcomes = {}
+    for collective in ("allgather", "scatter_reduce"):
+        for coalesce in (False, True):
+            torch.manual_seed(0)
+            ddp = DDP(TwoBuckets(), bucket_cap_mb=0.01)  # several buckets
+            state = register(ddp, collective=collective, coalesce=coalesce, start_iter=2, min_numel=0,
+                             block_size=256)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            for step in range(5):
+                optimizer.zero_grad()
+                generator = torch.Generator().manual_seed(100 * rank + step)
+                ddp(torch.randn(8, 32, generator=generator)).pow(2).mean().backward()
+                optimizer.step()
+            state.close()
+            outcomes[(collective, coalesce)] = {
+                "parameters": torch.cat([p.detach().reshape(-1) for p in ddp.parameters()]),
+                "buckets": state.step_buckets, "sent": state.stats()["total"]["sent_bytes"],
+                "collectives": state.stats()["total"]["collectives"],
+                "plan": state.plan()}
+    return outcomes
+
+
+def test_coalescing_inside_ddp_changes_round_trips_not_results():
+    results = run_ranks(_ddp_training, 3, timeout_s=300)
+    for collective in ("allgather", "scatter_reduce"):
+        for rank, result in enumerate(results):
+            separate, together = result[(collective, False)], result[(collective, True)]
+            assert separate["buckets"] >= 2, "the test needs several buckets"
+            assert torch.equal(separate["parameters"], together["parameters"]), (collective, rank)
+            assert torch.equal(together["parameters"], results[0][(collective, True)]["parameters"])
+            assert together["plan"]["coalesce"] is True and separate["plan"]["coalesce"] is False
+            # One exchange per compressed step instead of one per bucket: the same bytes in fewer collectives.
+            assert together["sent"] == separate["sent"]
+            assert together["collectives"] < separate["collectives"]
+            compressed_steps = 5 - 2
+            per_exchange = 2 if collective == "allgather" else 4
+            saved = compressed_steps * per_exchange * (separate["buckets"] - 1)
+            assert separate["collectives"] - together["collectives"] == saved
+
+
+def _coalesced_faults(rank, world_size):
+    """In a coalesced step, a non-finite bucket becomes NaN on every rank while the others average,
+    and a layout mismatch in a non-last bucket raises the same error on every rank."""
+    state = ThreeLCState(collective="scatter_reduce", coalesce=True, min_numel=0, start_iter=2)
+    state.iteration = 2
+    layouts = [(700, 300), (500,), (64, 64)]
+    gradients = [gradient(rank, 5, layout) for layout in layouts]
+    if rank == world_size - 1:
+        gradients[1][3] = float("inf")
+    futures = [threelc_hook(state, FakeBucket(g.clone(), layout, index, index == 2))
+               for index, (g, layout) in enumerate(zip(gradients, layouts))]
+    results = [future.wait() for future in futures]
+    nan_bucket = bool(torch.isnan(results[1]).all())
+    others_finite = bool(torch.isfinite(results[0]).all() and torch.isfinite(results[2]).all())
+    untouched = 1 not in state._residuals or not state._residuals[1].worker.any()
+    state.close()
+
+    # A backward pass abandoned after its first bucket (on every rank): the next pass starts over.
+    state = ThreeLCState(collective="allgather", coalesce=True, min_numel=0, start_iter=2)
+    state.iteration = 2
+    abandoned = threelc_hook(state, FakeBucket(gradient(rank, 0, (300,)), (300,), 0, False))
+    again = [threelc_hook(state, FakeBucket(gradient(rank, 1, (300,)), (300,), 0, False)),
+             threelc_hook(state, FakeBucket(gradient(rank, 1, (200,)), (200,), 1, True))]
+    state.wait()
+    try:
+        abandoned.wait()
+        abandoned_error = None
+    except RuntimeError as error:
+        abandoned_error = str(error)
+    restarted = bool(all(torch.isfinite(future.wait()).all() for future in again))
+    state.close()
+
+    state = ThreeLCState(collective="allgather", coalesce=True, min_numel=0, start_iter=2)
+    state.iteration = 2
+    first = (20, 30) if rank else (30, 20)
+    message = None
+    threelc_hook(state, FakeBucket(gradient(rank, 0, first), first, 0, False))
+    try:
+        threelc_hook(state, FakeBucket(gradient(rank, 0, (40,)), (40,), 1, True))
+    except Exception as error:  # raised from the last bucket's hook call
+        message = (type(error).__name__, str(error))
+    state.close()
+    return {"nan_bucket": nan_bucket, "others_finite": others_finite, "residual_untouched": untouched,
+            "mismatch": message, "abandoned": abandoned_error, "restarted": restarted}
+
+
+def test_coalesced_step_keeps_the_fault_guarantees():
+    results = run_ranks(_coalesced_faults, 2, timeout_s=300)
+    for result in results:
+        assert result["nan_bucket"] and result["others_finite"] and result["residual_untouched"]
+        kind, text = result["mismatch"]
+        assert kind == "ConfigMismatchError" and "bucket 0 has different layouts" in text
+        assert "abandoned" in result["abandoned"] and result["restarted"]
+    assert results[0]["mismatch"] == results[1]["mismatch"]

@@ -53,6 +53,8 @@ class _BucketJob:
     iteration: int
     compress: bool
     layout: tuple  # sizes of the bucket's parameter tensors
+    segments: tuple  # sizes of the runs of values with one scale each (blocks within them): layout, or finer
+    transposed: tuple  # (offset, rows, columns) of gradients compressed transposed (threelc.optim.AdamW)
     names: tuple | None  # their names, when the state knows them
     check_config: bool
 
@@ -133,7 +135,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         return future
 
     compress = not full_precision and buffer.numel() >= max(state.min_numel, 1)
-    layout, names = (), None
+    layout, names, segments, transposed = (), None, (), ()
     if compress:
         parameters = bucket.parameters()
         layout = tuple(int(parameter.numel()) for parameter in parameters)
@@ -141,8 +143,13 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         if padding > 0:  # DDP may pad a bucket; the padding is one more segment
             layout += (padding,)
         names = state.parameter_names(parameters, bucket.index(), padding)
+        segments = layout
+        if state.optimizer is not None:  # threelc.optim.AdamW: embedding rows, Conv1D weights transposed
+            segments = state.optimizer.scale_segments(parameters, layout)
+            transposed = state.optimizer.transposed_segments(parameters)
     job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
-                     compress=compress, layout=layout, names=names, check_config=not state._config_checked)
+                     compress=compress, layout=layout, segments=segments, transposed=transposed, names=names,
+                     check_config=not state._config_checked)
     state._config_checked = True
     devices = [buffer.device] if buffer.is_cuda else None
     future = state.worker().submit(functools.partial(_run_job, state, job), devices=devices)
@@ -243,11 +250,13 @@ def _compressed_mean(state, job, group, rank, world_size, device) -> torch.Tenso
     # (fp16/bf16, CUDA) through a float32 host copy.  The torch codec works on the bucket's
     # device: a float32 bucket in place, fp16/bf16 through a float32 copy on the same device.
     work, in_place = codec.work_copy(job.buffer)
+    optim.transpose_segments(work.reshape(-1), job.transposed)  # the residuals live in this order too
     values = codec.array(work.reshape(-1))
     if state.resolved_collective(world_size) == "allgather":
         _allgather_mean(state, codec, job, values, group, rank, world_size, device)
     else:
         _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, device)
+    optim.transpose_segments(work.reshape(-1), job.transposed, inverse=True)
     if not in_place:
         job.buffer.copy_(work.view(job.buffer.shape))
     return job.buffer
@@ -295,7 +304,7 @@ def _allgather_mean(state, codec, job, values, group, rank, world_size, device) 
     if residual is not None:
         codec.add(values, residual)  # v = gradient + residual; the residual itself waits (see _feedback)
     with stats.timer("compress_s"):
-        payload, nonfinite = codec.compress(values, job.layout)
+        payload, nonfinite = codec.compress(values, job.segments)
     header = collectives.exchange_header([_layout_fingerprint(job, count), codec.nbytes(payload), nonfinite],
                                          group, device, stats)
     _check_layouts(header[:, 0], job.index)
@@ -345,7 +354,7 @@ def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, dev
     if entry is not None:
         worker, server = codec.array(entry.worker), codec.array(entry.server)
         codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
-    shard_segments = [collectives.segments_in_range(job.layout, shard.start, shard.stop) for shard in shards]
+    shard_segments = [collectives.segments_in_range(job.segments, shard.start, shard.stop) for shard in shards]
 
     # Scatter-reduce: compress every shard, send shard j to rank j.
     with stats.timer("compress_s"):

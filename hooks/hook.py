@@ -55,6 +55,8 @@ class _BucketJob:
     iteration: int
     compress: bool
     layout: tuple  # sizes of the bucket's parameter tensors
+    segments: tuple  # sizes of the runs of values with one scale each (blocks within them): layout, or finer
+    transposed: tuple  # (offset, rows, columns) of gradients compressed transposed (threelc.optim.AdamW)
     names: tuple | None  # their names, when the state knows them
     check_config: bool
     future: torch.futures.Future  # what the hook returned to DDP; the worker side resolves it
@@ -139,7 +141,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         return future
 
     compress = not full_precision and buffer.numel() >= max(state.min_numel, 1)
-    layout, names = (), None
+    layout, names, segments, transposed = (), None, (), ()
     if compress:
         parameters = bucket.parameters()
         layout = tuple(int(parameter.numel()) for parameter in parameters)
@@ -147,10 +149,14 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         if padding > 0:  # DDP may pad a bucket; the padding is one more segment
             layout += (padding,)
         names = state.parameter_names(parameters, bucket.index(), padding)
+        segments = layout
+        if state.optimizer is not None:  # threelc.optim.AdamW: embedding rows, Conv1D weights transposed
+            segments = state.optimizer.scale_segments(parameters, layout)
+            transposed = state.optimizer.transposed_segments(parameters)
     future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
     job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
-                     compress=compress, layout=layout, names=names, check_config=not state._config_checked,
-                     future=future)
+                     compress=compress, layout=layout, segments=segments, transposed=transposed, names=names,
+                     check_config=not state._config_checked, future=future)
     state._config_checked = True
     state.worker().submit(functools.partial(_run_job, state, job))
     if is_last:
@@ -234,6 +240,7 @@ class _Compressed:
 
     def finish(self) -> None:
         """Write the mean into the bucket (when the codec worked on a copy) and resolve its future."""
+        optim.transpose_segments(self.work.reshape(-1), self.job.transposed, inverse=True)
         if not self.in_place:
             self.job.buffer.copy_(self.work.view(self.job.buffer.shape))
         self.job.future.set_result(self.job.buffer)
@@ -304,10 +311,11 @@ def _compress_bucket(state, job, group, rank, world_size, device) -> _Compressed
     # (fp16/bf16, CUDA) through a float32 host copy.  The torch codec works on the bucket's
     # device: a float32 bucket in place, fp16/bf16 through a float32 copy on the same device.
     work, in_place = codec.work_copy(job.buffer)
+    optim.transpose_segments(work.reshape(-1), job.transposed)  # the residuals live in this order too
     values = codec.array(work.reshape(-1))
     count = codec.numel(values)
     if state._plan is None:  # the first compressed bucket of the run: every rank decides here
-        state._plan = plan.decide(state, codec, values, list(job.layout), group, world_size, device,
+        state._plan = plan.decide(state, codec, values, list(job.segments), group, world_size, device,
                                   buckets=state.step_buckets or 1, total_values=state.step_values or count)
     if state._plan.collective == "allgather":
         shards, server_range = [slice(0, count)], None
@@ -321,7 +329,7 @@ def _compress_bucket(state, job, group, rank, world_size, device) -> _Compressed
         worker = codec.array(entry.worker)
         server = None if entry.server is None else codec.array(entry.server)
         codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
-    segments = [collectives.segments_in_range(job.layout, shard.start, shard.stop) for shard in shards]
+    segments = [collectives.segments_in_range(job.segments, shard.start, shard.stop) for shard in shards]
     with state._stats.timer("compress_s"):
         compressed = [codec.compress(values[shard], pieces) for shard, pieces in zip(shards, segments)]
     return _Compressed(job=job, codec=codec, work=work, in_place=in_place, values=values, shards=shards,

@@ -48,6 +48,29 @@ def test_trainer_pairs_threelc_adamw_with_the_hook(tmp_path):
     assert json.loads((tmp_path / "final.json").read_text())["val_loss"] < 5.6
 
 
+def test_min_numel_above_every_bucket_runs_the_schedule_on_exact_gradients(tmp_path):
+    """The benchmark's ablation (ours-f20-doubling-exact): the optimizer's schedule, nothing compressed."""
+    torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "6", "--eval-every", "6", "--hook", "threelc",
+                                              "--optimizer", "threelc-adamw", "--freeze-step", "2",
+                                              "--min-numel", str(2**62), "--run-dir", tmp_path], timeout=300)
+    lines = [json.loads(line) for line in (tmp_path / "hook-rank0.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and not any(line["compressed"] for line in lines)
+    assert json.loads((tmp_path / "config.json").read_text())["min_numel"] == 2**62
+
+
+def test_scale_options_reach_the_optimizer():
+    import argparse
+
+    from threelc.launch.examples.train_text import _add_arguments, adam_options
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    assert adam_options(parser.parse_args([])) == {}
+    given = adam_options(parser.parse_args(["--embedding-scale", "row", "--transpose-conv1d"]))
+    assert given == {"embedding_scale": "row", "transpose_conv1d": True}
+    assert adam_options(parser.parse_args(["--no-transpose-conv1d"])) == {"transpose_conv1d": False}
+
+
 def test_threelc_adamw_without_the_threelc_hook_refuses_to_train(tmp_path):
     with pytest.raises(AssertionError, match="must be paired"):
         torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "3", "--hook", "allreduce",

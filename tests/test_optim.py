@@ -91,7 +91,8 @@ def test_schedule_is_a_pure_function_of_the_step():
     ({"freeze_step": 1}, "freeze_step"), ({"freeze_step": 2.5}, "freeze_step"), ({"freeze_step": True}, "freeze_step"),
     ({"refresh": "sometimes"}, "refresh"), ({"compress": "weights"}, "compress"), ({"amsgrad": True}, "amsgrad"),
     ({"fused": True}, "fused"), ({"compress": "momentum", "maximize": True}, "maximize"), ({"lr": -1.0}, "learning rate"),
-    ({"betas": (0.9, 1.5)}, "beta"),
+    ({"betas": (0.9, 1.5)}, "beta"), ({"embedding_scale": "token"}, "embedding_scale"),
+    ({"transpose_conv1d": 1}, "transpose_conv1d"),
 ])
 def test_bad_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -138,6 +139,33 @@ def test_frozen_steps_keep_the_second_moment():
     # v's last update: the refresh at 0-based step 16 (freeze_step 2 * 2**3), its 17th update.
     assert state["variance_step"] == 17 and int(state["step"]) == 20
     assert "exp_avg" not in ours.state.get(model.unused, {})  # no gradient, no state, as torch
+
+
+class Tied(nn.Module):
+    """A byte language model in miniature: an embedding table shared with the output layer."""
+
+    def __init__(self, rows=8, width=4):
+        super().__init__()
+        self.embed = nn.Embedding(rows, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, rows, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_embedding_rows_get_their_own_scales():
+    model = Tied()
+    rows = threelc.optim.AdamW(model.parameters(), embedding_scale="row")
+    rows.bind_module(model)
+    parameters = [model.mix.weight, model.embed.weight, model.mix.bias]
+    assert rows.scale_segments(parameters, (16, 32, 4)) == (16, *[4] * 8, 4)  # the tied table: 8 rows of 4
+    assert rows.scale_segments(parameters, (16, 32, 4, 3)) == (16, *[4] * 8, 4, 3)  # DDP's padding stays whole
+    blocks = threelc.optim.AdamW(model.parameters())  # the default
+    blocks.bind_module(model)
+    assert blocks.scale_segments(parameters, (16, 32, 4)) == (16, 32, 4)
+    assert "embedding_scale=row" in rows.schedule_text() and rows.state_dict()["threelc"]["embedding_scale"] == "row"
 
 
 # ---------------------------------------------------------------------------- gloo ranks
@@ -361,3 +389,70 @@ def test_a_refresh_after_a_long_gap_keeps_half_of_v():
     state = optimizer.state[parameter]
     assert state["variance_step"] == 5  # 0.5**3 = 0.125 < the floor of 0.5
     torch.testing.assert_close(state["exp_avg_sq"], before * 0.5, rtol=0, atol=0)
+
+
+def rare_token_gradient(rank, world_size, embedding_scale):
+    """One compressed step of a tied embedding whose row 0 (a frequent token) gets a gradient a
+    hundred times row 1's (a rare one): the decoded mean of row 1, and the replicas' weights."""
+    torch.manual_seed(0)
+    model = Tied(rows=8, width=128)
+    ddp = DDP(model)
+    optimizer = threelc.optim.AdamW(model.parameters(), freeze_step=2, embedding_scale=embedding_scale)
+    register(ddp, optimizer=optimizer, min_numel=16)
+    tokens = torch.tensor([[0] * 100 + [1]])
+    for _ in range(3):  # full, full, compressed
+        optimizer.zero_grad()
+        ddp(tokens).sum().backward()
+        rare = model.embed.weight.grad[1].clone()
+        optimizer.step()
+    return rare, _flat(model)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_rare_tokens_row_is_not_silenced_by_a_frequent_one(world_size):
+    """With one scale per row the rare row reaches the mean on the first compressed step; in a
+    block shared with the frequent row it stays in the residual (all zero)."""
+    for embedding_scale, delivered in (("row", True), ("block", False)):
+        results = run_ranks(rare_token_gradient, world_size, embedding_scale, timeout_s=300)
+        for rare, parameters in results:
+            assert bool(rare.abs().sum() > 0) == delivered, embedding_scale
+            assert torch.equal(parameters, results[0][1])
+
+
+def fused_projection_gradient(rank, world_size, transpose_conv1d):
+    """One compressed step of a transformers Conv1D (weight [in, out]) whose first output columns
+    (a query's) get gradients a hundred times smaller than its last ones (a value's), alternating
+    in sign column by column: the decoded mean gradient of the weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    projection = Conv1D(24, 64)  # nf=24 outputs (query, key, value columns of 8), nx=64 inputs
+    ddp = DDP(projection)
+    optimizer = threelc.optim.AdamW(projection.parameters(), freeze_step=2, transpose_conv1d=transpose_conv1d)
+    register(ddp, optimizer=optimizer, min_numel=16, block_size=64)
+    sign = torch.tensor([1.0, -1.0]).repeat(12)
+    column_weight = torch.cat([torch.full((16,), 0.01), torch.ones(8)]) * sign
+    for _ in range(3):  # full, full, compressed
+        optimizer.zero_grad()
+        (ddp(torch.ones(4, 64)) * column_weight).sum().backward()
+        decoded = projection.weight.grad.clone()
+        optimizer.step()
+    return decoded, torch.sign(column_weight), _flat(projection)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_conv1d_gradients_are_scaled_by_output_column(world_size):
+    """Transposed, a block of 64 is one output column, so the small query columns get scales of
+    their own and arrive whole, with their signs, in their places; stored [in, out], a block is
+    2.7 rows of 24 and mixes them with the large value columns, which silence them (but for the
+    odd short piece where scatter-reduce's shards cut a block)."""
+    pytest.importorskip("transformers")
+    for transpose_conv1d in (True, False):
+        results = run_ranks(fused_projection_gradient, world_size, transpose_conv1d, timeout_s=300)
+        for decoded, sign, parameters in results:
+            query = decoded[:, :8]
+            if transpose_conv1d:
+                assert torch.equal(torch.sign(query), sign[:8].expand_as(query))
+            else:
+                assert torch.count_nonzero(query) < query.numel() // 8
+            assert torch.equal(parameters, results[0][2])

@@ -41,9 +41,11 @@ __all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
 ADAMW = ("--optimizer", "adamw")
 
 
-def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient") -> tuple:
+def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient", embedding: str = "block",
+          conv1d: bool = False) -> tuple:
     return ("--hook", "threelc", "--optimizer", "threelc-adamw", "--freeze-step", str(freeze), "--refresh", refresh,
-            "--adam-compress", compress)
+            "--adam-compress", compress, "--embedding-scale", embedding,
+            "--transpose-conv1d" if conv1d else "--no-transpose-conv1d")
 
 
 #: variant name -> the training script's options.
@@ -54,6 +56,14 @@ VARIANTS = {
     "ours-f20-none": _ours(20, "none"),
     "ours-f20-momentum": _ours(20, "doubling", "momentum"),
     "ours-f20-precond": _ours(20, "doubling", "preconditioned"),
+    # Ablation: the same schedule on exact gradients (every bucket allreduced), so the frozen v's
+    # share of the gap is told apart from the compression's.
+    "ours-f20-doubling-exact": (*_ours(20), "--min-numel", str(2**62)),
+    # Finer 3LC scales (the hook's default is one per 8192 values of a tensor).
+    "ours-f20-doubling-b1024": (*_ours(20), "--block-size", "1024"),
+    "ours-f20-doubling-b256": (*_ours(20), "--block-size", "256"),
+    "ours-f20-doubling-rows": _ours(20, embedding="row"),
+    "ours-f20-doubling-rows-conv1d": _ours(20, embedding="row", conv1d=True),
     "ours-f10-doubling": _ours(10),
     "ours-f50-doubling": _ours(50),
     "ours-f100-doubling": _ours(100),

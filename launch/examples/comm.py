@@ -162,7 +162,8 @@ def _powersgd_hook(accounting: _CollectiveAccounting):
     return hook
 
 
-def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size, optimizer):
+def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size, min_numel,
+                      optimizer):
     try:
         from threelc.hooks import register
         from threelc.hooks.optim import AdamW as ThreeLCAdamW
@@ -174,7 +175,8 @@ def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_step
     if warmup_steps is not None:
         options["start_iter"] = warmup_steps  # ThreeLCState's name for its allreduce warm-up
     # Unset options keep the hook's own defaults.
-    options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
+    options.update({key: value for key, value in (("scale", scale), ("block_size", block_size), ("min_numel", min_numel))
+                    if value is not None})
     return register(ddp_model, **options)
 
 
@@ -189,12 +191,16 @@ def attach_hook(
     warmup_steps: int | None = None,
     scale: str | None = None,
     block_size: int | None = None,
+    min_numel: int | None = None,
     optimizer=None,
 ) -> HookHandle:
     """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
 
     ``warmup_steps``: uncompressed allreduce iterations before compression starts (PowerSGD's
     ``start_powerSGD_iter``, default 2; the threelc hook's ``start_iter``, default 10).
+    ``min_numel``: the threelc hook's smallest compressed bucket (default 1024); a value above
+    every bucket's size allreduces everything, so a paired ``threelc.optim.AdamW`` runs its
+    schedule on exact gradients (the ablation in docs/benchmarks.md).
     ``optimizer``: the training optimizer; a ``threelc.optim.AdamW`` is paired with the threelc
     hook (other hooks leave it unpaired, and it refuses to step).
     """
@@ -203,7 +209,7 @@ def attach_hook(
     if name == "threelc":
         state = _register_threelc(ddp_model, sparsity=sparsity, collective=collective, stats_dir=stats_dir,
                                   warmup_steps=warmup_steps, scale=scale, block_size=block_size,
-                                  optimizer=optimizer)
+                                  min_numel=min_numel, optimizer=optimizer)
         return HookHandle(name, state=state)
     accounting = _CollectiveAccounting(dist.get_rank(), dist.get_world_size(), stats_dir)
     if name == "allreduce":

@@ -12,6 +12,7 @@ Validation loss (nats per byte) is reported every ``--eval-every`` steps.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -80,7 +81,7 @@ class TextTask:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.optimizer = optimizer
-        self.adam_options = dict(adam_options or {})  # threelc.optim.AdamW's freeze_step, refresh, compress
+        self.adam_options = dict(adam_options or {})  # threelc.optim.AdamW's freeze_step, refresh, compress, ...
         self.model_options = {"d_model": d_model, "layers": layers, "heads": heads, "context": context}
         self.context = context
         self.batch_size = batch_size
@@ -160,11 +161,17 @@ def _add_arguments(group):
                        help="threelc-adamw: full-precision refreshes of v at freeze_step * 2**k (default: the optimizer's)")
     group.add_argument("--adam-compress", choices=("gradient", "momentum", "preconditioned"), default=None,
                        help="threelc-adamw: what the hook compresses after the freeze (default: the optimizer's)")
+    group.add_argument("--embedding-scale", choices=("row", "block"), default=None,
+                       help="threelc-adamw: one 3LC scale per embedding row, or the hook's blocks (default: the optimizer's)")
+    group.add_argument("--transpose-conv1d", action=argparse.BooleanOptionalAction, default=None,
+                       help="threelc-adamw: compress Hugging Face Conv1D weight gradients transposed (default: the "
+                            "optimizer's)")
 
 
 def adam_options(args) -> dict:
     """threelc.optim.AdamW's keyword arguments that were given on the command line."""
-    given = {"freeze_step": args.freeze_step, "refresh": args.refresh, "compress": args.adam_compress}
+    given = {"freeze_step": args.freeze_step, "refresh": args.refresh, "compress": args.adam_compress,
+             "embedding_scale": args.embedding_scale, "transpose_conv1d": args.transpose_conv1d}
     return {key: value for key, value in given.items() if value is not None}
 
 

@@ -77,6 +77,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale", choices=("tensor", "bucket", "block"), default=None,
                        help="3LC scale unit (default: the hook's own)")
     group.add_argument("--block-size", type=int, default=None, help="3LC values per scale with --scale block")
+    group.add_argument("--min-numel", type=int, default=None,
+                       help="3LC: buckets with fewer values are allreduced; above every bucket's size nothing is "
+                            "compressed (default: the hook's own)")
     group.add_argument("--powersgd-rank", type=int, default=1, help="PowerSGD matrix rank (default: %(default)s)")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="uncompressed steps before compression starts (default: the hook's own)")
@@ -158,6 +161,7 @@ def _config(args, task: Task, world_size: int) -> dict:
         "powersgd_rank": args.powersgd_rank,
         "scale": args.scale,
         "block_size": args.block_size,
+        "min_numel": args.min_numel,
         "warmup_steps": args.warmup_steps,
         "bucket_cap_mb": args.bucket_cap_mb,
         "steps": args.steps,
@@ -194,7 +198,7 @@ def train(args, task: Task) -> dict:
         handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                              stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
                              warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size,
-                             optimizer=optimizer)
+                             min_numel=args.min_numel, optimizer=optimizer)
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)
         batches = task.batches(rank, world_size)

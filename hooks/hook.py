@@ -403,3 +403,22 @@ def _scatter_reduce_mean(state, codec, job, values, group, rank, world_size, dev
         for owner, shard_payload in enumerate(mean_payloads):
             faults.decode_checked(codec.decompress, shard_payload, values[shards[owner]], bucket=job.index,
                                   sender=owner)
+
+
+# ---------------------------------------------------------------------------- beyond DDP's buckets
+def average(state: ThreeLCState, tensor: torch.Tensor, index: int = 0, layout: tuple | None = None) -> torch.Tensor:
+    """Average a flat float tensor across the state's ranks through 3LC, in place, as the hook
+    averages a bucket (the same codec, collectives and error feedback; residuals under ``index``).
+
+    For callers outside DDP's backward, such as the outer sync of :mod:`threelc.hooks.local`.
+    ``layout``: the sizes of the tensors flattened into ``tensor`` (the scale units; default one).
+    A collective: every rank calls it with the same index and layout.  Returns ``tensor``.
+    """
+    job = _BucketJob(buffer=tensor, index=index, is_last=False, iteration=state.iteration, compress=True,
+                     layout=tuple(layout) if layout is not None else (int(tensor.numel()),), names=None,
+                     check_config=not state._config_checked)
+    state._config_checked = True
+    future = state.worker().submit(functools.partial(_run_job, state, job))
+    state.wait()
+    faults.raise_pending(state)
+    return future.wait()

@@ -49,9 +49,12 @@ def _local(sync_every: int, outer: str) -> tuple:
 #: variant name -> the training script's options.  "allreduce" and "ours-f20-doubling" are the
 #: AdamW benchmark's per-step baselines (same names, same options).
 VARIANTS = {"allreduce": ADAMW_VARIANTS["allreduce"], "ours-f20-doubling": ADAMW_VARIANTS["ours-f20-doubling"],
-            **{f"h{sync_every}-{outer}": _local(sync_every, outer) for sync_every in SYNC_EVERY for outer in OUTERS}}
+            **{f"h{sync_every}-{outer}": _local(sync_every, outer) for sync_every in SYNC_EVERY for outer in OUTERS},
+            # Finer 3LC scales: error feedback delivers a round's pseudo-gradient with less delay.
+            "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024")}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
-PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc", 1),
+PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
+        ("h50-3lc", 1),
         ("h50-3lc", 2), ("allreduce", 1), ("allreduce", 2), ("h100-fp32", 0), ("h10-fp32", 0), ("h1-3lc", 0),
         ("h1-fp32", 0), ("ours-f20-doubling", 0))
 TASK = "text"
@@ -140,7 +143,7 @@ def plot(rows: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for variant, row in rows.items():
-        marker = "*" if variant.endswith("3lc") else "s" if variant.endswith("fp32") else "o"
+        marker = "*" if "3lc" in variant else "s" if variant.endswith("fp32") else "o"
         axis.scatter(row["whole_bytes"] / 1e6, row["val_loss"], marker=marker, s=60)
         axis.annotate(variant, (row["whole_bytes"] / 1e6, row["val_loss"]), fontsize=7)
     axis.set_xscale("log")

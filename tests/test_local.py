@@ -4,6 +4,7 @@ warm-up and H = 1, resume, mismatches, bad arguments, and the examples' --local-
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -295,12 +296,19 @@ def bad_arguments(rank, world_size):
         before = _flat(model)
         local.step()
     alone = (start, before, _flat(model))
+    # An inner optimizer that steps on without local.step(): a warning, not a silent drift.
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("threelc.hooks.local").addHandler(handler)
+    for step in range(3):
+        _inner_step(ddp, inner, rank, step)
     local.close()
-    return errors, alone
+    return errors, alone, [record.getMessage() for record in records]
 
 
 def test_bad_arguments_raise_clear_errors_and_one_rank_works():
-    errors, (start, before, after) = run_ranks(bad_arguments, 1, timeout_s=300)[0]
+    errors, (start, before, after), warnings = run_ranks(bad_arguments, 1, timeout_s=300)[0]
     for index, (options, message) in enumerate(BAD_ARGUMENTS):
         kind, text = errors[index]
         assert kind == "ValueError", (options, text)
@@ -315,6 +323,7 @@ def test_bad_arguments_raise_clear_errors_and_one_rank_works():
     assert errors["other model"][0] == "ValueError" and "another model" in errors["other model"][1]
     # One rank: nothing to average; outer lr 0.5 without momentum lands half-way.
     assert torch.equal(after, start.add(start - before, alpha=-0.5))
+    assert len(warnings) == 1 and "stepped 3 times without LocalSteps.step()" in warnings[0]
 
 
 # ------------------------------------------------------------------ the examples' --local-steps

@@ -130,9 +130,13 @@ def markdown(rows: dict, emulated: str | None) -> str:
         wall_cell = (f" {row['wall_s']:.0f} |" if row["wall_s"] is not None else " |") if emulated else ""
         lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | {row['val_loss']:.4f} | "
                      f"{'' if relative is None else f'{relative * 100:+.2f}%'} | {per_seed} | "
-                     f"{row['whole_bytes'] / 1e6:.3f} | {row.get('whole_ratio', 0):,.0f}x | "
+                     f"{row['whole_bytes'] / 1e6:.3f} | {_ratio(row.get('whole_ratio'))} | "
                      f"{row['link_s']['100mbit']:.1f} | {row['link_s']['10mbit']:.1f} |{wall_cell}")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -50,11 +50,13 @@ def _local(sync_every: int, outer: str) -> tuple:
 #: AdamW benchmark's per-step baselines (same names, same options).
 VARIANTS = {"allreduce": ADAMW_VARIANTS["allreduce"], "ours-f20-doubling": ADAMW_VARIANTS["ours-f20-doubling"],
             **{f"h{sync_every}-{outer}": _local(sync_every, outer) for sync_every in SYNC_EVERY for outer in OUTERS},
-            # Finer 3LC scales: error feedback delivers a round's pseudo-gradient with less delay.
-            "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024")}
+            # Error feedback delivers a round's pseudo-gradient with less delay with finer scales, and
+            # with allgather's one lossy stage instead of scatter-reduce's two (at twice the bytes).
+            "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024"),
+            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather")}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
 PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
-        ("h50-3lc", 1),
+        ("h50-3lc-allgather", 0), ("h50-3lc", 1),
         ("h50-3lc", 2), ("allreduce", 1), ("allreduce", 2), ("h100-fp32", 0), ("h10-fp32", 0), ("h1-3lc", 0),
         ("h1-fp32", 0), ("ours-f20-doubling", 0))
 TASK = "text"

@@ -60,6 +60,7 @@ class _BucketJob:
     names: tuple | None  # their names, when the state knows them
     check_config: bool
     future: torch.futures.Future  # what the hook returned to DDP; the worker side resolves it
+    exchange_now: bool = False  # exchange this bucket at once even when buckets are coalesced
 
 
 def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -268,7 +269,7 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
             else:
                 stats.mark_compressed()
                 state._pending.append(_compress_bucket(state, job, group, rank, world_size, device))
-            if state._pending and (job.is_last or not state._plan.coalesce):
+            if state._pending and (job.is_last or job.exchange_now or not state._plan.coalesce):
                 pending, state._pending = state._pending, []
                 _exchange(state, pending, group, rank, world_size, device)
                 for item in pending:
@@ -527,3 +528,25 @@ def _shard_mean(state, codec, item, received, rank, world_size) -> tuple:
     with state._stats.timer("compress_s"):
         mean_payload, nonfinite = codec.compress(shard_mean, item.segments[rank])
     return mean_payload, faults.NO_REPORT, nonfinite, shard_mean
+
+
+# ---------------------------------------------------------------------------- beyond DDP's buckets
+def average(state: ThreeLCState, tensor: torch.Tensor, index: int = 0, layout: tuple | None = None) -> torch.Tensor:
+    """Average a flat float tensor across the state's ranks through 3LC, in place, as the hook
+    averages a bucket (the same codec, collectives, exchange plan and error feedback; residuals
+    under ``index``), and exchange it at once (never held back for coalescing).
+
+    For callers outside DDP's backward, such as the outer sync of :mod:`threelc.hooks.local`.
+    ``layout``: the sizes of the tensors flattened into ``tensor`` (the scale units; default one).
+    A collective: every rank calls it with the same index and layout.  Returns ``tensor``.
+    """
+    layout = tuple(int(size) for size in layout) if layout is not None else (int(tensor.numel()),)
+    future = torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
+    job = _BucketJob(buffer=tensor, index=index, is_last=False, iteration=state.iteration, compress=True,
+                     layout=layout, segments=layout, transposed=(), names=None,
+                     check_config=not state._config_checked, future=future, exchange_now=True)
+    state._config_checked = True
+    state.worker().submit(functools.partial(_run_job, state, job))
+    state.wait()
+    faults.raise_pending(state)
+    return future.wait()

@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from ..runs.runlog import append_jsonl, hook_stats_path
 from ..runs.summary import ring_allreduce_bytes
 
-__all__ = ["HOOKS", "attach_hook", "HookHandle"]
+__all__ = ["HOOKS", "attach_hook", "attach_local_steps", "HookHandle"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,22 @@ class HookHandle:
     """What the training loop holds: ``step_done(step)`` after each optimizer step.
 
     For the baselines it writes the step's accounting line; the threelc hook writes its own, so
-    there it only keeps ``state`` for ``stats()``.
+    there it only keeps ``state`` for ``stats()``.  With ``local`` (a
+    :class:`threelc.local.LocalSteps`), ``step_done`` closes its inner step, which syncs every H steps.
     """
 
-    def __init__(self, name: str, state=None, accounting: "_CollectiveAccounting | None" = None):
+    def __init__(self, name: str, state=None, accounting: "_CollectiveAccounting | None" = None, local=None):
         self.name = name
         self.state = state
         self.accounting = accounting
+        self.local = local
 
     def step_done(self, iteration: int) -> None:
         """Close iteration ``iteration`` (0 for the first step, as the threelc hook counts)."""
         if self.accounting is not None:
             self.accounting.write_step(iteration)
+        if self.local is not None:
+            self.local.step()
 
     def close(self) -> None:
         """Release the hook's resources (the threelc hook's worker thread)."""
@@ -228,3 +232,21 @@ def attach_hook(
     )
     ddp_model.register_comm_hook(state, _powersgd_hook(accounting))
     return HookHandle(name, state=state, accounting=accounting)
+
+
+def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, outer_lr: float, outer_momentum: float,
+                       warmup_steps: int | None = None, stats_dir=None, sparsity: float = 1.0,
+                       collective: str = "auto", scale: str | None = None,
+                       block_size: int | None = None) -> HookHandle:
+    """Train with :class:`threelc.local.LocalSteps` (``optimizer`` is its inner optimizer) instead of a
+    per-step hook; the 3LC options apply to ``outer="3lc"``.  Its statistics log counts the warm-up
+    allreduces and the outer syncs in the hook's format."""
+    from threelc.local import LocalSteps
+
+    options = {}
+    if outer == "3lc":
+        options = {"sparsity": sparsity, "collective": collective}
+        options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
+    local = LocalSteps(ddp_model, optimizer, sync_every=sync_every, outer=outer, outer_lr=outer_lr,
+                       outer_momentum=outer_momentum, warmup_steps=warmup_steps or 0, stats_dir=stats_dir, **options)
+    return HookHandle(f"local-{outer}", state=local.state, local=local)

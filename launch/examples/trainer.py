@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .comm import HOOKS, attach_hook
+from .comm import HOOKS, attach_hook, attach_local_steps
 from ..cluster.linkstats import interface_exists, read_counters
 from ..runs.progress import ProgressBar
 from ..runs.runlog import RunWriter, append_jsonl, default_run_dir, link_stats_path
@@ -84,6 +84,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="uncompressed steps before compression starts (default: the hook's own)")
     group.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (default: %(default)s)")
+    group = parser.add_argument_group("local steps (DiLoCo; replaces --hook, see docs/LOCAL.md)")
+    group.add_argument("--local-steps", type=int, default=None, metavar="H",
+                       help="H optimizer steps without averaging, then an outer Nesterov step on the averaged "
+                            "pseudo-gradient; --warmup-steps allreduce steps first (default: off)")
+    group.add_argument("--outer", choices=("3lc", "fp32"), default="3lc",
+                       help="average pseudo-gradients through 3LC or a float32 allreduce (default: %(default)s)")
+    group.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (default: %(default)s)")
+    group.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=32, help="per-worker batch size (default: %(default)s)")
@@ -155,7 +163,7 @@ def _config(args, task: Task, world_size: int) -> dict:
     return {
         "task": task.name,
         "eval_metric": task.eval_metric,
-        "hook": args.hook,
+        "hook": args.hook if args.local_steps is None else f"local-{args.outer}",
         "sparsity": args.sparsity,
         "collective": args.collective,
         "powersgd_rank": args.powersgd_rank,
@@ -195,10 +203,16 @@ def train(args, task: Task) -> dict:
         model = task.build_model()
         ddp_model = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
         optimizer = task.build_optimizer(ddp_model.parameters())  # first: a threelc optimizer pairs with the hook
-        handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
-                             stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
-                             warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size,
-                             min_numel=args.min_numel, optimizer=optimizer)
+        if args.local_steps is not None:
+            handle = attach_local_steps(ddp_model, optimizer, sync_every=args.local_steps, outer=args.outer,
+                                        outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+                                        warmup_steps=args.warmup_steps, stats_dir=args.run_dir, sparsity=args.sparsity,
+                                        collective=args.collective, scale=args.scale, block_size=args.block_size)
+        else:
+            handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
+                                 stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
+                                 warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size,
+                                 min_numel=args.min_numel, optimizer=optimizer)
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)
         batches = task.batches(rank, world_size)
@@ -261,6 +275,9 @@ def main(argv, *, description: str, add_task_arguments: Callable, build_task: Ca
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.local_steps is not None and args.hook != "allreduce":
+        parser.error("--local-steps replaces the per-step hook (its warm-up uses allreduce): drop --hook, and pick "
+                     "the outer sync with --outer")
     final = train(args, build_task(args))
     if final:
         metric = {key: value for key, value in final.items() if key in ("test_accuracy", "val_loss")}

@@ -1,0 +1,195 @@
+"""Local steps (DiLoCo) with fp32 or 3LC outer syncs: validation loss against whole-run bytes,
+beside per-step allreduce and per-step 3LC with ``threelc.optim.AdamW``.
+
+::
+
+    python -m threelc.launch.bench.local --out runs/bench_local --steps 1000
+
+Each run is ``torchrun --nproc-per-node 4 -m threelc.launch.examples.train_text --optimizer adamw
+--local-steps H --outer {fp32,3lc}`` (AdamW inner, lr 1e-3, batch 32 per rank, as
+:mod:`threelc.launch.bench.adamw` trains; outer Nesterov SGD lr 0.7, momentum 0.9) into
+``{out}/text-{variant}-seed{seed}``, the folder naming of the AdamW benchmark, so its per-step
+folders (``text-allreduce-seed*``, ``text-ours-f20-doubling-seed*``) can be copied in and are
+read as they are; missing baselines are trained.  A folder that holds ``final.json`` is reused.
+Loss and bytes are measured exactly as the AdamW benchmark measures them
+(:func:`threelc.launch.bench.adamw.measure`: every rank's ``hook-rank*.jsonl`` summed over the
+run, warm-up allreduces and outer syncs included, mean over ranks).
+
+The ``link s`` columns are the whole-run bytes of one rank divided by a link rate: the time the
+bytes alone occupy a 100 Mbit/s or 10 Mbit/s link, not a wall time.  Wall time on slow links
+needs a quiet machine: ``--emulate 100mbit`` (root) runs the same plan on 4 emulated nodes
+(:mod:`threelc.launch.cluster.emulate`) into ``{out}/emulated-100mbit/`` and adds each run's
+measured wall time (``final.json``'s ``wall_s``) to the table.
+
+Writes ``{out}/local.json``, ``{out}/local.md`` and ``{out}/local_frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, measure, run_folder, TASKS
+
+__all__ = ["VARIANTS", "PLAN", "main"]
+
+SYNC_EVERY = (1, 10, 50, 100)
+OUTERS = ("3lc", "fp32")
+
+
+def _local(sync_every: int, outer: str) -> tuple:
+    return ("--optimizer", "adamw", "--local-steps", str(sync_every), "--outer", outer)
+
+
+#: variant name -> the training script's options.  "allreduce" and "ours-f20-doubling" are the
+#: AdamW benchmark's per-step baselines (same names, same options).
+VARIANTS = {"allreduce": ADAMW_VARIANTS["allreduce"], "ours-f20-doubling": ADAMW_VARIANTS["ours-f20-doubling"],
+            **{f"h{sync_every}-{outer}": _local(sync_every, outer) for sync_every in SYNC_EVERY for outer in OUTERS},
+            # Error feedback delivers a round's pseudo-gradient with less delay with finer scales, and
+            # with allgather's one lossy stage instead of scatter-reduce's two (at twice the bytes).
+            "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024"),
+            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather")}
+#: (variant, seed index) in the order they run: the target first, then the frontier.
+PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
+        ("h50-3lc-allgather", 0), ("h50-3lc", 1),
+        ("h50-3lc", 2), ("allreduce", 1), ("allreduce", 2), ("h100-fp32", 0), ("h10-fp32", 0), ("h1-3lc", 0),
+        ("h1-fp32", 0), ("ours-f20-doubling", 0))
+TASK = "text"
+#: Link rates for the "link s" columns, bits per second.
+LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}
+
+
+def _command(variant: str, seed: int, steps: int) -> list:
+    return ["-m", TASKS[TASK], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed), "--eval-every", "100",
+            "--no-progress"]
+
+
+def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_rate: str | None = None) -> Path:
+    """One training run (skipped when its folder already holds final.json); under ``emulate_rate``
+    on ``nproc`` emulated nodes linked at that rate."""
+    folder = run_folder(out, TASK, variant, seed)
+    if (folder / "final.json").exists():
+        return folder
+    command = _command(variant, seed, steps)
+    print(variant, "seed", seed, " ".join(command), flush=True)
+    if emulate_rate is not None:
+        from ..cluster.emulate import emulate
+
+        record = emulate(command, nodes=nproc, rate=emulate_rate, delay=None, nproc_per_node=1, out=folder,
+                         timeout=24 * 3600, port=29500, quiet=True)
+        if any(code != 0 for code in record["exit_codes"]):
+            raise SystemExit(f"{folder}: exit codes {record['exit_codes']} (see its node*.log)")
+        return folder
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                    str(_free_port()), *command, "--run-dir", str(folder)], check=True, env=env)
+    return folder
+
+
+def summarize(out: Path) -> dict:
+    """Per variant: mean (and per-seed) loss and bytes, ratios against allreduce on common seeds."""
+    rows = {}
+    for variant in VARIANTS:
+        folders = sorted(out.glob(f"{TASK}-{variant}-seed*"))
+        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), "wall_s": _wall_s(folder)}
+                for folder in folders if (folder / "final.json").exists()}
+        if runs:
+            rows[variant] = {"seeds": sorted(runs), "runs": runs,
+                             **{key: statistics.mean(run[key] for run in runs.values())
+                                for key in ("val_loss", "whole_bytes", "steady_bytes")}}
+    base = rows.get("allreduce")
+    for row in rows.values():
+        row["link_s"] = {name: row["whole_bytes"] * 8 / rate for name, rate in LINK_RATES.items()}
+        walls = [run["wall_s"] for run in row["runs"].values() if run["wall_s"] is not None]
+        row["wall_s"] = statistics.mean(walls) if walls else None
+        if base:
+            common = [seed for seed in row["seeds"] if seed in base["seeds"]]
+            row["per_seed_vs_allreduce"] = {seed: row["runs"][seed]["val_loss"] / base["runs"][seed]["val_loss"] - 1
+                                            for seed in common}
+            row["loss_vs_allreduce"] = (statistics.mean(row["per_seed_vs_allreduce"].values()) if common else None)
+            row["whole_ratio"] = base["whole_bytes"] / row["whole_bytes"]
+    return rows
+
+
+def _wall_s(folder: Path):
+    final = json.loads((folder / "final.json").read_text())
+    return final.get("wall_s")
+
+
+def markdown(rows: dict, emulated: str | None) -> str:
+    wall = f" wall s @ {emulated} |" if emulated else ""
+    lines = ["| variant | seeds | val loss | vs allreduce (mean of per-seed) | per seed | whole-run MB / rank | "
+             f"fewer bytes than allreduce | link s @ 100 Mbit/s | link s @ 10 Mbit/s |{wall}",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if emulated else "")]
+    for variant, row in rows.items():
+        relative = row.get("loss_vs_allreduce")
+        per_seed = " ".join(f"{value * 100:+.2f}%" for value in row.get("per_seed_vs_allreduce", {}).values())
+        wall_cell = (f" {row['wall_s']:.0f} |" if row["wall_s"] is not None else " |") if emulated else ""
+        lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | {row['val_loss']:.4f} | "
+                     f"{'' if relative is None else f'{relative * 100:+.2f}%'} | {per_seed} | "
+                     f"{row['whole_bytes'] / 1e6:.3f} | {_ratio(row.get('whole_ratio'))} | "
+                     f"{row['link_s']['100mbit']:.1f} | {row['link_s']['10mbit']:.1f} |{wall_cell}")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for variant, row in rows.items():
+        marker = "*" if "3lc" in variant else "s" if variant.endswith("fp32") else "o"
+        axis.scatter(row["whole_bytes"] / 1e6, row["val_loss"], marker=marker, s=60)
+        axis.annotate(variant, (row["whole_bytes"] / 1e6, row["val_loss"]), fontsize=7)
+    axis.set_xscale("log")
+    axis.set_xlabel("MB sent per rank, whole run (log)")
+    axis.set_ylabel("validation loss (nats/byte)")
+    axis.set_title("char transformer, AdamW inner, 4 ranks: local steps vs per-step")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_local", help="run folders and results (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1000, help="inner steps per run (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds PLAN's indices name")
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
+                        help="run only these, with every seed (default: PLAN, in its order)")
+    parser.add_argument("--nproc", type=int, default=4, help="ranks, or emulated nodes (default: %(default)s)")
+    parser.add_argument("--emulate", default=None, metavar="RATE",
+                        help="run on emulated nodes linked at RATE (tc syntax, e.g. 100mbit; root), into "
+                             "{out}/emulated-RATE, and report measured wall times")
+    parser.add_argument("--report-only", action="store_true", help="only summarize the folders that exist")
+    args = parser.parse_args(argv)
+    out = Path(args.out) / f"emulated-{args.emulate}" if args.emulate else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        plan = ([(variant, seed) for variant in args.variants for seed in args.seeds] if args.variants else
+                [(variant, args.seeds[index]) for variant, index in PLAN if index < len(args.seeds)])
+        for variant, seed in plan:
+            train(out, variant, seed, args.steps, args.nproc, args.emulate)
+    rows = summarize(out)
+    (out / "local.json").write_text(json.dumps(rows, indent=1, default=str))
+    text = markdown(rows, args.emulate)
+    (out / "local.md").write_text(text)
+    plot(rows, out / "local_frontier.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ of the measured link and codec, once, at the first compressed bucket of the run:
 
 1. **Probe** (every rank, ~6 round trips once): the latency of a tiny all-to-all (the best of
    two, after one that absorbs the ranks' skew), the time of an all-to-all of
-   :data:`PROBE_BYTES` to every peer (bandwidth; the faster of two back to back, since the first
+   up to :data:`PROBE_BYTES` to every peer (bandwidth; the faster of two back to back, since the first
    pays TCP's slow start on a far link), and one encode and decode of a copy of the bucket
    (codec seconds per value, payload bytes per value; the faster of two runs, since a process's
    first codec call may load its kernels).
@@ -46,7 +46,8 @@ __all__ = ["Plan", "LinkEstimate", "step_seconds", "choose", "decide", "PROBE_BY
 
 logger = logging.getLogger(__name__)
 
-#: Bytes the bandwidth probe sends to each peer, once per run.
+#: Bytes the bandwidth probe sends to each peer, at most; a small model sends less: each of the
+#: two probes moves at most 1/16 of one float32 gradient per rank (:func:`probe_bytes`).
 PROBE_BYTES = 64 * 1024
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
@@ -128,7 +129,8 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     plan = configured(state.collective, state.coalesce, world_size)
     if plan is not None:
         return plan
-    local = _probe(codec, values, segments, group, world_size, device, state._stats)
+    local = _probe(codec, values, segments, group, world_size, device, state._stats,
+                   probe_bytes(total_values, world_size))
     gathered = collectives.exchange_header(local.to_ints(), group, device, state._stats)
     worst = gathered.max(axis=0)
     worst[1] = gathered[:, 1].max()  # seconds per byte: the slowest link
@@ -141,7 +143,13 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     return plan
 
 
-def _probe(codec, values, segments, group, world_size, device, stats) -> LinkEstimate:
+def probe_bytes(values: int, world_size: int) -> int:
+    """Bytes per peer of one bandwidth probe: 1/16 of a float32 gradient of ``values`` values per
+    rank, split over the peers, between 256 bytes and :data:`PROBE_BYTES`."""
+    return int(min(PROBE_BYTES, max(256, 4 * values // (16 * max(world_size - 1, 1)))))
+
+
+def _probe(codec, values, segments, group, world_size, device, stats, nbytes: int) -> LinkEstimate:
     """This rank's measurements (the probe's traffic is counted like any other)."""
     latencies = []
     for _ in range(3):  # the first absorbs the ranks' skew
@@ -150,15 +158,15 @@ def _probe(codec, values, segments, group, world_size, device, stats) -> LinkEst
         latencies.append(time.perf_counter() - start)
     latency = min(latencies[1:])
     rank = torch.distributed.get_rank(group)
-    block = np.zeros(PROBE_BYTES, dtype=np.uint8)
+    block = np.zeros(nbytes, dtype=np.uint8)
     outgoing = [block[:0] if peer == rank else block for peer in range(world_size)]
-    sizes = [0 if peer == rank else PROBE_BYTES for peer in range(world_size)]
+    sizes = [0 if peer == rank else nbytes for peer in range(world_size)]
     transfers = []
     for _ in range(2):  # the first one pays TCP's slow start on a far link: keep the faster
         start = time.perf_counter()
         collectives.exchange_payloads(outgoing, sizes, group, device, stats)
         transfers.append(max(time.perf_counter() - start - latency, 0.0))
-    seconds_per_byte = min(transfers) / (PROBE_BYTES * (world_size - 1))
+    seconds_per_byte = min(transfers) / (nbytes * (world_size - 1))
 
     sample = codec.zeros(codec.numel(values))
     codec.add(sample, values)

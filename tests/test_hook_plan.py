@@ -53,6 +53,12 @@ def test_configured_options_are_kept_and_two_ranks_use_allgather():
     assert chosen.collective == "scatter_reduce"
 
 
+def test_the_probe_costs_a_small_model_a_sixteenth_of_its_gradient():
+    assert plan.probe_bytes(10_000_000, 4) == plan.PROBE_BYTES
+    assert plan.probe_bytes(40_000, 3) == 4 * 40_000 // 32
+    assert plan.probe_bytes(10, 8) == 256
+
+
 def test_estimates_survive_the_integer_exchange():
     assert plan.LinkEstimate.from_ints(FAR.to_ints()) == FAR
 

@@ -99,8 +99,9 @@ def test_digits_with_threelc_hook_compresses_after_warmup(tmp_path):
     raw = 4 * _params(16)
     assert all(line["raw_bytes"] == raw for line in lines)
     # 3LC: >10x fewer bytes than fp32.  The first compressed step also carries the exchange plan's
-    # one-time link probe (threelc.hooks.plan: 64 KiB to each peer and a few headers).
+    # one-time link probe (threelc.hooks.plan: two probes of 1/16 of the gradient, a few headers).
     assert all(line["sent_bytes"] < raw / 10 for line in lines[4:])
+    assert lines[3]["sent_bytes"] < raw / 10 + raw / 8
     assert lines[3]["collectives"] > lines[4]["collectives"]
 
 

@@ -132,7 +132,10 @@ def test_3lc_outer_sync_leaves_identical_replicas(world_size):
     stats, memory = results[0][1], results[0][2]
     raw = results[0][0][0][1].numel() * 4
     assert stats["compressed"] and stats["raw_bytes"] == 2 * raw
-    assert stats["sent_bytes"] < 2 * raw / 4  # far fewer bytes than a float32 allreduce would move
+    # Far fewer bytes than a float32 ring allreduce of the two syncs would move, although on a model
+    # this small the first sync's one-time link probe (threelc.hooks.plan) is a good part of them.
+    ring = 2 * (world_size - 1) * raw / world_size
+    assert stats["sent_bytes"] < 2 * ring / 4
     assert memory >= raw  # the worker residuals (plus the server's with scatter-reduce)
     # The running mean of the compressed averages approaches the exact mean like 1/k: what a
     # round does not deliver waits in the residuals (bounded), none is lost.

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .stats import HookStats
 
 __all__ = ["comm_device", "exchange_header", "exchange_payloads", "allgather_payload", "allreduce_mean",
-           "concat_payloads", "split_payload", "shard_bounds", "segments_in_range"]
+           "concat_payloads", "split_payload", "future_for", "shard_bounds", "segments_in_range"]
 
 
 def comm_device(group, bucket_device: torch.device) -> torch.device:
@@ -80,6 +80,11 @@ def split_payload(payload, sizes) -> list:
     return [payload[int(offsets[i]):int(offsets[i + 1])] for i in range(len(sizes))]
 
 
+def future_for(tensor: torch.Tensor) -> torch.futures.Future:
+    """An empty future for a hook's result; a CUDA tensor's future records its device."""
+    return torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
+
+
 def _nbytes(payload) -> int:
     return int(payload.numel()) if isinstance(payload, torch.Tensor) else int(payload.size)
 
@@ -107,10 +112,7 @@ def exchange_payloads(outgoing, receive_sizes, group, device: torch.device, stat
     stats.add_traffic(sum(send_sizes), sum(receive_sizes))
     if tensors:
         return list(torch.split(receive.to(payload_device), receive_sizes))
-    received = receive.cpu().numpy()
-    offsets = np.zeros(len(receive_sizes) + 1, dtype=np.int64)
-    np.cumsum(receive_sizes, out=offsets[1:])
-    return [received[offsets[i]:offsets[i + 1]] for i in range(len(receive_sizes))]
+    return split_payload(receive.cpu().numpy(), receive_sizes)
 
 
 def allgather_payload(payload, sizes, group, device: torch.device, stats: HookStats) -> list:

@@ -137,7 +137,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         state._stats.add_raw(buffer.numel() * buffer.element_size())
         if is_last:
             state._stats.finish_step(iteration, dist.get_rank(), world_size)
-        future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
+        future = collectives.future_for(buffer)
         future.set_result(buffer)
         return future
 
@@ -154,7 +154,7 @@ def threelc_hook(state: ThreeLCState, bucket: dist.GradBucket) -> torch.futures.
         if state.optimizer is not None:  # threelc.optim.AdamW: embedding rows, Conv1D weights transposed
             segments = state.optimizer.scale_segments(parameters, layout)
             transposed = state.optimizer.transposed_segments(parameters)
-    future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
+    future = collectives.future_for(buffer)
     job = _BucketJob(buffer=buffer, index=bucket.index(), is_last=is_last, iteration=iteration,
                      compress=compress, layout=layout, segments=segments, transposed=transposed, names=names,
                      check_config=not state._config_checked, future=future)
@@ -541,7 +541,7 @@ def average(state: ThreeLCState, tensor: torch.Tensor, index: int = 0, layout: t
     A collective: every rank calls it with the same index and layout.  Returns ``tensor``.
     """
     layout = tuple(int(size) for size in layout) if layout is not None else (int(tensor.numel()),)
-    future = torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
+    future = collectives.future_for(tensor)
     job = _BucketJob(buffer=tensor, index=index, is_last=False, iteration=state.iteration, compress=True,
                      layout=layout, segments=layout, transposed=(), names=None,
                      check_config=not state._config_checked, future=future, exchange_now=True)

@@ -290,7 +290,7 @@ def local_hook(local: LocalSteps, bucket: dist.GradBucket) -> torch.futures.Futu
     if local.averaging() and dist.get_world_size(group) > 1:
         local.state._stats.add_raw(buffer.numel() * buffer.element_size())
         collectives.allreduce_mean(buffer, group, local.state._stats)
-    future = torch.futures.Future(devices=[buffer.device]) if buffer.is_cuda else torch.futures.Future()
+    future = collectives.future_for(buffer)
     future.set_result(buffer)
     return future
 

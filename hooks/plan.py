@@ -42,7 +42,8 @@ import torch
 
 from . import collectives
 
-__all__ = ["Plan", "LinkEstimate", "step_seconds", "choose", "decide", "PROBE_BYTES"]
+__all__ = ["Plan", "LinkEstimate", "step_seconds", "choose", "configured", "collective_option", "decide",
+           "probe_bytes", "PROBE_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +115,15 @@ def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, va
     return Plan(collective=best[0], coalesce=best[1], reason=f"modelled step: {reason}")
 
 
+def collective_option(collective: str, world_size: int) -> str:
+    """The ``collective`` option with what needs no measuring resolved: ``"auto"`` at 2 ranks is
+    allgather (the same bytes as scatter-reduce there, one lossy step, half the collectives)."""
+    return "allgather" if collective == "auto" and world_size <= 2 else collective
+
+
 def configured(collective: str, coalesce, world_size: int) -> Plan | None:
     """The plan when the options leave nothing to measure, else None."""
-    if collective == "auto" and world_size <= 2:
-        collective = "allgather"  # the same bytes as scatter-reduce at 2 ranks, one lossy step, half the collectives
+    collective = collective_option(collective, world_size)
     if collective == "auto" or coalesce == "auto":
         return None
     return Plan(collective=collective, coalesce=bool(coalesce), reason="configured")
@@ -132,11 +138,8 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     local = _probe(codec, values, segments, group, world_size, device, state._stats,
                    probe_bytes(total_values, world_size))
     gathered = collectives.exchange_header(local.to_ints(), group, device, state._stats)
-    worst = gathered.max(axis=0)
-    worst[1] = gathered[:, 1].max()  # seconds per byte: the slowest link
-    link = LinkEstimate.from_ints(worst)
-    collective = "allgather" if state.collective == "auto" and world_size <= 2 else state.collective
-    plan = choose(link, collective=collective, coalesce=state.coalesce, world_size=world_size,
+    link = LinkEstimate.from_ints(gathered.max(axis=0))  # the worst of each: seconds per byte too
+    plan = choose(link, collective=collective_option(state.collective, world_size), coalesce=state.coalesce, world_size=world_size,
                   values=max(total_values, 1), buckets=max(buckets, 1))
     logger.info("threelc: exchange plan %s (%s; link %s)", plan.collective + (" + coalesced buckets" if plan.coalesce
                                                                               else ""), plan.reason, link)

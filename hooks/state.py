@@ -14,7 +14,7 @@ from threelc import format as payload_format
 
 from . import never_called
 from .codecs import CODECS
-from .plan import Plan
+from .plan import Plan, collective_option
 from .stats import HookStats
 from .worker import BucketWorker
 
@@ -310,9 +310,7 @@ class ThreeLCState:
         before the first compressed bucket at more than 2 ranks; see :mod:`threelc.hooks.plan`)."""
         if self._plan is not None:
             return self._plan.collective
-        if self.collective == "auto" and world_size <= 2:
-            return "allgather"
-        return self.collective
+        return collective_option(self.collective, world_size)
 
     def plan(self) -> dict | None:
         """The exchange plan (collective, coalesce, and why), or None before the first compressed bucket."""

@@ -3,29 +3,34 @@
 ``ThreeLCState(collective="auto", coalesce="auto")`` (the defaults) decide both from a cost model
 of the measured link and codec, once, at the first compressed bucket of the run:
 
-1. **Probe** (every rank, ~6 round trips once): the latency of a tiny all-to-all (the best of
-   two, after one that absorbs the ranks' skew), the time of an all-to-all of
-   up to :data:`PROBE_BYTES` to every peer (bandwidth; the faster of two back to back, since the first
-   pays TCP's slow start on a far link), and one encode and decode of a copy of the bucket
-   (codec seconds per value, payload bytes per value; the faster of two runs, since a process's
-   first codec call may load its kernels).
+1. **Probe** (every rank, once): one encode and decode of a copy of the bucket (codec seconds per
+   value and payload bytes per value; the faster of two runs, since a process's first codec call
+   may load its kernels); the latency of a tiny all-to-all (the best of two, after one that
+   absorbs the ranks' skew; these three also carry each rank's payload estimate, so the ranks
+   agree on the probe's sizes); then all-to-alls of the sizes the exchanges will really send:
+   ``P`` bytes to every peer (allgather's message, ``P`` = the step's payload) and ``P / N``
+   (scatter-reduce's), each the faster of two (the first pays TCP's slow start on a far link),
+   capped at :data:`PROBE_CAP` per peer.  A line through the two times gives a payload
+   collective's fixed cost ``t`` and the seconds per byte ``1/b``.  Messages smaller than a far
+   link's bandwidth-delay product never reach its bandwidth, so a probe of any other size
+   mis-states what the exchange costs; the two measured sizes are the ones the choice is between.
 2. **Agree**: the ranks exchange their figures and every rank takes the worst of each (largest
-   latency and codec times, smallest bandwidth, largest payload), so every rank feeds the same
-   numbers to the same arithmetic and chooses the same plan: no rank can switch alone.
+   latency, costs and codec times, largest payload), so every rank feeds the same numbers to the
+   same arithmetic and chooses the same plan: no rank can switch alone.
 3. **Choose**: the plan with the smallest modelled step time (:func:`step_seconds`).
 
 The model, per step, for ``n`` values in ``B`` buckets, ``N`` ranks, payload ``p`` bytes per value,
-latency ``a`` per collective, link bandwidth ``b`` bytes/s per node, codec ``e`` (encode) and ``d``
+header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode) and ``d``
 (decode) seconds per value::
 
-    allgather       2 a B' + (N - 1) p n / b         + e n           + N d n
-    scatter_reduce  4 a B' + 2 (N - 1) / N p n / b   + e n (1 + 1/N) + 2 d n
+    allgather       (a + t) B'  + (N - 1) p n / b         + e n           + N d n
+    scatter_reduce 2(a + t) B'  + 2 (N - 1) / N p n / b   + e n (1 + 1/N) + 2 d n
 
 with ``B' = 1`` when buckets are coalesced (one exchange per step after the last bucket) and
 ``B' = B`` otherwise; coalescing also gives up overlap with backward, charged as the
 ``(B - 1) / B`` share of the transfer and decoding that per-bucket exchanges could hide.  So a
-slow, far link (large ``a``) coalesces and prefers allgather's two collectives; a fast link
-with many ranks prefers scatter-reduce's O(n) decoding and fewer bytes.
+slow, far link (large ``a`` and ``t``) coalesces and prefers allgather's one payload collective;
+a fast link with many ranks prefers scatter-reduce's O(n) decoding and fewer bytes.
 
 The plan is kept in the state's ``state_dict``, so a resumed run keeps the plan it started with
 (and bitwise the same arithmetic) instead of measuring again.
@@ -43,34 +48,37 @@ import torch
 from . import collectives
 
 __all__ = ["Plan", "LinkEstimate", "step_seconds", "choose", "configured", "collective_option", "decide",
-           "probe_bytes", "PROBE_BYTES"]
+           "probe_sizes", "fit_transfer", "PROBE_CAP"]
 
 logger = logging.getLogger(__name__)
 
-#: Bytes the bandwidth probe sends to each peer, at most; a small model sends less: each of the
-#: two probes moves at most 1/16 of one float32 gradient per rank (:func:`probe_bytes`).
-PROBE_BYTES = 64 * 1024
+#: The largest message the transfer probe sends to one peer; a larger step payload is costed by
+#: extending the line through the two probes.
+PROBE_CAP = 1 << 20
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
-#: Collectives per exchange of one bucket (or of one coalesced step).
-ROUND_TRIPS = {"allgather": 2, "scatter_reduce": 4}
+#: Payload collectives per exchange of one bucket (or of one coalesced step); each is preceded
+#: by a header exchange.
+PAYLOAD_COLLECTIVES = {"allgather": 1, "scatter_reduce": 2}
 
 
 @dataclasses.dataclass(frozen=True)
 class LinkEstimate:
     """The agreed measurements the model uses (seconds, bytes)."""
 
-    latency_s: float          # one small all-to-all
-    seconds_per_byte: float   # per byte a node sends, its link's inverse bandwidth
+    latency_s: float          # one small all-to-all (a header)
+    transfer_s: float         # the fixed cost of one payload all-to-all
+    seconds_per_byte: float   # per byte a node sends in it: its link's inverse bandwidth
     encode_s: float           # codec seconds per value
     decode_s: float
     payload_bytes: float      # payload bytes per value
 
     # Fixed-point encoding for the int64 exchange (picoseconds, micro-bytes).
-    _SCALES = (1e12, 1e12, 1e12, 1e12, 1e6)
+    _SCALES = (1e12, 1e12, 1e12, 1e12, 1e12, 1e6)
 
     def to_ints(self) -> list:
-        values = (self.latency_s, self.seconds_per_byte, self.encode_s, self.decode_s, self.payload_bytes)
+        values = (self.latency_s, self.transfer_s, self.seconds_per_byte, self.encode_s, self.decode_s,
+                  self.payload_bytes)
         return [int(round(value * scale)) for value, scale in zip(values, self._SCALES)]
 
     @classmethod
@@ -101,7 +109,8 @@ def step_seconds(collective: str, coalesce: bool, link: LinkEstimate, *, world_s
         transfer, encode, decode = 2 * (N - 1) / N * send, link.encode_s * n * (1 + 1 / N), 2 * link.decode_s * n
     exchanges = 1 if coalesce else max(buckets, 1)
     lost_overlap = (buckets - 1) / buckets * (transfer + decode) if coalesce and buckets > 1 else 0.0
-    return ROUND_TRIPS[collective] * link.latency_s * exchanges + transfer + encode + decode + lost_overlap
+    fixed = PAYLOAD_COLLECTIVES[collective] * (link.latency_s + link.transfer_s) * exchanges
+    return fixed + transfer + encode + decode + lost_overlap
 
 
 def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int) -> Plan:
@@ -135,8 +144,7 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     plan = configured(state.collective, state.coalesce, world_size)
     if plan is not None:
         return plan
-    local = _probe(codec, values, segments, group, world_size, device, state._stats,
-                   probe_bytes(total_values, world_size))
+    local = _probe(codec, values, segments, group, world_size, device, state._stats, total_values)
     gathered = collectives.exchange_header(local.to_ints(), group, device, state._stats)
     link = LinkEstimate.from_ints(gathered.max(axis=0))  # the worst of each: seconds per byte too
     plan = choose(link, collective=collective_option(state.collective, world_size), coalesce=state.coalesce, world_size=world_size,
@@ -146,31 +154,61 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     return plan
 
 
-def probe_bytes(values: int, world_size: int) -> int:
-    """Bytes per peer of one bandwidth probe: 1/16 of a float32 gradient of ``values`` values per
-    rank, split over the peers, between 256 bytes and :data:`PROBE_BYTES`."""
-    return int(min(PROBE_BYTES, max(256, 4 * values // (16 * max(world_size - 1, 1)))))
+def probe_sizes(step_payload: int, world_size: int) -> tuple:
+    """Bytes per peer of the two transfer probes: scatter-reduce's message and allgather's.
+
+    Allgather sends the step's payload to every peer, scatter-reduce 1/N of it (twice); both are
+    capped at :data:`PROBE_CAP`, and kept at least 64 and 16 bytes so the line is defined.
+    """
+    large = int(min(PROBE_CAP, max(64, step_payload)))
+    return max(16, large // max(world_size, 1)), large
 
 
-def _probe(codec, values, segments, group, world_size, device, stats, nbytes: int) -> LinkEstimate:
+def fit_transfer(sizes, seconds, peers: int) -> tuple:
+    """The fixed cost and seconds per byte of the line through two (bytes per peer, seconds) probes.
+
+    A node sends ``peers`` messages, so the slope is per byte it sends.  Noise can make the larger
+    probe the faster one: the slope is then 0 and the fixed cost the slower time; neither is negative.
+    """
+    (small, large), (t_small, t_large) = sizes, seconds
+    if large <= small or t_large <= t_small:
+        return max(t_small, t_large), 0.0
+    per_byte = (t_large - t_small) / ((large - small) * max(peers, 1))
+    return max(t_small - per_byte * small * peers, 0.0), per_byte
+
+
+def _probe(codec, values, segments, group, world_size, device, stats, total_values: int) -> LinkEstimate:
     """This rank's measurements (the probe's traffic is counted like any other)."""
+    encode, decode, payload_bytes = _probe_codec(codec, values, segments)
+    step_payload = int(np.ceil(payload_bytes * max(total_values, 1)))
     latencies = []
-    for _ in range(3):  # the first absorbs the ranks' skew
+    for _ in range(3):  # the first absorbs the ranks' skew; each carries this rank's payload size
         start = time.perf_counter()
-        collectives.exchange_header([0], group, device, stats)
+        gathered = collectives.exchange_header([step_payload], group, device, stats)
         latencies.append(time.perf_counter() - start)
-    latency = min(latencies[1:])
+    sizes = probe_sizes(int(gathered.max()), world_size)  # the same on every rank
+    seconds = [float("inf"), float("inf")]
+    for _ in range(2):  # the first of each pays TCP's slow start on a far link: keep the faster
+        for which in (1, 0):
+            seconds[which] = min(seconds[which], _time_transfer(sizes[which], group, world_size, device, stats))
+    transfer, per_byte = fit_transfer(sizes, seconds, world_size - 1)
+    return LinkEstimate(latency_s=min(latencies[1:]), transfer_s=transfer, seconds_per_byte=per_byte,
+                        encode_s=encode, decode_s=decode, payload_bytes=payload_bytes)
+
+
+def _time_transfer(nbytes: int, group, world_size: int, device, stats) -> float:
+    """Seconds of one all-to-all of ``nbytes`` to every peer."""
     rank = torch.distributed.get_rank(group)
     block = np.zeros(nbytes, dtype=np.uint8)
     outgoing = [block[:0] if peer == rank else block for peer in range(world_size)]
     sizes = [0 if peer == rank else nbytes for peer in range(world_size)]
-    transfers = []
-    for _ in range(2):  # the first one pays TCP's slow start on a far link: keep the faster
-        start = time.perf_counter()
-        collectives.exchange_payloads(outgoing, sizes, group, device, stats)
-        transfers.append(max(time.perf_counter() - start - latency, 0.0))
-    seconds_per_byte = min(transfers) / (nbytes * (world_size - 1))
+    start = time.perf_counter()
+    collectives.exchange_payloads(outgoing, sizes, group, device, stats)
+    return time.perf_counter() - start
 
+
+def _probe_codec(codec, values, segments) -> tuple:
+    """Encode and decode seconds per value and payload bytes per value of a copy of the bucket."""
     sample = codec.zeros(codec.numel(values))
     codec.add(sample, values)
     count = max(codec.numel(sample), 1)
@@ -184,5 +222,4 @@ def _probe(codec, values, segments, group, world_size, device, stats, nbytes: in
             start = time.perf_counter()
             codec.decompress(payload, scratch)
             decode = min(decode, (time.perf_counter() - start) / count)
-    return LinkEstimate(latency_s=latency, seconds_per_byte=seconds_per_byte, encode_s=encode, decode_s=decode,
-                        payload_bytes=codec.nbytes(payload) / count)
+    return encode, decode, codec.nbytes(payload) / count

@@ -58,14 +58,16 @@ def test_no_iproute2_says_so(monkeypatch):
 
 def test_steady_window_and_overhead_arithmetic():
     hook = {0: [{"step": i, "sent_bytes": 100, "received_bytes": 200, "compressed": i >= 2} for i in range(5)]}
-    assert steady_window(hook[0]) == (2, 4)
+    # The first compressed step (2) carries one-time work (the exchange plan's probe): not steady.
+    assert steady_window(hook[0]) == (3, 4)
     assert steady_window([{"step": i, "compressed": False} for i in range(3)]) == (1, 2)
+    assert steady_window([{"step": i, "compressed": i == 2} for i in range(3)]) == (2, 2)
     links = [{"step": k, "tx_bytes": 1000 + 110 * k, "rx_bytes": 50 + 220 * k, "tx_packets": k, "rx_packets": k}
              for k in range(6)]
     record = node_traffic(0, [0], hook=hook, link_lines=links, before=links[0], after=links[-1], nproc_per_node=1)
     steady = record["steady"]
-    assert (steady["first_iteration"], steady["last_iteration"], steady["steps"]) == (2, 4, 3)
-    assert steady["tx_bytes"] == 330 and steady["hook_sent_bytes"] == 300
+    assert (steady["first_iteration"], steady["last_iteration"], steady["steps"]) == (3, 4, 2)
+    assert steady["tx_bytes"] == 220 and steady["hook_sent_bytes"] == 200
     assert steady["tx_overhead"] == pytest.approx(0.1) and steady["rx_overhead"] == pytest.approx(0.1)
     assert record["whole_run"]["tx_bytes"] == 550
 
@@ -166,8 +168,9 @@ def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_pa
             # The wire carries at least what the hook says it sent, plus headers (and not 2x more).
             assert node["hook_sent_bytes"] <= node["tx_bytes"] < 2 * node["hook_sent_bytes"] + 20_000
             assert node["hook_received_bytes"] <= node["rx_bytes"]
-    # Steady state: threelc (3LC-compressed from iteration 3) against fp32 allreduce (from iteration 1).
-    assert [node["first_iteration"] for node in steady["threelc"]] == [3, 3]
+    # Steady state: threelc (3LC-compressed from iteration 3, steady from 4: iteration 3 carries the
+    # exchange plan's one-time probe) against fp32 allreduce (from iteration 1).
+    assert [node["first_iteration"] for node in steady["threelc"]] == [4, 4]
     for fp32, compressed in zip(steady["allreduce"], steady["threelc"]):
         assert compressed["tx_bytes_per_step"] * 10 < fp32["tx_bytes_per_step"]
         assert abs(fp32["tx_overhead"]) < 0.15  # headers (~4.6%) + ACKs; big messages

@@ -12,10 +12,12 @@ from threelc.hooks import ThreeLCState, plan, register, threelc_hook
 from _dist import run_ranks
 from test_hook_exact import FakeBucket, gradient
 
-# A far link (20 ms per collective, 100 Mbit/s) and a near one (50 us, 10 Gbit/s); the codec
+# A far link (40 ms per collective, 100 Mbit/s) and a near one (50 us, 10 Gbit/s); the codec
 # at ~1 ns per value, ~0.06 payload bytes per value (3LC at s = 1.0 on gradients).
-FAR = plan.LinkEstimate(latency_s=0.04, seconds_per_byte=8e-8, encode_s=3e-9, decode_s=1e-9, payload_bytes=0.06)
-NEAR = plan.LinkEstimate(latency_s=5e-5, seconds_per_byte=8e-10, encode_s=3e-9, decode_s=1e-9, payload_bytes=0.06)
+FAR = plan.LinkEstimate(latency_s=0.04, transfer_s=0.04, seconds_per_byte=8e-8, encode_s=3e-9, decode_s=1e-9,
+                        payload_bytes=0.06)
+NEAR = plan.LinkEstimate(latency_s=5e-5, transfer_s=5e-5, seconds_per_byte=8e-10, encode_s=3e-9, decode_s=1e-9,
+                         payload_bytes=0.06)
 
 
 def test_far_links_coalesce_and_prefer_fewer_round_trips():
@@ -31,16 +33,18 @@ def test_near_links_with_many_ranks_prefer_scatter_reduce_per_bucket():
 
 def test_the_model_charges_round_trips_bytes_and_decoding():
     kwargs = dict(world_size=4, values=1_000_000, buckets=3)
-    slow = plan.LinkEstimate(**{**FAR.__dict__, "latency_s": 2 * FAR.latency_s})
-    # Per bucket, each allgather exchange is two collectives: doubling the latency adds 2 a B.
+    slow = plan.LinkEstimate(**{**FAR.__dict__, "latency_s": 2 * FAR.latency_s, "transfer_s": 2 * FAR.transfer_s})
+    # Per bucket, each allgather exchange is a header and a payload collective: doubling both
+    # fixed costs adds (a + t) B.
     added = plan.step_seconds("allgather", False, slow, **kwargs) - plan.step_seconds("allgather", False, FAR, **kwargs)
     assert added == pytest.approx(2 * FAR.latency_s * 3)
-    # Coalesced: one exchange per step, so 4 a for scatter-reduce whatever the bucket count.
+    # Coalesced: one exchange per step, so 2 (a + t) for scatter-reduce whatever the bucket count.
     added = (plan.step_seconds("scatter_reduce", True, slow, **kwargs)
              - plan.step_seconds("scatter_reduce", True, FAR, **kwargs))
     assert added == pytest.approx(4 * FAR.latency_s)
     # Allgather decodes N payloads, scatter-reduce two (shards, then the means).
-    free_link = plan.LinkEstimate(latency_s=0, seconds_per_byte=0, encode_s=0, decode_s=1e-9, payload_bytes=0.06)
+    free_link = plan.LinkEstimate(latency_s=0, transfer_s=0, seconds_per_byte=0, encode_s=0, decode_s=1e-9,
+                                  payload_bytes=0.06)
     assert plan.step_seconds("allgather", False, free_link, **kwargs) == pytest.approx(4e-3)
     assert plan.step_seconds("scatter_reduce", False, free_link, **kwargs) == pytest.approx(2e-3)
 
@@ -53,10 +57,21 @@ def test_configured_options_are_kept_and_two_ranks_use_allgather():
     assert chosen.collective == "scatter_reduce"
 
 
-def test_the_probe_costs_a_small_model_a_sixteenth_of_its_gradient():
-    assert plan.probe_bytes(10_000_000, 4) == plan.PROBE_BYTES
-    assert plan.probe_bytes(40_000, 3) == 4 * 40_000 // 32
-    assert plan.probe_bytes(10, 8) == 256
+def test_the_probe_sends_the_sizes_the_exchanges_will_send():
+    # allgather sends the step's payload to every peer, scatter-reduce 1/N of it
+    assert plan.probe_sizes(85_000, 4) == (21_250, 85_000)
+    assert plan.probe_sizes(10**9, 4) == (plan.PROBE_CAP // 4, plan.PROBE_CAP)  # capped
+    assert plan.probe_sizes(10, 8) == (16, 64)
+
+
+def test_the_transfer_line_through_two_probes():
+    fixed, per_byte, peers = 0.03, 8e-8, 3
+    seconds = [fixed + per_byte * peers * size for size in (1000, 4000)]
+    assert plan.fit_transfer((1000, 4000), seconds, peers) == (pytest.approx(fixed), pytest.approx(per_byte))
+    # Noise made the larger probe faster: no negative slope, and the slower time as the fixed cost.
+    assert plan.fit_transfer((1000, 4000), (0.05, 0.04), peers) == (0.05, 0.0)
+    # A steep line through the origin: the fixed cost is clamped at zero, never negative.
+    assert plan.fit_transfer((1000, 4000), (1e-6, 1e-3), peers)[0] == 0.0
 
 
 def test_estimates_survive_the_integer_exchange():
@@ -72,7 +87,8 @@ def test_bad_coalesce_option_is_refused(bad):
 # ----------------------------------------------------------------------------- on real ranks
 def _agreement(rank, world_size):
     """Each rank measures a different link; every rank must still choose the same plan."""
-    local = plan.LinkEstimate(latency_s=0.001 * (rank + 1) ** 3, seconds_per_byte=1e-8 * (world_size - rank),
+    local = plan.LinkEstimate(latency_s=0.001 * (rank + 1) ** 3, transfer_s=0.002 * (world_size - rank) ** 2,
+                              seconds_per_byte=1e-8 * (world_size - rank),
                               encode_s=2e-9, decode_s=1e-9 * (rank + 1), payload_bytes=0.05 + 0.01 * rank)
     plan._probe = lambda *args, **kwargs: local  # this rank's "measurement"
     state = ThreeLCState(min_numel=0, start_iter=2)
@@ -105,7 +121,7 @@ def test_every_rank_chooses_the_plan_from_the_worst_measurements():
     plans = [result["plan"] for result in results]
     assert all(chosen == plans[0] for chosen in plans) and plans[0]["reason"] != "configured"
     locals_ = [result["local"] for result in results]
-    worst = plan.LinkEstimate(latency_s=max(e.latency_s for e in locals_),
+    worst = plan.LinkEstimate(latency_s=max(e.latency_s for e in locals_), transfer_s=max(e.transfer_s for e in locals_),
                               seconds_per_byte=max(e.seconds_per_byte for e in locals_),
                               encode_s=max(e.encode_s for e in locals_), decode_s=max(e.decode_s for e in locals_),
                               payload_bytes=max(e.payload_bytes for e in locals_))
@@ -115,6 +131,34 @@ def test_every_rank_chooses_the_plan_from_the_worst_measurements():
     assert all(result["restored"] == plans[0] for result in results)
     for result in results:  # the step averaged, whatever the plan
         assert all(torch.isfinite(tensor).all() for tensor in result["results"])
+
+
+def _real_probe(rank, world_size):
+    """The probe itself on real ranks: what it sends, and estimates a model can use."""
+    from threelc.hooks import codecs
+    state = ThreeLCState(min_numel=0)
+    values = gradient(rank, 0, (20_000,))
+    codec = codecs.for_bucket(state, values)
+    link = plan._probe(codec, codec.array(values), [20_000], None, world_size, torch.device("cpu"), state._stats,
+                       total_values=60_000)
+    sent = state._stats.current.sent_bytes
+    state.close()
+    return link, sent
+
+
+def test_the_real_probe_sends_agreed_sizes_and_measures_a_usable_link():
+    world_size = 3
+    results = run_ranks(_real_probe, world_size, timeout_s=300)
+    links = [link for link, _ in results]
+    for link in links:
+        assert all(np.isfinite(value) and value >= 0 for value in link.__dict__.values())
+        assert link.latency_s > 0 and link.encode_s > 0 and link.decode_s > 0 and 0 < link.payload_bytes < 4
+    # The sizes come from the largest payload estimate (3 values' worth of this bucket per step),
+    # so every rank sent the same: three headers, then two probes of each size to each peer.
+    step_payload = int(np.ceil(max(link.payload_bytes for link in links) * 60_000))
+    small, large = plan.probe_sizes(step_payload, world_size)
+    peers = world_size - 1
+    assert [sent for _, sent in results] == [3 * 8 * peers + 2 * (small + large) * peers] * world_size
 
 
 class TwoBuckets(nn.Module):

@@ -32,16 +32,17 @@ def ring_allreduce_bytes(nbytes: int, world_size: int) -> float:
 def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
     """(first, last) iteration index of steady-state training in one rank's hook log.
 
-    Starts at the first compressed iteration if the hook ever compressed (warm-up iterations
-    use allreduce), else at the second iteration (the first includes DDP's bucket rebuild).
-    ``None`` if too short.
+    Starts at the second compressed iteration if the hook compressed after a warm-up (warm-up
+    iterations use allreduce; the first compressed one also carries one-time work: threelc's
+    exchange-plan probe, residual allocation, PowerSGD's first factors), else at the second
+    iteration (the first includes DDP's bucket rebuild).  ``None`` if too short.
     """
     steps = [line["step"] for line in hook_lines]
     if not steps:
         return None
     compressed = [line["step"] for line in hook_lines if line.get("compressed")]
     if compressed and not all(line.get("compressed") for line in hook_lines):
-        first = compressed[0]
+        first = compressed[1] if len(compressed) > 1 else compressed[0]
     else:
         first = min(steps) + 1
     last = max(steps)

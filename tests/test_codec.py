@@ -147,6 +147,21 @@ def test_decompress_add_accumulates_and_writes_into_out():
     assert out.ravel().tobytes() == reference.decode(payloads[0]).tobytes()
 
 
+def test_decompress_add_skips_zeros_so_a_negative_zero_stays():
+    x = np.zeros(40, np.float32)
+    x[[3, 17]] = [1.0, -1.0]
+    payload = threelc.compress(x)  # zero runs, two packed groups
+    out = np.full(40, -0.0, np.float32)
+    out[5] = 2.5
+    threelc.decompress_add(payload, out)
+    # Groups of five zeros are skipped: their -0.0 stays (IEEE's -0.0 + 0.0 would be +0.0); the two
+    # packed groups (values 0-4 and 15-19) are added, zeros included.
+    expected = np.full(40, -0.0, np.float32)
+    expected[0:5] = expected[15:20] = 0.0
+    expected[[3, 5, 17]] = [1.0, 2.5, -1.0]
+    assert out.tobytes() == expected.tobytes()
+
+
 def test_raw_payload_round_trip():
     x = np.array([1.5, -0.0, np.float32(3e-41), 7.0], np.float32)
     payload = threelc.compress_raw(x)

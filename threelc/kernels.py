@@ -33,12 +33,10 @@ for _byte in range(243):
         _rest //= 3
 del _byte, _rest, _j
 
-# Zero-run decoding without branches: a coded byte stands for _GROUPS[byte] groups and, where it
-# is a packed group, writes itself (_GROUP_BYTE[byte]); a run writes zero groups (121).
+# A coded byte stands for _GROUPS[byte] groups: one packed group (0..242), or a run of 2..14 zero
+# groups (243..255).
 _GROUPS = np.ones(256, dtype=np.int64)
 _GROUPS[243:] = np.arange(2, 15)
-_GROUP_BYTE = np.arange(256).astype(np.uint8)
-_GROUP_BYTE[243:] = _ZERO_GROUP
 # _RUN_CODE[k] is the byte that ends a run of k < 14 zero groups (nothing for k = 0).
 _RUN_CODE = np.zeros(_MAX_RUN, dtype=np.uint8)
 _RUN_CODE[1] = _ZERO_GROUP
@@ -247,37 +245,42 @@ def gather_chunks(coded, stride, chunk_lengths, body):
 
 
 @_jit
-def _expand_zero_runs(coded, groups):
-    """Undo zero-run encoding into ``groups`` (pre-filled with 121); False if the counts disagree.
+def _decode_chunk(coded, unit_starts, start, scales, out, accumulate):
+    """Decode one chunk's coded bytes into ``out``, the chunk's slice (added into it if ``accumulate``).
 
-    Branch-free on the data like :func:`_pack_zero_runs`; the one branch, the bounds check
-    that numba does not do for us, is never taken on a valid payload.
-    """
-    n_groups = groups.shape[0]
-    position = 0
-    for b in range(coded.shape[0]):
-        if position >= n_groups:
-            return False
-        byte = coded[b]
-        groups[position] = _GROUP_BYTE[byte]
-        position += _GROUPS[byte]
-    return position == n_groups
-
-
-@_jit
-def _write_values(groups, start, unit_starts, unit, scales, out, accumulate):
-    """out[i] (+)= q_i * scale for the values of one chunk, ``out`` being the chunk's slice.
-
-    Groups inside one unit (nearly all of them) go five values at a time with one scale; a group
-    that straddles a unit border, or the payload's partial last group, goes value by value.
+    Works from the coded bytes directly, so the work follows the payload, not the value count: a
+    run of zero groups is one fill of zeros, or nothing at all when accumulating (adding zero
+    changes nothing but the sign of a -0.0 in ``out``, which then stays -0.0); a packed group is five
+    table lookups with its unit's scale.  Returns False, with ``out`` partly written, unless the
+    bytes stand for exactly the chunk's groups and the last group's padding digits are zeros: the
+    bytes come from another machine, and these are the bounds checks numba does not do.
     """
     count = out.shape[0]
+    n_groups = (count + 4) // 5
+    unit = np.searchsorted(unit_starts, start, side="right") - 1
     unit_end = unit_starts[unit + 1] - start
     scale = scales[unit]
-    for g in range((count + 4) // 5):
-        t = 5 * np.int64(groups[g])
+    g = 0
+    for b in range(coded.shape[0]):
+        byte = coded[b]
+        groups = np.int64(_GROUPS[byte])
+        if g + groups > n_groups:
+            return False
         o = 5 * g
-        if o + 5 <= unit_end and o + 5 <= count:
+        g += groups
+        if byte == _ZERO_GROUP or byte >= 243:  # one zero group, or a run of them
+            if not accumulate:
+                out[o : min(5 * g, count)] = 0.0
+            continue
+        t = 5 * np.int64(byte)
+        for j in range(count - o, 5):  # only in the last group: its padding must be zero digits
+            if _Q_TABLE[t + j] != 0.0:
+                return False
+        while o >= unit_end:
+            unit += 1
+            unit_end = unit_starts[unit + 1] - start
+            scale = scales[unit]
+        if o + 5 <= unit_end and o + 5 <= count:  # nearly every group: one unit, five values
             if accumulate:
                 for j in range(5):
                     out[o + j] += _Q_TABLE[t + j] * scale
@@ -285,13 +288,14 @@ def _write_values(groups, start, unit_starts, unit, scales, out, accumulate):
                 for j in range(5):
                     out[o + j] = _Q_TABLE[t + j] * scale
             continue
-        for i in range(o, min(o + 5, count)):
+        for i in range(o, min(o + 5, count)):  # a group across a unit border, or the partial last one
             while i >= unit_end:
                 unit += 1
                 unit_end = unit_starts[unit + 1] - start
                 scale = scales[unit]
             value = _Q_TABLE[t + i - o] * scale
             out[i] = out[i] + value if accumulate else value
+    return g == n_groups
 
 
 @_jit_parallel
@@ -307,19 +311,8 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, a
     for c in numba.prange(n_chunks):
         start = c * chunk
         stop = min(count, start + chunk)
-        n_groups = (stop - start + 4) // 5
-        groups = np.full(n_groups, _ZERO_GROUP, dtype=np.uint8)
-        ok = _expand_zero_runs(body[chunk_offsets[c] : chunk_offsets[c + 1]], groups)
-        if ok:
-            last = 5 * np.int64(groups[n_groups - 1])
-            for j in range(stop - start - 5 * (n_groups - 1), 5):
-                if _Q_TABLE[last + j] != 0.0:
-                    ok = False  # tail padding must be zero digits
-        if not ok:
-            status[c] = True
-            continue
-        unit = np.searchsorted(unit_starts, start, side="right") - 1
-        _write_values(groups, start, unit_starts, unit, scales, out[start:stop], accumulate)
+        status[c] = not _decode_chunk(body[chunk_offsets[c] : chunk_offsets[c + 1]], unit_starts, start, scales,
+                                      out[start:stop], accumulate)
     for c in range(n_chunks):
         if status[c]:
             return c

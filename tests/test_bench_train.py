@@ -162,3 +162,22 @@ def test_doc_goes_to_the_run_folder_unless_named(tmp_path):
     assert bench_train._doc_path(None, tmp_path) == tmp_path / "benchmarks.md"
     assert bench_train._doc_path("none", tmp_path) is None
     assert bench_train._doc_path("docs/benchmarks.md", tmp_path) == Path("docs/benchmarks.md")
+
+
+def test_scaling_rows_hold_the_default_to_the_collective_its_plan_chose():
+    def cell(hook, sent, plan=None):
+        return {"nodes": 4, "hook": hook, "raw_bytes_per_step": 4000, "hook_bytes_per_step": sent,
+                "wire_tx_per_step_node": sent * 1.1, "median_step_s": 0.05, "plan": plan, "run_dir": hook}
+
+    auto = {"collective": "scatter_reduce", "coalesce": False, "reason": "modelled step: ..."}
+    rows = {row["hook"]: row for row in bench_train.scaling_rows([
+        cell("allreduce", 6000), cell("threelc-s1.0-allgather", 300),
+        cell("threelc-s1.0-scatter_reduce", 160, {"collective": "scatter_reduce", "reason": "configured"}),
+        cell("threelc-s1.0", 160, auto)])}
+    # C = 300 / 3 = 100: allgather 3 C, scatter-reduce 2 * 3/4 C, and so the default that chose it.
+    assert rows["threelc-s1.0-allgather"]["model_bytes"] == 300
+    assert rows["threelc-s1.0-scatter_reduce"]["model_bytes"] == rows["threelc-s1.0"]["model_bytes"] == 150
+    assert rows["allreduce"]["model_bytes"] == 6000
+    table = bench_doc.scaling_table(list(rows.values()))
+    assert "threelc-s1.0 (plan: scatter_reduce)" in table and "50.0 ms" in table
+    assert "threelc-s1.0-scatter_reduce (plan" not in table  # a configured collective is no plan

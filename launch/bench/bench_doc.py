@@ -343,13 +343,15 @@ def scaling_table(rows: list[dict]) -> str:
     body = []
     for row in rows:
         payload = format_bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
-        body.append([str(row["nodes"]), row["hook"], payload,
+        plan = row.get("plan") or {}
+        hook = f"{row['hook']} (plan: {plan['collective']})" if plan.get("reason", "configured") != "configured" else row["hook"]
+        body.append([str(row["nodes"]), hook, _ms(row.get("median_step_s")), payload,
                      format_bytes(row.get("model_bytes")), format_bytes(row.get("hook_bytes_per_step")),
                      "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",
                      format_bytes(row.get("wire_tx_per_step_node")),
                      "-" if row.get("measured_over_model") is None else f"{row['measured_over_model']:.2f}",
                      row.get("error") or ""])
-    return _table(["N", "hook", "C (one rank's payload)", "model B/step/node", "hook's count", "hook / model",
+    return _table(["N", "hook", "median step", "C (one rank's payload)", "model B/step/node", "hook's count", "hook / model",
                    "wire B/step/node", "wire / model", "error"], body)
 
 
@@ -653,11 +655,15 @@ def _scaling_section(results: dict) -> list[str]:
     """``## Scaling``: wire bytes per node against the byte model (empty without scaling runs)."""
     if not results.get("scaling"):
         return []
+    rate = results.get("settings", {}).get("scaling_rate", "unshaped")
+    links = ("unshaped links (the step times measure the shared cores, not a link)" if rate == "unshaped"
+             else f"links shaped to {rate}")
     return [
         "## Scaling: wire bytes per node against the byte model",
         "",
-        "digits CNN width 32 (a small model: this measures bytes, not time), unshaped links, one process per node. "
-        "C is one rank's compressed bucket, taken from the allgather run's own count at the same N (bytes per "
+        f"digits CNN width 32 (a small model), {links}, one process per node; median step over the steady steps "
+        "(after warm-up and the first compressed step).  `threelc-s1.0` is the hook's default, "
+        "`collective=\"auto\"`, with the collective its measured plan chose.  C is one rank's compressed bucket, taken from the allgather run's own count at the same N (bytes per "
         "step / (N - 1)); the model is (N - 1) C for allgather, 2 (N - 1) / N C for scatter-reduce and "
         "2 (N - 1) / N * 4P for fp32 ring allreduce.  *hook / model* checks the collective's algorithm (what the "
         "hook itself counts: payloads and size headers); *wire / model* adds the protocols: Ethernet/IP/TCP "

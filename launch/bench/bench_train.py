@@ -24,8 +24,10 @@ Time to target on a shaped link is therefore an estimate: the accuracy run's ste
 the warm-up steps at fp32 allreduce's step time on that link, the rest at the hook's.
 :mod:`threelc.launch.bench.bench_doc` computes it, checks the issue's targets and writes the document.
 
-Then ``--scaling-nodes`` (default 2 4 8) runs a tiny model with fp32 allreduce and both 3LC
-collectives on N nodes, for wire bytes against the byte model ((N - 1) C and 2 (N - 1) / N C).
+Then ``--scaling-nodes`` (default 2 4 8) runs a small model with fp32 allreduce, both 3LC
+collectives and the hook's default (``collective="auto"``: the measured plan) on N nodes, for wire
+bytes against the byte model ((N - 1) C and 2 (N - 1) / N C) and, on a shaped link
+(``--scaling-rate``), for step time: whether the plan picked the faster collective.
 
 Everything lands in ``--out`` (one folder per run, ``bench.json``), and the document (``--doc``,
 by default ``benchmarks.md`` in ``--out``: a run never overwrites the repository's
@@ -311,6 +313,7 @@ def measure_run(run_dir: Path) -> dict:
         "final_eval": row["final_eval"],
         "curve": curve,  # [step, metric, seconds of training steps so far]
         "wall_s": (run.emulate or {}).get("wall_s"),
+        "plan": (run.final or {}).get("hook_totals_rank0", {}).get("plan"),  # threelc's exchange plan
     }
 
 
@@ -335,18 +338,22 @@ def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: i
     return row
 
 
-#: The scaling runs: a small digits CNN (~223k parameters), unshaped links, few steps: bytes, not time.
-SCALING_HOOKS = ("allreduce", "threelc-s1.0-allgather", "threelc-s1.0-scatter_reduce")
+#: The scaling runs: a small digits CNN (~223k parameters), few steps; the 3LC default (the plan) beside
+#: both collectives.
+SCALING_HOOKS = ("allreduce", "threelc-s1.0-allgather", "threelc-s1.0-scatter_reduce", "threelc-s1.0")
 SCALING_MODEL = ("--width", "32")
 
 
-def run_scaling(out: Path, node_counts, *, steps: int, timeout: float) -> list[dict]:
-    """Run :data:`SCALING_HOOKS` on each node count (unshaped); their rows, for :func:`scaling_rows`."""
+def run_scaling(out: Path, node_counts, *, steps: int, timeout: float, rate: str = UNSHAPED) -> list[dict]:
+    """Run :data:`SCALING_HOOKS` on each node count; their rows, for :func:`scaling_rows`.
+
+    Each run: 2 warm-up steps, the first compressed step (the plan's probe), ``steps`` steady ones.
+    """
     example = EXAMPLES["digits"]
     rows = []
     for count in node_counts:
         for name in SCALING_HOOKS:
-            cell = Cell(example, UNSHAPED, parse_hook(name), "timing", 2 + steps, 2)
+            cell = Cell(example, rate, parse_hook(name), "timing", 3 + steps, 2)
             row = run_cell(cell, out / f"scaling/n{count}", nodes=count, timeout=timeout, batch_size=16,
                            model_args=SCALING_MODEL)
             row["run_dir"] = f"scaling/n{count}/{cell.folder}"
@@ -360,7 +367,8 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
 
     The model's C is one rank's compressed bucket: the allgather run's hook bytes per step over
     ``N - 1`` peers (the hook counts payloads and size headers exactly).  Predictions: allgather
-    ``(N - 1) C``, scatter-reduce ``2 (N - 1) / N C``, fp32 ring allreduce ``2 (N - 1) / N * 4P``.
+    ``(N - 1) C``, scatter-reduce ``2 (N - 1) / N C``, fp32 ring allreduce ``2 (N - 1) / N * 4P``;
+    the default (``"auto"``) is held to the model of the collective its plan chose.
     ``measured / model`` - 1 is then protocol overhead (Ethernet/IP/TCP, gloo) plus, for
     scatter-reduce, the difference between the averaged shards' payloads and the workers'.
     """
@@ -370,9 +378,10 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
         payload = (by_hook.get("threelc-s1.0-allgather") or {}).get("hook_bytes_per_step")
         compressed = payload / (count - 1) if payload and count > 1 else None
         for name, row in by_hook.items():
+            collective = (row.get("plan") or {}).get("collective") or name
             if name == "allreduce":
                 model = 2 * (count - 1) / count * row["raw_bytes_per_step"] if row.get("raw_bytes_per_step") else None
-            elif name.endswith("allgather"):
+            elif collective.endswith("allgather"):
                 model = (count - 1) * compressed if compressed else None
             else:
                 model = 2 * (count - 1) / count * compressed if compressed else None
@@ -381,6 +390,7 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
             rows.append({"nodes": count, "hook": name, "compressed_bucket_bytes": compressed, "model_bytes": model,
                          "wire_tx_per_step_node": wire, "hook_bytes_per_step": hook_bytes,
                          "measured_over_model": (wire / model) if (wire and model) else None,
+                         "median_step_s": row.get("median_step_s"), "plan": row.get("plan"),
                          "hook_over_model": (hook_bytes / model) if (hook_bytes and model) else None,
                          "parameters": row.get("parameters"), "run_dir": row["run_dir"], "error": row.get("error")})
     return rows
@@ -450,6 +460,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-nodes", type=int, nargs="*", default=None,
                         help="node counts of the scaling runs; none to skip (default: 2 4 8; --quick: 2 4)")
     parser.add_argument("--scaling-steps", type=int, default=4, help="steady steps of each scaling run (default: %(default)s)")
+    parser.add_argument("--scaling-rate", default="none",
+                        help="link rate of the scaling runs, tc syntax; 'none' = unshaped (default: %(default)s: "
+                             "bytes only; a shaped rate makes their step times comparable)")
     parser.add_argument("--width", type=int, default=96, help="digits CNN width (default: %(default)s, ~2.0M parameters)")
     parser.add_argument("--d-model", type=int, default=128, help="text transformer width (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped (default: %(default)s)")
@@ -477,6 +490,7 @@ def _settings(args) -> dict:
         "timing_steps": args.timing_steps or (5 if quick else 8),
         "scaling_nodes": args.scaling_nodes if args.scaling_nodes is not None else ([2, 4] if quick else [2, 4, 8]),
         "scaling_steps": args.scaling_steps,
+        "scaling_rate": normalize_rate(args.scaling_rate),
         "timeout": args.timeout,
     }
 
@@ -574,7 +588,7 @@ def run(args) -> int:
         if settings["scaling_nodes"]:
             print("scaling runs ...", flush=True)
             results["scaling_cells"] = run_scaling(out, settings["scaling_nodes"], steps=settings["scaling_steps"],
-                                                   timeout=args.timeout)
+                                                   timeout=args.timeout, rate=settings["scaling_rate"])
             results["scaling"] = scaling_rows(results["scaling_cells"])
     except (KeyboardInterrupt, Terminated):  # the emulator has already removed its namespaces
         print("threelc bench train: interrupted; writing what finished", file=sys.stderr)

@@ -77,6 +77,15 @@ def _steady_lines(run: Run) -> list[dict]:
     return lines
 
 
+def _warmup_steps(run: Run, steady: list[dict]) -> int | None:
+    """Iterations before the hook first compressed (the steady window starts one later: that first
+    compressed iteration carries one-time work); for a hook that never compresses, before the window."""
+    compressed = [line["step"] for lines in run.hook.values() for line in lines if line.get("compressed")]
+    if compressed:
+        return min(compressed)
+    return min(line["step"] for line in steady) if steady else None
+
+
 def _wire_per_worker_step(run: Run) -> float | None:
     if not run.emulate:
         return None
@@ -109,7 +118,7 @@ def summarize(run: Run) -> dict:
         "rate": (run.emulate or {}).get("cluster", {}).get("rate"),
         "parameters": config.get("task_config", {}).get("parameters"),
         "steps": len(run.metrics),
-        "warmup_steps": (min(line["step"] for line in steady) if steady else None),
+        "warmup_steps": _warmup_steps(run, steady),
         "raw_bytes_per_step": raw,
         "hook_bytes_per_step": sent,
         "wire_bytes_per_step": _wire_per_worker_step(run),

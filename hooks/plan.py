@@ -3,9 +3,9 @@
 ``ThreeLCState(collective="auto", coalesce="auto")`` (the defaults) decide both from a cost model
 of the measured link and codec, once, at the first compressed bucket of the run:
 
-1. **Probe** (every rank, once): one encode and decode of a copy of the bucket (codec seconds per
-   value and payload bytes per value; the faster of two runs, since a process's first codec call
-   may load its kernels); the latency of a tiny all-to-all (the best of two, after one that
+1. **Probe** (every rank, once): one encode of a copy of the bucket, one decode of its payload and
+   one decode added into a sum (codec seconds per value and payload bytes per value; the faster of
+   two runs, since a process's first codec call may load its kernels); the latency of a tiny all-to-all (the best of two, after one that
    absorbs the ranks' skew; these three also carry each rank's payload estimate, so the ranks
    agree on the probe's sizes); then all-to-alls of the sizes the exchanges will really send:
    ``P`` bytes to every peer (allgather's message, ``P`` = the step's payload) and ``P / N``
@@ -20,11 +20,14 @@ of the measured link and codec, once, at the first compressed bucket of the run:
 3. **Choose**: the plan with the smallest modelled step time (:func:`step_seconds`).
 
 The model, per step, for ``n`` values in ``B`` buckets, ``N`` ranks, payload ``p`` bytes per value,
-header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode) and ``d``
-(decode) seconds per value::
+header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode), ``d``
+(decode) and ``d+`` (decode added into a sum, which skips zero runs) seconds per value::
 
-    allgather       (a + t) B'  + (N - 1) p n / b         + e n           + N d n
-    scatter_reduce 2(a + t) B'  + 2 (N - 1) / N p n / b   + e n (1 + 1/N) + 2 d n
+    allgather       (a + t) B'  + (N - 1) p n / b         + e n           + (d + (N - 1) d+) n
+    scatter_reduce 2(a + t) B'  + 2 (N - 1) / N p n / b   + e n (1 + 1/N) + (d+ + d) n
+
+(allgather decodes every rank's payload of the whole bucket into one sum; scatter-reduce adds the
+N shards it serves, then decodes the N averaged shards into their places).
 
 with ``B' = 1`` when buckets are coalesced (one exchange per step after the last bucket) and
 ``B' = B`` otherwise; coalescing also gives up overlap with backward, charged as the
@@ -70,15 +73,16 @@ class LinkEstimate:
     transfer_s: float         # the fixed cost of one payload all-to-all
     seconds_per_byte: float   # per byte a node sends in it: its link's inverse bandwidth
     encode_s: float           # codec seconds per value
-    decode_s: float
+    decode_s: float           # ... decoding into place
+    decode_add_s: float       # ... decoding added into a sum
     payload_bytes: float      # payload bytes per value
 
     # Fixed-point encoding for the int64 exchange (picoseconds, micro-bytes).
-    _SCALES = (1e12, 1e12, 1e12, 1e12, 1e12, 1e6)
+    _SCALES = (1e12, 1e12, 1e12, 1e12, 1e12, 1e12, 1e6)
 
     def to_ints(self) -> list:
         values = (self.latency_s, self.transfer_s, self.seconds_per_byte, self.encode_s, self.decode_s,
-                  self.payload_bytes)
+                  self.decode_add_s, self.payload_bytes)
         return [int(round(value * scale)) for value, scale in zip(values, self._SCALES)]
 
     @classmethod
@@ -104,9 +108,11 @@ def step_seconds(collective: str, coalesce: bool, link: LinkEstimate, *, world_s
     n, N = float(values), float(world_size)
     send = link.payload_bytes * n * link.seconds_per_byte
     if collective == "allgather":
-        transfer, encode, decode = (N - 1) * send, link.encode_s * n, N * link.decode_s * n
+        transfer, encode = (N - 1) * send, link.encode_s * n
+        decode = (link.decode_s + (N - 1) * link.decode_add_s) * n
     else:
-        transfer, encode, decode = 2 * (N - 1) / N * send, link.encode_s * n * (1 + 1 / N), 2 * link.decode_s * n
+        transfer, encode = 2 * (N - 1) / N * send, link.encode_s * n * (1 + 1 / N)
+        decode = (link.decode_add_s + link.decode_s) * n
     exchanges = 1 if coalesce else max(buckets, 1)
     lost_overlap = (buckets - 1) / buckets * (transfer + decode) if coalesce and buckets > 1 else 0.0
     fixed = PAYLOAD_COLLECTIVES[collective] * (link.latency_s + link.transfer_s) * exchanges
@@ -179,7 +185,7 @@ def fit_transfer(sizes, seconds, peers: int) -> tuple:
 
 def _probe(codec, values, segments, group, world_size, device, stats, total_values: int) -> LinkEstimate:
     """This rank's measurements (the probe's traffic is counted like any other)."""
-    encode, decode, payload_bytes = _probe_codec(codec, values, segments)
+    encode, decode, decode_add, payload_bytes = _probe_codec(codec, values, segments)
     step_payload = int(np.ceil(payload_bytes * max(total_values, 1)))
     latencies = []
     for _ in range(3):  # the first absorbs the ranks' skew; each carries this rank's payload size
@@ -193,7 +199,7 @@ def _probe(codec, values, segments, group, world_size, device, stats, total_valu
             seconds[which] = min(seconds[which], _time_transfer(sizes[which], group, world_size, device, stats))
     transfer, per_byte = fit_transfer(sizes, seconds, world_size - 1)
     return LinkEstimate(latency_s=min(latencies[1:]), transfer_s=transfer, seconds_per_byte=per_byte,
-                        encode_s=encode, decode_s=decode, payload_bytes=payload_bytes)
+                        encode_s=encode, decode_s=decode, decode_add_s=decode_add, payload_bytes=payload_bytes)
 
 
 def _time_transfer(nbytes: int, group, world_size: int, device, stats) -> float:
@@ -208,11 +214,12 @@ def _time_transfer(nbytes: int, group, world_size: int, device, stats) -> float:
 
 
 def _probe_codec(codec, values, segments) -> tuple:
-    """Encode and decode seconds per value and payload bytes per value of a copy of the bucket."""
+    """Seconds per value of an encode, a decode and a decode added into a sum of a copy of the
+    bucket, and its payload bytes per value."""
     sample = codec.zeros(codec.numel(values))
     codec.add(sample, values)
     count = max(codec.numel(sample), 1)
-    encode = decode = float("inf")
+    encode = decode = decode_add = float("inf")
     for _ in range(2):  # the first call of a process may load or compile the kernels: keep the second
         start = time.perf_counter()
         payload, _ = codec.compress(sample, segments)  # takes the codec lock itself
@@ -222,4 +229,7 @@ def _probe_codec(codec, values, segments) -> tuple:
             start = time.perf_counter()
             codec.decompress(payload, scratch)
             decode = min(decode, (time.perf_counter() - start) / count)
-    return encode, decode, codec.nbytes(payload) / count
+            start = time.perf_counter()
+            codec.decompress_add(payload, scratch)
+            decode_add = min(decode_add, (time.perf_counter() - start) / count)
+    return encode, decode, decode_add, codec.nbytes(payload) / count

@@ -15,9 +15,9 @@ from test_hook_exact import FakeBucket, gradient
 # A far link (40 ms per collective, 100 Mbit/s) and a near one (50 us, 10 Gbit/s); the codec
 # at ~1 ns per value, ~0.06 payload bytes per value (3LC at s = 1.0 on gradients).
 FAR = plan.LinkEstimate(latency_s=0.04, transfer_s=0.04, seconds_per_byte=8e-8, encode_s=3e-9, decode_s=1e-9,
-                        payload_bytes=0.06)
+                        decode_add_s=1e-9, payload_bytes=0.06)
 NEAR = plan.LinkEstimate(latency_s=5e-5, transfer_s=5e-5, seconds_per_byte=8e-10, encode_s=3e-9, decode_s=1e-9,
-                         payload_bytes=0.06)
+                         decode_add_s=1e-9, payload_bytes=0.06)
 
 
 def test_far_links_coalesce_and_prefer_fewer_round_trips():
@@ -42,11 +42,12 @@ def test_the_model_charges_round_trips_bytes_and_decoding():
     added = (plan.step_seconds("scatter_reduce", True, slow, **kwargs)
              - plan.step_seconds("scatter_reduce", True, FAR, **kwargs))
     assert added == pytest.approx(4 * FAR.latency_s)
-    # Allgather decodes N payloads, scatter-reduce two (shards, then the means).
+    # Allgather decodes one payload and adds N - 1 more of the whole bucket; scatter-reduce adds the
+    # shards it serves (n values in all) and decodes the means into place (n).
     free_link = plan.LinkEstimate(latency_s=0, transfer_s=0, seconds_per_byte=0, encode_s=0, decode_s=1e-9,
-                                  payload_bytes=0.06)
-    assert plan.step_seconds("allgather", False, free_link, **kwargs) == pytest.approx(4e-3)
-    assert plan.step_seconds("scatter_reduce", False, free_link, **kwargs) == pytest.approx(2e-3)
+                                  decode_add_s=1e-10, payload_bytes=0.06)
+    assert plan.step_seconds("allgather", False, free_link, **kwargs) == pytest.approx(1e-3 + 3e-4)
+    assert plan.step_seconds("scatter_reduce", False, free_link, **kwargs) == pytest.approx(1e-3 + 1e-4)
 
 
 def test_configured_options_are_kept_and_two_ranks_use_allgather():
@@ -89,7 +90,8 @@ def _agreement(rank, world_size):
     """Each rank measures a different link; every rank must still choose the same plan."""
     local = plan.LinkEstimate(latency_s=0.001 * (rank + 1) ** 3, transfer_s=0.002 * (world_size - rank) ** 2,
                               seconds_per_byte=1e-8 * (world_size - rank),
-                              encode_s=2e-9, decode_s=1e-9 * (rank + 1), payload_bytes=0.05 + 0.01 * rank)
+                              encode_s=2e-9, decode_s=1e-9 * (rank + 1), decode_add_s=3e-10 * (world_size - rank),
+                              payload_bytes=0.05 + 0.01 * rank)
     plan._probe = lambda *args, **kwargs: local  # this rank's "measurement"
     state = ThreeLCState(min_numel=0, start_iter=2)
     state.iteration = 2
@@ -124,6 +126,7 @@ def test_every_rank_chooses_the_plan_from_the_worst_measurements():
     worst = plan.LinkEstimate(latency_s=max(e.latency_s for e in locals_), transfer_s=max(e.transfer_s for e in locals_),
                               seconds_per_byte=max(e.seconds_per_byte for e in locals_),
                               encode_s=max(e.encode_s for e in locals_), decode_s=max(e.decode_s for e in locals_),
+                              decode_add_s=max(e.decode_add_s for e in locals_),
                               payload_bytes=max(e.payload_bytes for e in locals_))
     # The first compressed step knows no earlier step's shape: the model sees its first bucket.
     expected = plan.choose(worst, collective="auto", coalesce="auto", world_size=4, values=4000, buckets=1)
@@ -152,7 +155,8 @@ def test_the_real_probe_sends_agreed_sizes_and_measures_a_usable_link():
     links = [link for link, _ in results]
     for link in links:
         assert all(np.isfinite(value) and value >= 0 for value in link.__dict__.values())
-        assert link.latency_s > 0 and link.encode_s > 0 and link.decode_s > 0 and 0 < link.payload_bytes < 4
+        assert link.latency_s > 0 and link.encode_s > 0 and link.decode_s > 0 and link.decode_add_s > 0
+        assert 0 < link.payload_bytes < 4
     # The sizes come from the largest payload estimate (3 values' worth of this bucket per step),
     # so every rank sent the same: three headers, then two probes of each size to each peer.
     step_payload = int(np.ceil(max(link.payload_bytes for link in links) * 60_000))

@@ -172,7 +172,7 @@ def test_scaling_rows_hold_the_default_to_the_collective_its_plan_chose():
     auto = {"collective": "scatter_reduce", "coalesce": False, "reason": "modelled step: ..."}
     rows = {row["hook"]: row for row in bench_train.scaling_rows([
         cell("allreduce", 6000), cell("threelc-s1.0-allgather", 300),
-        cell("threelc-s1.0-scatter_reduce", 160, {"collective": "scatter_reduce", "reason": "configured"}),
+        cell("threelc-s1.0-scatter_reduce", 160, {"collective": "scatter_reduce", "reason": "modelled step: ..."}),
         cell("threelc-s1.0", 160, auto)])}
     # C = 300 / 3 = 100: allgather 3 C, scatter-reduce 2 * 3/4 C, and so the default that chose it.
     assert rows["threelc-s1.0-allgather"]["model_bytes"] == 300
@@ -180,4 +180,4 @@ def test_scaling_rows_hold_the_default_to_the_collective_its_plan_chose():
     assert rows["allreduce"]["model_bytes"] == 6000
     table = bench_doc.scaling_table(list(rows.values()))
     assert "threelc-s1.0 (plan: scatter_reduce)" in table and "50.0 ms" in table
-    assert "threelc-s1.0-scatter_reduce (plan" not in table  # a configured collective is no plan
+    assert "threelc-s1.0-scatter_reduce (plan" not in table  # a configured collective is not the plan's choice

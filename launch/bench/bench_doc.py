@@ -344,7 +344,8 @@ def scaling_table(rows: list[dict]) -> str:
     for row in rows:
         payload = format_bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
         plan = row.get("plan") or {}
-        hook = f"{row['hook']} (plan: {plan['collective']})" if plan.get("reason", "configured") != "configured" else row["hook"]
+        chosen = plan and not row["hook"].endswith(("allgather", "scatter_reduce"))  # "auto": the plan chose
+        hook = f"{row['hook']} (plan: {plan['collective']})" if chosen else row["hook"]
         body.append([str(row["nodes"]), hook, _ms(row.get("median_step_s")), payload,
                      format_bytes(row.get("model_bytes")), format_bytes(row.get("hook_bytes_per_step")),
                      "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",

@@ -64,6 +64,14 @@ VARIANTS = {
     "ours-f20-doubling-b256": (*_ours(20), "--block-size", "256"),
     "ours-f20-doubling-rows": _ours(20, embedding="row"),
     "ours-f20-doubling-rows-conv1d": _ours(20, embedding="row", conv1d=True),
+    # v raised on compressed steps to at least m_hat**2 (no coordinate steps more than lr).
+    "ours-f20-doubling-floor": (*_ours(20), "--floor-variance"),
+    "ours-f20-doubling-floor-exact": (*_ours(20), "--floor-variance", "--min-numel", str(2**62)),
+    # Finer scales only where a one-off look at the gradients found the longest lag: one per 256
+    # values (two rows) of GPT-2's tied embedding, one per 128 of the fused query/key/value bias,
+    # Conv1D weights compressed transposed.
+    "ours-f20-doubling-floor-fine": (*_ours(20, conv1d=True), "--floor-variance",
+                                     "--block-sizes", "*.wte.weight=256", "*.c_attn.bias=128"),
     "ours-f10-doubling": _ours(10),
     "ours-f50-doubling": _ours(50),
     "ours-f100-doubling": _ours(100),

@@ -121,8 +121,8 @@ class AdamW(torch.optim.AdamW):
         learns: within 60 steps of a freeze at 20 their largest ``|m_hat| / sqrt(v_hat)`` was 35-46
         where torch's own ``v`` gave 1.6; with every bucket allreduced the floor took that run's
         final loss from +12.5% to +0.1% of AdamW's, but with 3LC's gradients it cost loss
-        (+7.5%, where similar scales without it reach +3.1%; docs/benchmarks.md): a compressed
-        lump raises ``m_hat`` and the floor holds ``v`` up.  ``v`` only grows between
+        (+7.5%, where similar scales without it reach +3.1%; docs/benchmarks.md), likely because a
+        compressed lump raises ``m_hat`` and the floor holds ``v`` up.  ``v`` only grows between
         refreshes; a refresh goes on from the raised value.
     block_sizes : dict of str to int, optional
         Finer 3LC scales for chosen parameters on compressed steps: ``{pattern: values}`` gives

@@ -22,6 +22,7 @@ count on any rank, so every rank stays on the same schedule.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 
@@ -37,6 +38,8 @@ REFRESH = ("none", "doubling")
 COMPRESS = ("gradient", "momentum", "preconditioned")
 #: ``embedding_scale`` choices: one 3LC scale per row of each ``nn.Embedding`` weight, or the hook's blocks.
 EMBEDDING_SCALES = ("row", "block")
+#: Most values a ``block_sizes`` entry may give one scale (the hook's own block size is below 2**32).
+MAX_BLOCK = 2**32 - 1
 #: The least fraction of v a refresh keeps (see AdamW._frozen_group_step).
 REFRESH_KEEP = 0.5
 #: Version of the ``"threelc"`` entry in :meth:`AdamW.state_dict`.
@@ -109,6 +112,29 @@ class AdamW(torch.optim.AdamW):
         and key columns now send nonzeros: on the tiny GPT-2, with ``embedding_scale="row"``,
         +3.1% loss against AdamW (+4.8% without it) at 6% more bytes than rows alone, which took
         the run below the 20x / 40x byte bars (docs/benchmarks.md).
+    floor_variance : bool, default False
+        On every compressed step raise ``v`` where needed so that ``v_hat >= m_hat**2``: no
+        coordinate steps more than ``lr`` (the bound exact Adam keeps by itself while a gradient
+        is steady).  Why: a ``v`` frozen at the warm-up cannot follow a gradient that grows by
+        orders of magnitude later; in the tiny GPT-2 the query and key weights' gradients are
+        tiny while attention is uniform (``sqrt(v)`` down to 1e-6 at step 20) and grow once it
+        learns: within 60 steps of a freeze at 20 their largest ``|m_hat| / sqrt(v_hat)`` was 35-46
+        where torch's own ``v`` gave 1.6; with every bucket allreduced the floor took that run's
+        final loss from +12.5% to +0.1% of AdamW's, but with 3LC's gradients it cost loss
+        (+7.5%, where similar scales without it reach +3.1%; docs/benchmarks.md), likely because a
+        compressed lump raises ``m_hat`` and the floor holds ``v`` up.  ``v`` only grows between
+        refreshes; a refresh goes on from the raised value.
+    block_sizes : dict of str to int, optional
+        Finer 3LC scales for chosen parameters on compressed steps: ``{pattern: values}`` gives
+        every parameter whose name in the paired model matches ``pattern`` (``fnmatch``, e.g.
+        ``"*.c_attn.weight"``; the first matching pattern wins) one scale per ``values``
+        consecutive values of its gradient (as compressed, so along output features under
+        ``transpose_conv1d``), the hook's ``block_size`` elsewhere.  Each such piece costs 12
+        header bytes per payload (its size and scale) where a hook block costs 4, so keep it to
+        the tensors where the hook's blocks mix gradients of very different sizes.  A pattern that
+        decides no parameter's block size (it matches no name, or only names an earlier pattern
+        took), or one that names an embedding weight under ``embedding_scale="row"``, is a
+        ValueError at pairing.
 
     Gradient clipping (``clip_grad_norm_`` between backward and step) clips what the hook
     delivered: the exact mean gradient on full-precision steps, the decoded 3LC mean gradient on
@@ -125,7 +151,8 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  freeze_step: int = 100, refresh: str = "doubling", compress: str = "gradient",
-                 embedding_scale: str = "block", transpose_conv1d: bool = False,
+                 embedding_scale: str = "block", transpose_conv1d: bool = False, floor_variance: bool = False,
+                 block_sizes: dict | None = None,
                  amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
         if amsgrad or capturable or differentiable or fused:
@@ -142,6 +169,9 @@ class AdamW(torch.optim.AdamW):
             raise ValueError(f"embedding_scale must be one of {EMBEDDING_SCALES}, got {embedding_scale!r}")
         if not isinstance(transpose_conv1d, bool):
             raise ValueError(f"transpose_conv1d must be True or False, got {transpose_conv1d!r}")
+        if not isinstance(floor_variance, bool):
+            raise ValueError(f"floor_variance must be True or False, got {floor_variance!r}")
+        block_sizes = _check_block_sizes(block_sizes)
         if compress == "momentum" and maximize:
             raise ValueError("compress='momentum' does not support maximize=True")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
@@ -151,6 +181,10 @@ class AdamW(torch.optim.AdamW):
         self.compress = compress
         self.embedding_scale = embedding_scale
         self.transpose_conv1d = transpose_conv1d
+        self.floor_variance = floor_variance
+        self.block_sizes = block_sizes
+        #: id(parameter) -> values per scale, for block_sizes (set at pairing).
+        self._block_of: dict[int, int] = {}
         #: id(embedding weight) -> row length, for embedding_scale="row" (set at pairing).
         self._row_sizes: dict[int, int] = {}
         #: id(Conv1D weight) -> its (in, out) shape, for transpose_conv1d (set at pairing).
@@ -175,7 +209,9 @@ class AdamW(torch.optim.AdamW):
     def schedule_text(self) -> str:
         """What every rank must agree on (part of the hook's configuration fingerprint)."""
         return (f"AdamW(freeze_step={self.freeze_step} refresh={self.refresh} compress={self.compress} "
-                f"embedding_scale={self.embedding_scale} transpose_conv1d={self.transpose_conv1d})")
+                f"embedding_scale={self.embedding_scale} transpose_conv1d={self.transpose_conv1d}"
+                f"{' floor_variance=True' if self.floor_variance else ''}"
+                f"{f' block_sizes={self.block_sizes}' if self.block_sizes else ''})")
 
     def bind_module(self, module) -> None:
         """Learn which of ``module``'s parameters are embedding tables and Conv1D weights (pairing
@@ -189,9 +225,33 @@ class AdamW(torch.optim.AdamW):
                 self._row_sizes[id(weight)] = int(weight.shape[1])
             elif self.transpose_conv1d and _is_conv1d(child):
                 self._transposed[id(weight)] = tuple(int(size) for size in weight.shape)
-        if self.embedding_scale == "row" or self.transpose_conv1d:
+        self._block_of = self._match_block_sizes(module)
+        if self.embedding_scale == "row" or self.transpose_conv1d or self.block_sizes:
             logger.info("threelc.optim.AdamW: %d embedding weight(s) scaled by row, %d Conv1D weight(s) compressed "
-                        "transposed", len(self._row_sizes), len(self._transposed))
+                        "transposed, %d parameter(s) with their own block size", len(self._row_sizes),
+                        len(self._transposed), len(self._block_of))
+
+    def _match_block_sizes(self, module) -> dict:
+        """id(parameter) -> values per scale for the parameters ``block_sizes`` names (ValueError
+        for a pattern that matches nothing, or an embedding weight already scaled by row)."""
+        if not self.block_sizes:
+            return {}
+        found, used = {}, set()
+        for name, parameter in module.named_parameters():
+            pattern = next((pattern for pattern in self.block_sizes if fnmatch.fnmatchcase(name, pattern)), None)
+            if pattern is None:
+                continue
+            if id(parameter) in self._row_sizes:
+                raise ValueError(f"block_sizes pattern {pattern!r} matches the embedding weight {name!r}, which "
+                                 f"embedding_scale='row' already scales by row: use one or the other")
+            found[id(parameter)] = self.block_sizes[pattern]
+            used.add(pattern)
+        unused = [pattern for pattern in self.block_sizes if pattern not in used]
+        if unused:
+            raise ValueError(f"block_sizes pattern(s) {unused} decide no parameter's block size: they match no "
+                             f"parameter name of the paired model, or only names an earlier pattern took (names look "
+                             f"like {next(iter(dict(module.named_parameters())), '')!r})")
+        return found
 
     def transposed_segments(self, parameters) -> tuple:
         """``(offset, rows, columns)`` of each gradient in a bucket of ``parameters`` that the
@@ -209,13 +269,21 @@ class AdamW(torch.optim.AdamW):
     def scale_segments(self, parameters, layout: tuple) -> tuple:
         """The segments the hook gives one 3LC scale each (blocks within them), for a bucket of
         ``parameters`` with sizes ``layout`` (a trailing padding segment stays as it is): each
-        embedding weight split into its rows under ``embedding_scale="row"``, else ``layout``."""
-        if not self._row_sizes:
+        embedding weight split into its rows under ``embedding_scale="row"``, each parameter
+        that ``block_sizes`` names into pieces of its block size, every other one whole."""
+        if not self._row_sizes and not self._block_of:
             return layout
         segments = []
         for index, size in enumerate(layout):
-            row = self._row_sizes.get(id(parameters[index])) if index < len(parameters) else None
-            segments.extend((row,) * (size // row) if row and size % row == 0 else (size,))
+            key = id(parameters[index]) if index < len(parameters) else None
+            row = self._row_sizes.get(key)
+            if row and size % row == 0:
+                segments.extend((row,) * (size // row))
+            elif key in self._block_of:
+                block = self._block_of[key]
+                segments.extend((block,) * (size // block) + ((size % block,) if size % block else ()))
+            else:
+                segments.append(size)
         return tuple(segments)
 
     def prepare_bucket(self, parameters, buffer: torch.Tensor) -> None:
@@ -295,6 +363,11 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg_sq"].mul_(decay).addcmul_(grad, grad, value=1 - decay)
                 state["variance_step"] = variance_step = int(step)
             bias_correction1 = 1 - beta1 ** step
+            if self.floor_variance and not refresh_this:
+                # v_hat >= m_hat**2, in v's own units: v >= (m / bias_correction1)**2 * bias_correction2.
+                bias_correction2 = 1 - beta2 ** variance_step
+                floor = state["exp_avg"].square().mul_(bias_correction2 / bias_correction1 ** 2)
+                torch.maximum(state["exp_avg_sq"], floor, out=state["exp_avg_sq"])
             parameter.addcdiv_(state["exp_avg"], _denominator(state, group), value=-lr / bias_correction1)
 
     # ------------------------------------------------------------------ checkpointing
@@ -304,7 +377,8 @@ class AdamW(torch.optim.AdamW):
         state_dict = super().state_dict()
         state_dict["threelc"] = {"version": STATE_VERSION, "steps": self.steps, "freeze_step": self.freeze_step,
                                  "refresh": self.refresh, "compress": self.compress,
-                                 "embedding_scale": self.embedding_scale, "transpose_conv1d": self.transpose_conv1d}
+                                 "embedding_scale": self.embedding_scale, "transpose_conv1d": self.transpose_conv1d,
+                                 "floor_variance": self.floor_variance, "block_sizes": dict(self.block_sizes)}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -320,12 +394,27 @@ class AdamW(torch.optim.AdamW):
         if entry.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported threelc.optim.AdamW state version {entry.get('version')!r} "
                              f"(this version reads {STATE_VERSION})")
-        saved = {key: entry[key] for key in ("freeze_step", "refresh", "compress", "embedding_scale", "transpose_conv1d")
-                 if key in entry}
+        saved = {key: entry[key] for key in ("freeze_step", "refresh", "compress", "embedding_scale", "transpose_conv1d",
+                                             "floor_variance", "block_sizes") if key in entry}
         changed = {key: (value, getattr(self, key)) for key, value in saved.items() if value != getattr(self, key)}
         if changed:
             logger.warning("threelc.optim.AdamW: loading a state saved with other options (saved, now): %s", changed)
         self.steps = int(entry["steps"])
+
+
+def _check_block_sizes(block_sizes) -> dict:
+    """``block_sizes`` as a dict of name pattern -> values per scale (ValueError if malformed)."""
+    if block_sizes is None:
+        return {}
+    if not isinstance(block_sizes, dict):
+        raise ValueError(f"block_sizes must be a dict of parameter-name pattern -> values per scale, "
+                         f"got {type(block_sizes).__name__}")
+    for pattern, size in block_sizes.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"block_sizes keys must be non-empty parameter-name patterns (str), got {pattern!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BLOCK:
+            raise ValueError(f"block_sizes[{pattern!r}] must be an integer from 1 to {MAX_BLOCK}, got {size!r}")
+    return dict(block_sizes)
 
 
 def _is_conv1d(module) -> bool:

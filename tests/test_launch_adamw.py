@@ -26,6 +26,18 @@ def test_text_task_builds_threelc_adamw_with_its_options():
     assert task.describe()["freeze_step"] == 5
 
 
+def test_block_sizes_option_parses_pattern_equals_values():
+    import argparse
+
+    from threelc.launch.examples.train_text import _block_size
+
+    assert _block_size("*.wte.weight=256") == ("*.wte.weight", 256)
+    assert _block_size("a=b=8") == ("a=b", 8)  # the last "=" splits
+    for bad in ("*.wte.weight", "*.wte.weight=", "=256", "x=-1", "x=2.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="PATTERN=VALUES"):
+            _block_size(bad)
+
+
 def test_tiny_gpt2_is_a_byte_language_model():
     pytest.importorskip("transformers")
     from threelc.launch.examples.train_gpt2 import GPT2Task

@@ -92,7 +92,10 @@ def test_schedule_is_a_pure_function_of_the_step():
     ({"refresh": "sometimes"}, "refresh"), ({"compress": "weights"}, "compress"), ({"amsgrad": True}, "amsgrad"),
     ({"fused": True}, "fused"), ({"compress": "momentum", "maximize": True}, "maximize"), ({"lr": -1.0}, "learning rate"),
     ({"betas": (0.9, 1.5)}, "beta"), ({"embedding_scale": "token"}, "embedding_scale"),
-    ({"transpose_conv1d": 1}, "transpose_conv1d"),
+    ({"transpose_conv1d": 1}, "transpose_conv1d"), ({"floor_variance": 1}, "floor_variance"),
+    ({"block_sizes": [("*", 4)]}, "block_sizes"), ({"block_sizes": {"*": 0}}, "block_sizes"),
+    ({"block_sizes": {"*": True}}, "block_sizes"), ({"block_sizes": {"": 4}}, "block_sizes"),
+    ({"block_sizes": {"*": 2**32}}, "block_sizes"),
 ])
 def test_bad_arguments_raise_value_error(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -166,6 +169,42 @@ def test_embedding_rows_get_their_own_scales():
     blocks.bind_module(model)
     assert blocks.scale_segments(parameters, (16, 32, 4)) == (16, 32, 4)
     assert "embedding_scale=row" in rows.schedule_text() and rows.state_dict()["threelc"]["embedding_scale"] == "row"
+
+
+def test_block_sizes_split_the_named_parameters():
+    model = Tied()
+    optimizer = threelc.optim.AdamW(model.parameters(), block_sizes={"mix.weight": 5, "mix.*": 3})
+    optimizer.bind_module(model)
+    parameters = [model.mix.weight, model.embed.weight, model.mix.bias]
+    # mix.weight: pieces of 5 (the first pattern wins), the rest alone; mix.bias: pieces of 3; the table whole.
+    assert optimizer.scale_segments(parameters, (16, 32, 4)) == (5, 5, 5, 1, 32, 3, 1)
+    assert "block_sizes={'mix.weight': 5, 'mix.*': 3}" in optimizer.schedule_text()
+    assert optimizer.state_dict()["threelc"]["block_sizes"] == {"mix.weight": 5, "mix.*": 3}
+    for options, message in (({"block_sizes": {"mix.weight": 5, "head.*": 3}}, "head"),  # tied: named embed.weight
+                             ({"block_sizes": {"mix.*": 5, "mix.bias": 3}}, "mix.bias"),  # shadowed by mix.*
+                             ({"block_sizes": {"embed.weight": 4}, "embedding_scale": "row"}, "embedding_scale")):
+        with pytest.raises(ValueError, match=message):
+            threelc.optim.AdamW(model.parameters(), **options).bind_module(model)
+
+
+def test_floor_variance_bounds_each_step_by_lr():
+    """A gradient that grows ten thousandfold after the freeze: the frozen v alone lets the step
+    grow with it; with the floor no step exceeds lr (weight decay off)."""
+    largest = {}
+    for floor_variance in (False, True):
+        parameter = nn.Parameter(torch.zeros(3))
+        optimizer = threelc.optim.AdamW([parameter], lr=1e-3, weight_decay=0.0, freeze_step=2, refresh="none",
+                                        floor_variance=floor_variance)
+        optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+        steps = []
+        for step in range(8):
+            parameter.grad = torch.full((3,), 1e-4 if step < 2 else 1.0)
+            before = parameter.detach().clone()
+            optimizer.step()
+            steps.append(float((parameter.detach() - before).abs().max()))
+        largest[floor_variance] = max(steps[2:])
+        assert steps[:2] == pytest.approx([1e-3, 1e-3], rel=1e-3)  # the warm-up is AdamW either way
+    assert largest[False] > 100 * 1e-3 and largest[True] <= 1e-3 * (1 + 1e-5)
 
 
 # ---------------------------------------------------------------------------- gloo ranks
@@ -262,6 +301,36 @@ def test_grad_scaler_skips_keep_every_rank_on_one_schedule():
         assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][2])
 
 
+def floored_run(rank, world_size):
+    """Per step: whether v_hat >= m_hat**2 holds for every parameter (to float32 rounding)."""
+    model, ddp, optimizer, state = _paired(floor_variance=True)
+    holds = []
+    for step in range(STEPS):
+        _step(ddp, optimizer, rank, step)
+        bounded = []
+        for group in optimizer.param_groups:
+            beta1, beta2 = group["betas"]
+            for parameter in group["params"]:
+                entry = optimizer.state.get(parameter, {})
+                if "exp_avg" in entry:
+                    m_hat = entry["exp_avg"] / (1 - beta1 ** int(entry["step"]))
+                    v_hat = entry["exp_avg_sq"] / (1 - beta2 ** entry.get("variance_step", int(entry["step"])))
+                    bounded.append(bool((v_hat >= m_hat.square() * (1 - 1e-6)).all()))
+        holds.append(all(bounded))
+    return holds, _flat(model)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_floor_variance_keeps_v_above_the_momentum_and_replicas_identical(world_size):
+    results = run_ranks(floored_run, world_size, timeout_s=300)
+    for holds, parameters in results:
+        compressed_steps = [step for step in range(STEPS) if not threelc.optim.AdamW(
+            [nn.Parameter(torch.zeros(1))], freeze_step=FREEZE).full_precision(step)]
+        assert compressed_steps and all(holds[step] for step in compressed_steps)
+        assert not all(holds[:FREEZE])  # AdamW's own v (the warm-up) does not keep it: the floor does the work
+        assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][1])
+
+
 def different_freeze_steps(rank, world_size):
     model, ddp, optimizer, state = _paired(freeze_step=FREEZE + rank)
     try:
@@ -339,12 +408,12 @@ def test_framework_wrappers_and_late_pairing():
 TOTAL, STOP_AT = 14, 7  # the stop falls between the freeze (4) and the refresh (8)
 
 
-def first_half_and_uninterrupted(rank, world_size, folder):
-    model, ddp, optimizer, state = _paired()
+def first_half_and_uninterrupted(rank, world_size, folder, options):
+    model, ddp, optimizer, state = _paired(**options)
     for step in range(TOTAL):
         _step(ddp, optimizer, rank, step)
     reference = _flat(model)
-    model, ddp, optimizer, state = _paired()
+    model, ddp, optimizer, state = _paired(**options)
     for step in range(STOP_AT):
         _step(ddp, optimizer, rank, step)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict()},
@@ -352,12 +421,12 @@ def first_half_and_uninterrupted(rank, world_size, folder):
     return reference
 
 
-def resume(rank, world_size, folder):
+def resume(rank, world_size, folder, options):
     checkpoint = torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False)
     torch.manual_seed(123)  # a fresh process with other random weights: everything comes from the checkpoint
     model = Net()
     model.load_state_dict(checkpoint["model"])
-    optimizer = threelc.optim.AdamW(_groups(model), freeze_step=FREEZE)
+    optimizer = threelc.optim.AdamW(_groups(model), freeze_step=FREEZE, **options)
     optimizer.load_state_dict(checkpoint["optimizer"])
     ddp = DDP(model, find_unused_parameters=True)
     state = register(ddp, optimizer=optimizer, **HOOK_OPTIONS)
@@ -368,9 +437,10 @@ def resume(rank, world_size, folder):
     return _flat(model)
 
 
-def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
-    references = run_ranks(first_half_and_uninterrupted, 2, str(tmp_path), timeout_s=300)
-    resumed = run_ranks(resume, 2, str(tmp_path), timeout_s=300)
+@pytest.mark.parametrize("options", [{}, {"floor_variance": True, "block_sizes": {"first.weight": 100}}])
+def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, options):
+    references = run_ranks(first_half_and_uninterrupted, 2, str(tmp_path), options, timeout_s=300)
+    resumed = run_ranks(resume, 2, str(tmp_path), options, timeout_s=300)
     for rank in range(2):
         assert torch.equal(resumed[rank], references[rank])
     assert torch.equal(references[0], references[1])
@@ -391,13 +461,13 @@ def test_a_refresh_after_a_long_gap_keeps_half_of_v():
     torch.testing.assert_close(state["exp_avg_sq"], before * 0.5, rtol=0, atol=0)
 
 
-def rare_token_gradient(rank, world_size, embedding_scale):
+def rare_token_gradient(rank, world_size, options):
     """One compressed step of a tied embedding whose row 0 (a frequent token) gets a gradient a
     hundred times row 1's (a rare one): the decoded mean of row 1, and the replicas' weights."""
     torch.manual_seed(0)
     model = Tied(rows=8, width=128)
     ddp = DDP(model)
-    optimizer = threelc.optim.AdamW(model.parameters(), freeze_step=2, embedding_scale=embedding_scale)
+    optimizer = threelc.optim.AdamW(model.parameters(), freeze_step=2, **options)
     register(ddp, optimizer=optimizer, min_numel=16)
     tokens = torch.tensor([[0] * 100 + [1]])
     for _ in range(3):  # full, full, compressed
@@ -410,12 +480,14 @@ def rare_token_gradient(rank, world_size, embedding_scale):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_a_rare_tokens_row_is_not_silenced_by_a_frequent_one(world_size):
-    """With one scale per row the rare row reaches the mean on the first compressed step; in a
-    block shared with the frequent row it stays in the residual (all zero)."""
-    for embedding_scale, delivered in (("row", True), ("block", False)):
-        results = run_ranks(rare_token_gradient, world_size, embedding_scale, timeout_s=300)
+    """With one scale per row (embedding_scale="row", or block_sizes of one row) the rare row
+    reaches the mean on the first compressed step; in a block shared with the frequent row it
+    stays in the residual (all zero)."""
+    for options, delivered in (({"embedding_scale": "row"}, True), ({"block_sizes": {"embed.weight": 128}}, True),
+                               ({"embedding_scale": "block"}, False)):
+        results = run_ranks(rare_token_gradient, world_size, options, timeout_s=300)
         for rare, parameters in results:
-            assert bool(rare.abs().sum() > 0) == delivered, embedding_scale
+            assert bool(rare.abs().sum() > 0) == delivered, options
             assert torch.equal(parameters, results[0][1])
 
 

@@ -39,11 +39,14 @@ from ..runs.runlog import load_run
 __all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
 
 ADAMW = ("--optimizer", "adamw")
+#: The 3LC hook with the collective every 3LC row of the table used: since the hook's "auto" plan
+#: measures the link (and may choose allgather, about twice the bytes), it is pinned.
+THREELC = ("--hook", "threelc", "--collective", "scatter_reduce")
 
 
 def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient", embedding: str = "block",
           conv1d: bool = False) -> tuple:
-    return ("--hook", "threelc", "--optimizer", "threelc-adamw", "--freeze-step", str(freeze), "--refresh", refresh,
+    return (*THREELC, "--optimizer", "threelc-adamw", "--freeze-step", str(freeze), "--refresh", refresh,
             "--adam-compress", compress, "--embedding-scale", embedding,
             "--transpose-conv1d" if conv1d else "--no-transpose-conv1d")
 
@@ -51,7 +54,7 @@ def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient", em
 #: variant name -> the training script's options.
 VARIANTS = {
     "allreduce": ("--hook", "allreduce", *ADAMW),
-    "3lc+torch-adamw": ("--hook", "threelc", *ADAMW),
+    "3lc+torch-adamw": (*THREELC, *ADAMW),
     "ours-f20-doubling": _ours(20),
     "ours-f20-none": _ours(20, "none"),
     "ours-f20-momentum": _ours(20, "doubling", "momentum"),
@@ -64,6 +67,14 @@ VARIANTS = {
     "ours-f20-doubling-b256": (*_ours(20), "--block-size", "256"),
     "ours-f20-doubling-rows": _ours(20, embedding="row"),
     "ours-f20-doubling-rows-conv1d": _ours(20, embedding="row", conv1d=True),
+    # v raised on compressed steps to at least m_hat**2 (no coordinate steps more than lr).
+    "ours-f20-doubling-floor": (*_ours(20), "--floor-variance"),
+    "ours-f20-doubling-floor-exact": (*_ours(20), "--floor-variance", "--min-numel", str(2**62)),
+    # Finer scales only where a one-off look at the gradients found the longest lag: one per 256
+    # values (two rows) of GPT-2's tied embedding, one per 128 of the fused query/key/value bias,
+    # Conv1D weights compressed transposed.
+    "ours-f20-doubling-floor-fine": (*_ours(20, conv1d=True), "--floor-variance",
+                                     "--block-sizes", "*.wte.weight=256", "*.c_attn.bias=128"),
     "ours-f10-doubling": _ours(10),
     "ours-f50-doubling": _ours(50),
     "ours-f100-doubling": _ours(100),

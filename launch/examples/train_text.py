@@ -166,12 +166,28 @@ def _add_arguments(group):
     group.add_argument("--transpose-conv1d", action=argparse.BooleanOptionalAction, default=None,
                        help="threelc-adamw: compress Hugging Face Conv1D weight gradients transposed (default: the "
                             "optimizer's)")
+    group.add_argument("--floor-variance", action=argparse.BooleanOptionalAction, default=None,
+                       help="threelc-adamw: on compressed steps raise v so that no coordinate steps more than lr "
+                            "(default: the optimizer's)")
+    group.add_argument("--block-sizes", nargs="+", type=_block_size, default=None, metavar="PATTERN=VALUES",
+                       help="threelc-adamw: values per 3LC scale for the parameters whose names match PATTERN "
+                            "(fnmatch, e.g. '*.c_attn.weight=256'); the hook's block size elsewhere")
+
+
+def _block_size(text: str) -> tuple:
+    """``PATTERN=VALUES`` of --block-sizes as ``(pattern, values)``."""
+    pattern, _, values = text.rpartition("=")
+    if not pattern or not values.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PATTERN=VALUES (e.g. '*.c_attn.weight=256'), got {text!r}")
+    return pattern, int(values)
 
 
 def adam_options(args) -> dict:
     """threelc.optim.AdamW's keyword arguments that were given on the command line."""
     given = {"freeze_step": args.freeze_step, "refresh": args.refresh, "compress": args.adam_compress,
-             "embedding_scale": args.embedding_scale, "transpose_conv1d": args.transpose_conv1d}
+             "embedding_scale": args.embedding_scale, "transpose_conv1d": args.transpose_conv1d,
+             "floor_variance": args.floor_variance,
+             "block_sizes": dict(args.block_sizes) if args.block_sizes else None}
     return {key: value for key, value in given.items() if value is not None}
 
 

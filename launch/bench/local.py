@@ -53,7 +53,14 @@ VARIANTS = {"allreduce": ADAMW_VARIANTS["allreduce"], "ours-f20-doubling": ADAMW
             # Error feedback delivers a round's pseudo-gradient with less delay with finer scales, and
             # with allgather's one lossy stage instead of scatter-reduce's two (at twice the bytes).
             "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024"),
-            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather")}
+            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather"),
+            # SparseLoCo's outer settings for compressed syncs: no outer momentum, outer lr 1 (the
+            # error-feedback residual carries what a round does not send, as a momentum would).
+            **{f"h50-{outer}-lr1-m0": (*_local(50, outer), "--outer-lr", "1.0", "--outer-momentum", "0.0")
+               for outer in OUTERS},
+            # Further 3LC passes per sync send what the residuals hold at finer scales (~k times the bytes).
+            **{f"h{sync_every}-3lc-p{passes}": (*_local(sync_every, "3lc"), "--outer-passes", str(passes))
+               for sync_every in (50, 100) for passes in (2, 3)}}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
 PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
         ("h50-3lc-allgather", 0), ("h50-3lc", 1),

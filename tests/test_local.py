@@ -412,11 +412,12 @@ TINY_TEXT = ["--d-model", "16", "--layers", "1", "--heads", "2", "--context", "1
 def test_train_text_with_local_steps_counts_the_outer_bytes(tmp_path):
     torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "6", "--eval-every", "6",
                                                        "--local-steps", "3", "--outer", "3lc", "--warmup-steps", "2",
-                                                       "--run-dir", tmp_path], timeout=300)
+                                                       "--outer-passes", "2", "--run-dir", tmp_path], timeout=300)
     lines = [json.loads(line) for line in (tmp_path / "hook-rank1.jsonl").read_text().splitlines()]
     assert [line["compressed"] for line in lines] == [False, False, False, False, True, False]
     sent = [line["sent_bytes"] for line in lines]
     assert sent[0] > sent[4] > 0 and sent[2] == sent[3] == sent[5] == 0  # warm-up allreduce, then one sync
+    assert lines[4]["raw_bytes"] == 2 * lines[0]["raw_bytes"]  # the model's bytes, once per 3LC pass
     assert json.loads((tmp_path / "config.json").read_text())["hook"] == "local-3lc"
 
 

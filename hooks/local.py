@@ -18,9 +18,16 @@ One round, on every rank::
                               unchanged (no averaging, no bytes); the inner optimizer steps
     after inner step H        delta = start - params           (flat, float32)
     (LocalSteps.step())       mean  = average(delta)           allreduce ("fp32") or 3LC ("3lc")
+                              [3LC, passes = k: k - 1 more times  mean += average(0)]
                               momentum = mu * momentum + mean
                               start = start - lr * (mean + mu * momentum)     (Nesterov)
                               params = start                   (bitwise the same on every rank)
+
+With ``passes=k`` (3LC only) one sync runs the 3LC average k times: first on the pseudo-gradients,
+then on zeros, so that each further pass sends what the residuals still hold (what the previous
+pass left unsent, below half its block's largest) at its own, finer scale, in the same sync instead
+of in later rounds.  Error feedback delivers everything eventually either way; with a handful of
+rounds per run the delay is what costs, and k passes cost ~k times the bytes of one.
 
 The first ``warmup_steps`` inner steps average gradients with a plain allreduce, as PyTorch's
 ``post_localSGD_hook`` does before its ``start_localSGD_iter``; the first round starts after them.
@@ -90,6 +97,9 @@ class LocalSteps:
     outer : {"3lc", "fp32"}, default "3lc"
         Average the pseudo-gradients through 3LC (the hook's codec and collectives, with worker
         and server error feedback) or with a plain float32 allreduce.
+    passes : int, default 1
+        3LC averages per sync (``outer="3lc"`` only): the first on the pseudo-gradients, each
+        further one on zeros, sending what the residuals hold at a finer scale (~k times the bytes).
     warmup_steps : int, default 0
         Inner steps that average gradients with a plain allreduce before the first round.
     stats_dir : str, optional
@@ -112,10 +122,10 @@ class LocalSteps:
     """
 
     def __init__(self, ddp_model, inner_optimizer, *, sync_every: int = 50, outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9, nesterov: bool = True, outer: str = "3lc", warmup_steps: int = 0,
-                 stats_dir=None, **hook_options):
+                 outer_momentum: float = 0.9, nesterov: bool = True, outer: str = "3lc", passes: int = 1,
+                 warmup_steps: int = 0, stats_dir=None, **hook_options):
         ddp_model = hook._distributed_model(ddp_model)
-        _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, warmup_steps, hook_options)
+        _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps, hook_options)
         self.parameters = [parameter for parameter in ddp_model.module.parameters() if parameter.requires_grad]
         _check_inner(inner_optimizer, self.parameters)
         # Hyperparameters.
@@ -124,6 +134,7 @@ class LocalSteps:
         self.outer_momentum = float(outer_momentum)
         self.nesterov = nesterov
         self.outer = outer
+        self.passes = int(passes)
         self.warmup_steps = int(warmup_steps)
         process_group = getattr(ddp_model, "process_group", None)
         #: The hook state of the outer sync: its options, residuals, statistics and collectives.
@@ -174,7 +185,7 @@ class LocalSteps:
         delta = self._start - self._flat_parameters()
         if dist.get_world_size(self.state.group()) > 1:
             if self.outer == "3lc":
-                hook.average(self.state, delta, index=0, layout=self.layout)
+                self._average_3lc(delta)
             else:
                 self.state._stats.add_raw(delta.numel() * delta.element_size())
                 collectives.allreduce_mean(delta, self.state.group(), self.state._stats)
@@ -184,6 +195,12 @@ class LocalSteps:
         update = delta.add(self._momentum, alpha=self.outer_momentum) if self.nesterov else self._momentum
         self._start.add_(update, alpha=-self.outer_lr)
         self._write_parameters(self._start)
+
+    def _average_3lc(self, delta: torch.Tensor) -> None:
+        """``delta`` becomes its 3LC mean, refined by ``passes - 1`` more averages of the residuals."""
+        hook.average(self.state, delta, index=0, layout=self.layout)
+        for _ in range(self.passes - 1):
+            delta.add_(hook.average(self.state, torch.zeros_like(delta), index=0, layout=self.layout))
 
     def _start_round(self) -> None:
         self._start = self._flat_parameters()
@@ -212,7 +229,8 @@ class LocalSteps:
     def config(self) -> dict:
         """The options as a JSON-able dict (the 3LC options under ``"hook"``)."""
         return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
-                "nesterov": self.nesterov, "outer": self.outer, "warmup_steps": self.warmup_steps,
+                "nesterov": self.nesterov, "outer": self.outer, "passes": self.passes,
+                "warmup_steps": self.warmup_steps,
                 "hook": self.state.config()}
 
     def _fingerprint_text(self, world_size: int, with_steps: bool) -> str:
@@ -295,7 +313,8 @@ def local_hook(local: LocalSteps, bucket: dist.GradBucket) -> torch.futures.Futu
     return future
 
 
-def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, warmup_steps, hook_options) -> None:
+def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps,
+                     hook_options) -> None:
     if not _is_int(sync_every) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive integer (inner steps per outer sync), got {sync_every!r}")
     if not _is_number(outer_lr) or not outer_lr > 0:
@@ -306,6 +325,10 @@ def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, warm
         raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
     if outer not in OUTER:
         raise ValueError(f"outer must be one of {OUTER} (how pseudo-gradients are averaged), got {outer!r}")
+    if not _is_int(passes) or passes < 1:
+        raise ValueError(f"passes must be a positive integer (3LC averages per outer sync), got {passes!r}")
+    if outer == "fp32" and passes != 1:
+        raise ValueError(f"passes={passes!r} only applies to outer='3lc' (a float32 allreduce is exact in one pass)")
     if not _is_int(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
     unused = sorted(set(hook_options) & set(_UNUSED_HOOK_OPTIONS))

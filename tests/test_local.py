@@ -148,6 +148,58 @@ def test_3lc_outer_sync_leaves_identical_replicas(world_size, tmp_path):
     assert all(torch.equal(result[4][-1], results[0][4][-1]) for result in results)
 
 
+# ------------------------------------------------------------------ further 3LC passes per sync
+PASSES = (1, 2, 3)
+
+
+def passes_bookkeeping(rank, world_size):
+    """One sync (H = 3; outer lr 1 without momentum: the update is the delivered mean) per
+    collective and number of passes: the pseudo-gradient, what arrived, the residuals, the bytes."""
+    results = {}
+    for collective in ("scatter_reduce", "allgather"):
+        for passes in PASSES:
+            start, records, local = _train(rank, 3, sync_every=3, outer="3lc", passes=passes, outer_lr=1.0,
+                                           outer_momentum=0.0, nesterov=False, collective=collective)
+            (entry,) = local.state._residuals.values()
+            server = torch.zeros_like(entry.worker)
+            if entry.server is not None:
+                server[entry.server_start:entry.server_start + entry.server.numel()] = entry.server
+            results[collective, passes] = {"delta": start - records[-1][1], "delivered": start - records[-1][2],
+                                           "worker": entry.worker.clone(), "server": server,
+                                           "sent": local.state.stats()["total"]["sent_bytes"]}
+            local.close()
+    return results, [parameter.numel() for parameter in _model().parameters()]
+
+
+def test_further_passes_send_the_residuals_and_lose_nothing():
+    results = run_ranks(passes_bookkeeping, 2, timeout_s=300)
+    layout = results[0][1]
+    for collective in ("scatter_reduce", "allgather"):
+        errors, sent = [], []
+        for passes in PASSES:
+            runs = [result[0][collective, passes] for result in results]
+            delivered = runs[0]["delivered"]
+            assert all(torch.equal(run["delivered"], delivered) for run in runs)  # identical replicas
+            exact = sum(run["delta"] for run in runs) / 2
+            # What arrived plus what the worker and server residuals still owe is the exact mean,
+            # whatever the number of passes (up to float32 rounding): nothing lost, nothing twice.
+            owed = sum(run["worker"] for run in runs) / 2 + sum(run["server"] for run in runs)
+            torch.testing.assert_close(delivered + owed, exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
+            errors.append(float((delivered - exact).norm() / exact.norm()))
+            sent.append(runs[0]["sent"])
+            if collective == "allgather":
+                # One lossy stage: each pass at least halves every residual's largest value in its
+                # scale unit (here each parameter tensor), so the error is within M / 2**passes.
+                for error, *deltas in zip((delivered - exact).split(layout), *(run["delta"].split(layout)
+                                                                              for run in runs)):
+                    bound = max(float(delta.abs().max()) for delta in deltas) / 2 ** passes
+                    assert float(error.abs().max()) <= bound * (1 + 1e-5), (passes, bound)
+        # Each further pass sends what the residuals held, at a finer scale: the mean arrives more
+        # exactly, for more bytes.
+        assert errors[2] < errors[1] < errors[0], (collective, errors)
+        assert sent[0] < sent[1] < sent[2], (collective, sent)
+
+
 # ------------------------------------------------------------------ warm-up and H = 1
 def warmup_then_every_step(rank, world_size):
     """warm-up 2, H = 1, outer lr 1, no momentum, fp32, SGD inner: DDP's plain SGD, up to rounding."""
@@ -186,15 +238,15 @@ def test_warmup_allreduces_then_h1_syncs_every_step():
 RESUME = {"sync_every": 3, "warmup_steps": 1, "outer": "3lc", "collective": "scatter_reduce"}
 
 
-def _resume_setup():
+def _resume_setup(passes):
     model = _model()
     ddp = DDP(model)
     inner = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-    return model, ddp, inner, threelc.local.LocalSteps(ddp, inner, **RESUME)
+    return model, ddp, inner, threelc.local.LocalSteps(ddp, inner, passes=passes, **RESUME)
 
 
-def uninterrupted_and_first_half(rank, world_size, folder):
-    model, ddp, inner, local = _resume_setup()
+def uninterrupted_and_first_half(rank, world_size, folder, passes):
+    model, ddp, inner, local = _resume_setup(passes)
     for step in range(10):
         if step == 5:  # mid-round: the start-of-round parameters and momentum are in flight
             torch.save({"model": model.state_dict(), "inner": inner.state_dict(), "local": local.state_dict()},
@@ -205,8 +257,8 @@ def uninterrupted_and_first_half(rank, world_size, folder):
     return _flat(model)
 
 
-def resume_second_half(rank, world_size, folder):
-    model, ddp, inner, local = _resume_setup()
+def resume_second_half(rank, world_size, folder, passes):
+    model, ddp, inner, local = _resume_setup(passes)
     with pytest.raises(StateOwnerError, match="loaded the hook state of rank"):
         local.load_state_dict(torch.load(os.path.join(folder, f"rank{1 - rank}.pt"))["local"])
     checkpoint = torch.load(os.path.join(folder, f"rank{rank}.pt"))
@@ -220,9 +272,10 @@ def resume_second_half(rank, world_size, folder):
     return _flat(model)
 
 
-def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path):
-    uninterrupted = run_ranks(uninterrupted_and_first_half, 2, str(tmp_path), timeout_s=300)
-    resumed = run_ranks(resume_second_half, 2, str(tmp_path), timeout_s=300)
+@pytest.mark.parametrize("passes", [1, 2])
+def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path, passes):
+    uninterrupted = run_ranks(uninterrupted_and_first_half, 2, str(tmp_path), passes, timeout_s=300)
+    resumed = run_ranks(resume_second_half, 2, str(tmp_path), passes, timeout_s=300)
     assert torch.equal(uninterrupted[0], uninterrupted[1])  # step 9 ends a round: synced
     for reference, result in zip(uninterrupted, resumed):
         assert torch.equal(reference, result)
@@ -231,7 +284,8 @@ def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path):
 # ------------------------------------------------------------------ mismatches across ranks
 def mismatches(rank, world_size):
     messages = []
-    for options in ({"sync_every": 10 + rank}, {"outer": "3lc", "sparsity": 1.0 + 0.5 * rank}):
+    for options in ({"sync_every": 10 + rank}, {"outer": "3lc", "sparsity": 1.0 + 0.5 * rank},
+                    {"outer": "3lc", "passes": 1 + rank}):
         ddp = DDP(_model())
         with pytest.raises(ConfigMismatchError) as error:
             threelc.local.LocalSteps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), **options)
@@ -256,7 +310,8 @@ def test_mismatched_options_or_steps_fail_on_every_rank():
     for messages in results:
         assert "sync_every': 10" in messages[0] and "sync_every': 11" in messages[0]
         assert re.search(r"sparsity=\S*1\.0\b", messages[1]) and re.search(r"sparsity=\S*1\.5\b", messages[1])
-        assert "steps=2" in messages[2] and "steps=4" in messages[2]
+        assert "'passes': 1" in messages[2] and "'passes': 2" in messages[2]
+        assert "steps=2" in messages[3] and "steps=4" in messages[3]
     assert results[0] == results[1]  # the same message on every rank
 
 
@@ -273,6 +328,10 @@ BAD_ARGUMENTS = [
     ({"nesterov": "yes"}, "nesterov must be True or False"),
     ({"outer": "int8"}, "outer must be one of"),
     ({"warmup_steps": -1}, "warmup_steps must be a non-negative integer"),
+    ({"passes": 0}, "passes must be a positive integer"),
+    ({"passes": 1.5}, "passes must be a positive integer"),
+    ({"passes": True}, "passes must be a positive integer"),
+    ({"outer": "fp32", "passes": 2}, r"passes=2 only applies to outer='3lc'"),
     ({"start_iter": 5}, "start_iter do not apply to LocalSteps"),
     ({"outer": "fp32", "sparsity": 1.5}, "sparsity only apply to outer='3lc'"),
     ({"sparsity": 2.5}, r"sparsity must be a number in \[1, 2\)"),
@@ -356,11 +415,12 @@ TINY_TEXT = ["--d-model", "16", "--layers", "1", "--heads", "2", "--context", "1
 def test_train_text_with_local_steps_counts_the_outer_bytes(tmp_path):
     torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "6", "--eval-every", "6",
                                                        "--local-steps", "3", "--outer", "3lc", "--warmup-steps", "2",
-                                                       "--run-dir", tmp_path], timeout=300)
+                                                       "--outer-passes", "2", "--run-dir", tmp_path], timeout=300)
     lines = [json.loads(line) for line in (tmp_path / "hook-rank1.jsonl").read_text().splitlines()]
     assert [line["compressed"] for line in lines] == [False, False, False, False, True, False]
     sent = [line["sent_bytes"] for line in lines]
     assert sent[0] > sent[4] > 0 and sent[2] == sent[3] == sent[5] == 0  # warm-up allreduce, then one sync
+    assert lines[4]["raw_bytes"] == 2 * lines[0]["raw_bytes"]  # the model's bytes, once per 3LC pass
     assert json.loads((tmp_path / "config.json").read_text())["hook"] == "local-3lc"
 
 

@@ -9,8 +9,9 @@ Each run is ``torchrun --nproc-per-node 4 -m threelc.launch.examples.train_text 
 --local-steps H --outer {fp32,3lc}`` (AdamW inner, lr 1e-3, batch 32 per rank, as
 :mod:`threelc.launch.bench.adamw` trains; outer Nesterov SGD lr 0.7, momentum 0.9) into
 ``{out}/text-{variant}-seed{seed}``, the folder naming of the AdamW benchmark, so its per-step
-folders (``text-allreduce-seed*``, ``text-ours-f20-doubling-seed*``) can be copied in and are
-read as they are; missing baselines are trained.  A folder that holds ``final.json`` is reused.
+folders (:data:`PER_STEP`: ``text-allreduce-seed*``, ``text-ours-f20-doubling-seed*``,
+``text-powersgd-r1-seed*``, ``text-powersgd-r4-seed*``) can be copied in and are read as they
+are; missing baselines are trained.  A folder that holds ``final.json`` is reused.
 Loss and bytes are measured exactly as the AdamW benchmark measures them
 (:func:`threelc.launch.bench.adamw.measure`: every rank's ``hook-rank*.jsonl`` summed over the
 run, warm-up allreduces and outer syncs included, mean over ranks).
@@ -21,7 +22,10 @@ needs a quiet machine: ``--emulate 100mbit`` (root) runs the same plan on 4 emul
 (:mod:`threelc.launch.cluster.emulate`) into ``{out}/emulated-100mbit/`` and adds each run's
 measured wall time (``final.json``'s ``wall_s``) to the table.
 
-Writes ``{out}/local.json``, ``{out}/local.md`` and ``{out}/local_frontier.png``.
+Writes ``{out}/local.json``, ``{out}/local.md`` and ``{out}/local_frontier.png``; with ``--docs``
+the table replaces the ``<!-- bench_local -->`` section of docs/LOCAL.md, the same rows ordered by
+bytes the ``<!-- bench_local_frontier -->`` section of docs/benchmarks.md, and the plot goes to
+``docs/bench/local_frontier.png``.
 """
 
 from __future__ import annotations
@@ -46,19 +50,29 @@ def _local(sync_every: int, outer: str) -> tuple:
     return ("--optimizer", "adamw", "--local-steps", str(sync_every), "--outer", outer)
 
 
-#: variant name -> the training script's options.  "allreduce" and "ours-f20-doubling" are the
-#: AdamW benchmark's per-step baselines (same names, same options).
-VARIANTS = {"allreduce": ADAMW_VARIANTS["allreduce"], "ours-f20-doubling": ADAMW_VARIANTS["ours-f20-doubling"],
+#: The AdamW benchmark's per-step runs this one compares against (same names, same options).
+PER_STEP = ("allreduce", "ours-f20-doubling", "powersgd-r1", "powersgd-r4")
+#: variant name -> the training script's options.
+VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
             **{f"h{sync_every}-{outer}": _local(sync_every, outer) for sync_every in SYNC_EVERY for outer in OUTERS},
             # Error feedback delivers a round's pseudo-gradient with less delay with finer scales, and
             # with allgather's one lossy stage instead of scatter-reduce's two (at twice the bytes).
             "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024"),
-            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather")}
+            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather"),
+            # SparseLoCo's outer settings for compressed syncs: no outer momentum, outer lr 1 (the
+            # error-feedback residual carries what a round does not send, as a momentum would).
+            **{f"h50-{outer}-lr1-m0": (*_local(50, outer), "--outer-lr", "1.0", "--outer-momentum", "0.0")
+               for outer in OUTERS},
+            # Further 3LC passes per sync send what the residuals hold at finer scales (~k times the bytes).
+            **{f"h{sync_every}-3lc-p{passes}": (*_local(sync_every, "3lc"), "--outer-passes", str(passes))
+               for sync_every in (50, 100) for passes in (2, 3)}}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
 PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
         ("h50-3lc-allgather", 0), ("h50-3lc", 1),
         ("h50-3lc", 2), ("allreduce", 1), ("allreduce", 2), ("h100-fp32", 0), ("h10-fp32", 0), ("h1-3lc", 0),
-        ("h1-fp32", 0), ("ours-f20-doubling", 0))
+        ("h1-fp32", 0), ("ours-f20-doubling", 0),
+        # A second session: the outer settings and passes that shorten error feedback's delay.
+        ("h50-3lc-lr1-m0", 0), ("h50-3lc-p2", 0), ("h50-3lc-p3", 0), ("h100-3lc-p2", 0), ("h50-fp32-lr1-m0", 0))
 TASK = "text"
 #: Link rates for the "link s" columns, bits per second.
 LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}
@@ -121,6 +135,11 @@ def _wall_s(folder: Path):
     return final.get("wall_s")
 
 
+def by_bytes(rows: dict) -> dict:
+    """The rows from the most to the fewest whole-run bytes: the frontier's order."""
+    return dict(sorted(rows.items(), key=lambda item: -item[1]["whole_bytes"]))
+
+
 def markdown(rows: dict, emulated: str | None) -> str:
     wall = f" wall s @ {emulated} |" if emulated else ""
     lines = ["| variant | seeds | val loss | vs allreduce (mean of per-seed) | per seed | whole-run MB / rank | "
@@ -141,25 +160,68 @@ def _ratio(value) -> str:
     return "" if value is None else f"{value:,.0f}x" if value >= 10 else f"{value:.1f}x"
 
 
+def _sync_every(variant: str):
+    """H of a local-steps variant named ``h{H}-{outer}...``, else None (a per-step run)."""
+    head = variant.split("-", 1)[0]
+    return int(head[1:]) if head[:1] == "h" and head[1:].isdigit() else None
+
+
 def plot(rows: dict, path: Path) -> None:
+    """Validation loss against whole-run bytes: per-step runs, the H series of fp32 and 3LC outer
+    syncs (lines through the default settings), the other 3LC settings, and the target region."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant, row in rows.items():
-        marker = "*" if "3lc" in variant else "s" if variant.endswith("fp32") else "o"
-        axis.scatter(row["whole_bytes"] / 1e6, row["val_loss"], marker=marker, s=60)
-        axis.annotate(variant, (row["whole_bytes"] / 1e6, row["val_loss"]), fontsize=7)
+    top = min(max(row["val_loss"] for row in rows.values()), 2.3) + 0.05  # a diverged run would flatten the rest
+    figure, axis = plt.subplots(figsize=(8, 5))
     axis.set_xscale("log")
+    for outer, color in (("fp32", "tab:blue"), ("3lc", "tab:red")):
+        series = sorted((_sync_every(variant), row) for variant, row in rows.items()
+                        if variant == f"h{_sync_every(variant)}-{outer}")
+        if series:
+            label = f"local steps, {outer} outer sync (H = {', '.join(str(h) for h, _ in series)})"
+            axis.plot([row["whole_bytes"] / 1e6 for _, row in series], [row["val_loss"] for _, row in series],
+                      "-o", color=color, label=label)
+    for variant, row in rows.items():
+        local = _sync_every(variant) is not None
+        if local and variant == f"h{_sync_every(variant)}-{variant.split('-')[1]}":
+            marker, color = None, None  # drawn in its series
+        elif local:
+            marker, color = "^", "tab:red" if "-3lc" in variant else "tab:blue"
+        else:
+            marker, color = "s", "black"
+        if marker:
+            axis.scatter(row["whole_bytes"] / 1e6, row["val_loss"], marker=marker, s=45, color=color,
+                         facecolors="none" if local else color)
+        clipped = row["val_loss"] > top
+        axis.annotate(f"{variant} ({row['val_loss']:.2f}, off the chart)" if clipped else variant,
+                      (row["whole_bytes"] / 1e6, min(row["val_loss"], top - 0.03)), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    base = rows.get("allreduce")
+    if base:  # the target: within 2% of allreduce's loss at >= 1,000x fewer bytes
+        axis.fill_between([axis.get_xlim()[0], base["whole_bytes"] / 1e9], 0, base["val_loss"] * 1.02,
+                          color="tab:green", alpha=0.12, label="target: <= +2% loss at >= 1,000x fewer bytes")
+    axis.set_ylim(min(row["val_loss"] for row in rows.values()) - 0.05, top)
     axis.set_xlabel("MB sent per rank, whole run (log)")
-    axis.set_ylabel("validation loss (nats/byte)")
-    axis.set_title("char transformer, AdamW inner, 4 ranks: local steps vs per-step")
+    axis.set_ylabel("validation loss after 1,000 steps (nats/byte)")
+    axis.set_title("char transformer, AdamW, 4 ranks: local steps against per-step compression", fontsize=10)
     axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def update_section(doc: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in ``doc``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = doc.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{doc} has no {begin} ... {end} section")
+    head, rest = content.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None) -> int:
@@ -174,6 +236,8 @@ def main(argv=None) -> int:
                         help="run on emulated nodes linked at RATE (tc syntax, e.g. 100mbit; root), into "
                              "{out}/emulated-RATE, and report measured wall times")
     parser.add_argument("--report-only", action="store_true", help="only summarize the folders that exist")
+    parser.add_argument("--docs", default=None, metavar="DIR",
+                        help="also write the tables into DIR/LOCAL.md and DIR/benchmarks.md and the plot into DIR/bench")
     args = parser.parse_args(argv)
     out = Path(args.out) / f"emulated-{args.emulate}" if args.emulate else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +251,11 @@ def main(argv=None) -> int:
     text = markdown(rows, args.emulate)
     (out / "local.md").write_text(text)
     plot(rows, out / "local_frontier.png")
+    if args.docs:
+        docs = Path(args.docs)
+        update_section(docs / "LOCAL.md", "bench_local", text)
+        update_section(docs / "benchmarks.md", "bench_local_frontier", markdown(by_bytes(rows), args.emulate))
+        plot(rows, docs / "bench" / "local_frontier.png")
     print(text)
     return 0
 

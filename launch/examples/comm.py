@@ -235,7 +235,7 @@ def attach_hook(
 
 
 def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, outer_lr: float, outer_momentum: float,
-                       warmup_steps: int | None = None, stats_dir=None, sparsity: float = 1.0,
+                       passes: int = 1, warmup_steps: int | None = None, stats_dir=None, sparsity: float = 1.0,
                        collective: str = "auto", scale: str | None = None,
                        block_size: int | None = None) -> HookHandle:
     """Train with :class:`threelc.local.LocalSteps` (``optimizer`` is its inner optimizer) instead of a
@@ -248,5 +248,6 @@ def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, out
         options = {"sparsity": sparsity, "collective": collective}
         options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
     local = LocalSteps(ddp_model, optimizer, sync_every=sync_every, outer=outer, outer_lr=outer_lr,
-                       outer_momentum=outer_momentum, warmup_steps=warmup_steps or 0, stats_dir=stats_dir, **options)
+                       outer_momentum=outer_momentum, passes=passes, warmup_steps=warmup_steps or 0,
+                       stats_dir=stats_dir, **options)
     return HookHandle(f"local-{outer}", state=local.state, local=local)

@@ -92,6 +92,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="average pseudo-gradients through 3LC or a float32 allreduce (default: %(default)s)")
     group.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (default: %(default)s)")
     group.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
+    group.add_argument("--outer-passes", type=int, default=1,
+                       help="3LC averages per outer sync: further passes send the residuals (default: %(default)s)")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=32, help="per-worker batch size (default: %(default)s)")
@@ -206,7 +208,8 @@ def train(args, task: Task) -> dict:
         if args.local_steps is not None:
             handle = attach_local_steps(ddp_model, optimizer, sync_every=args.local_steps, outer=args.outer,
                                         outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-                                        warmup_steps=args.warmup_steps, stats_dir=args.run_dir, sparsity=args.sparsity,
+                                        passes=args.outer_passes, warmup_steps=args.warmup_steps,
+                                        stats_dir=args.run_dir, sparsity=args.sparsity,
                                         collective=args.collective, scale=args.scale, block_size=args.block_size)
         else:
             handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,

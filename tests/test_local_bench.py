@@ -1,0 +1,38 @@
+"""threelc.launch.bench.local's report: the frontier's order, the plot, and the doc sections it
+rewrites (the training runs themselves are the examples', tested in tests/test_local.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from threelc.launch.bench import local as bench
+
+
+def _rows():
+    def row(loss, megabytes):
+        return {"val_loss": loss, "whole_bytes": megabytes * 1e6, "seeds": [0], "runs": {}}
+
+    return {"allreduce": row(1.50, 2824.7), "powersgd-r4": row(1.67, 149.7), "h10-3lc": row(1.71, 6.8),
+            "h50-3lc": row(1.95, 1.5), "h50-fp32": row(1.56, 56.5), "h100-3lc": row(3.51, 0.8),
+            "h50-3lc-p2": row(1.65, 3.2)}
+
+
+def test_frontier_order_and_plot(tmp_path):
+    rows = _rows()
+    assert list(bench.by_bytes(rows)) == ["allreduce", "powersgd-r4", "h50-fp32", "h10-3lc", "h50-3lc-p2",
+                                          "h50-3lc", "h100-3lc"]
+    assert [bench._sync_every(name) for name in ("h50-3lc-p2", "h100-fp32", "allreduce", "hook")] == [50, 100, None,
+                                                                                                    None]
+    bench.plot(rows, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_update_section_replaces_only_its_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("head\n<!-- other:begin -->\nkept\n<!-- other:end -->\n<!-- bench_local:begin -->\nold\n"
+                   "<!-- bench_local:end -->\ntail\n")
+    bench.update_section(doc, "bench_local", "| new |\n")
+    assert doc.read_text() == ("head\n<!-- other:begin -->\nkept\n<!-- other:end -->\n<!-- bench_local:begin -->\n"
+                               "| new |\n<!-- bench_local:end -->\ntail\n")
+    with pytest.raises(SystemExit, match="no <!-- missing:begin -->"):
+        bench.update_section(doc, "missing", "x")

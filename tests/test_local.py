@@ -302,6 +302,7 @@ def mismatches(rank, world_size):
             _inner_step(ddp, inner, rank, step)
             local.step()
     messages.append(str(error.value))
+    local.close()
     return messages
 
 

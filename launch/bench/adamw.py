@@ -194,14 +194,21 @@ def plot(table: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def update_doc(doc: Path, text: str) -> None:
-    """Replace the text between the markers (the rest of the file stays byte for byte)."""
+def update_section(doc: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in ``doc``
+    (each marker on its own line; the rest of the file stays byte for byte)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     content = doc.read_text()
-    if MARKER_BEGIN not in content or MARKER_END not in content:
-        raise SystemExit(f"{doc} has no {MARKER_BEGIN} ... {MARKER_END} section")
-    head, rest = content.split(MARKER_BEGIN, 1)
-    tail = rest.split(MARKER_END, 1)[1]
-    doc.write_text(f"{head}{MARKER_BEGIN}\n{text}\n{MARKER_END}{tail}")
+    if begin not in content or end not in content:
+        raise SystemExit(f"{doc} has no {begin} ... {end} section")
+    head, rest = content.split(begin, 1)
+    body = text if text.endswith("\n") else text + "\n"
+    doc.write_text(f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}")
+
+
+def update_doc(doc: Path, text: str) -> None:
+    """Replace this benchmark's section (between :data:`MARKER_BEGIN` and :data:`MARKER_END`)."""
+    update_section(doc, "bench_adamw", text)
 
 
 def main(argv=None) -> int:

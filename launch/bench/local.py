@@ -38,7 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, measure, run_folder, TASKS
+from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, measure, run_folder, TASKS, update_section
 
 __all__ = ["VARIANTS", "PLAN", "main"]
 
@@ -212,16 +212,6 @@ def plot(rows: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def update_section(doc: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in ``doc``."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    content = doc.read_text()
-    if begin not in content or end not in content:
-        raise SystemExit(f"{doc} has no {begin} ... {end} section")
-    head, rest = content.split(begin, 1)
-    doc.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None) -> int:

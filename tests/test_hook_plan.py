@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from threelc.hooks import ThreeLCState, plan, register, threelc_hook
+from threelc.hooks import ThreeLCState, codecs, plan, register, threelc_hook
 
 from _dist import run_ranks
 from test_hook_exact import FakeBucket, gradient
@@ -138,7 +138,6 @@ def test_every_rank_chooses_the_plan_from_the_worst_measurements():
 
 def _real_probe(rank, world_size):
     """The probe itself on real ranks: what it sends, and estimates a model can use."""
-    from threelc.hooks import codecs
     state = ThreeLCState(min_numel=0)
     values = gradient(rank, 0, (20_000,))
     codec = codecs.for_bucket(state, values)

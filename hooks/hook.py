@@ -9,6 +9,7 @@ Data flow of one bucket (see docs/HOOK.md for the full design)::
       submit job, return future           warm-up / small bucket: allreduce (mean)
                                           else: compress v = gradient + worker residual
                                                 [first time] measure, agree on the plan (plan.py)
+                                                [close call] try both collectives, keep the faster
                                           [per bucket, or after the last one when coalesced]
                                                 exchange sizes, non-finite flags, layout fingerprints
                                                 allgather | scatter-reduce-allgather
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 
 import numpy as np
 import torch
@@ -264,6 +266,7 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
                 _check_config(state, group, world_size, job.iteration, device)
             _drop_stale(state, job.index)
             stats.add_raw(job.buffer.numel() * job.buffer.element_size())
+            started = time.perf_counter()
             if not job.compress:
                 job.future.set_result(collectives.allreduce_mean(job.buffer, group, stats))
             else:
@@ -274,6 +277,11 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
                 _exchange(state, pending, group, rank, world_size, device)
                 for item in pending:
                     item.finish()
+            if state._trial is not None:  # a close call between the collectives: measure them (plan.py)
+                if job.compress:
+                    state._trial.add(time.perf_counter() - started)
+                if job.exchange_now or (job.is_last and stats.current.compressed):
+                    plan.end_trial_step(state, group, device)
     except BaseException as error:
         if state._failure is None:
             state._failure = error
@@ -316,7 +324,7 @@ def _compress_bucket(state, job, group, rank, world_size, device) -> _Compressed
     values = codec.array(work.reshape(-1))
     count = codec.numel(values)
     if state._plan is None:  # the first compressed bucket of the run: every rank decides here
-        state._plan = plan.decide(state, codec, values, list(job.segments), group, world_size, device,
+        state._plan, state._trial = plan.decide(state, codec, values, list(job.segments), group, world_size, device,
                                   buckets=state.step_buckets or 1, total_values=state.step_values or count)
     if state._plan.collective == "allgather":
         shards, server_range = [slice(0, count)], None

@@ -18,6 +18,17 @@ of the measured link and codec, once, at the first compressed bucket of the run:
    latency, costs and codec times, largest payload), so every rank feeds the same numbers to the
    same arithmetic and chooses the same plan: no rank can switch alone.
 3. **Choose**: the plan with the smallest modelled step time (:func:`step_seconds`).
+4. **Try, when the call is close** (``collective="auto"`` only): if the other collective's
+   modelled step is within :data:`TRIAL_MARGIN` of the chosen one's, the model cannot be trusted
+   to rank them (on a busy host its inputs move by more than that between runs), so the next
+   compressed steps measure both: :data:`TRIAL_STEPS` steps with the modelled choice, then as
+   many with the other (the first step of each is not counted: it pays the switch).  Each rank
+   times its worker's seconds on the step's compressed buckets (encode, exchange, decode); the
+   ranks exchange their medians, take the slowest rank's figure for each collective, and keep
+   the faster collective from then on.  The trial runs on step counts that every rank shares, so
+   every rank switches at the same step and ends with the same plan.  A switch keeps the
+   residuals' debt exact: leaving scatter-reduce folds each rank's server residual into its
+   worker residual (:meth:`~threelc.hooks.state.ThreeLCState.residual_for`).
 
 The model, per step, for ``n`` values in ``B`` buckets, ``N`` ranks, payload ``p`` bytes per value,
 header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode), ``d``
@@ -35,8 +46,10 @@ with ``B' = 1`` when buckets are coalesced (one exchange per step after the last
 slow, far link (large ``a`` and ``t``) coalesces and prefers allgather's one payload collective;
 a fast link with many ranks prefers scatter-reduce's O(n) decoding and fewer bytes.
 
-The plan is kept in the state's ``state_dict``, so a resumed run keeps the plan it started with
-(and bitwise the same arithmetic) instead of measuring again.
+The plan (and a trial in progress) is kept in the state's ``state_dict``, so a resumed run keeps
+the plan it started with (and bitwise the same arithmetic) instead of measuring again.  The steps
+that measure (the probe's and the trial's) are flagged ``planning`` in the hook's statistics, so
+step-time reports can leave them out.
 """
 
 from __future__ import annotations
@@ -50,14 +63,20 @@ import torch
 
 from . import collectives
 
-__all__ = ["Plan", "LinkEstimate", "step_seconds", "choose", "configured", "collective_option", "decide",
-           "probe_sizes", "fit_transfer", "PROBE_CAP"]
+__all__ = ["Plan", "Trial", "LinkEstimate", "step_seconds", "modelled_steps", "choose", "configured",
+           "collective_option", "decide", "probe_sizes", "fit_transfer", "PROBE_CAP", "TRIAL_MARGIN", "TRIAL_STEPS"]
 
 logger = logging.getLogger(__name__)
 
 #: The largest message the transfer probe sends to one peer; a larger step payload is costed by
 #: extending the line through the two probes.
 PROBE_CAP = 1 << 20
+
+#: A measured trial of both collectives runs when the slower one's modelled step is within this
+#: factor of the faster one's.
+TRIAL_MARGIN = 1.5
+#: Steps the trial runs with each collective; the first of each is not counted.
+TRIAL_STEPS = 4
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
 #: Payload collectives per exchange of one bucket (or of one coalesced step); each is preceded
@@ -119,15 +138,86 @@ def step_seconds(collective: str, coalesce: bool, link: LinkEstimate, *, world_s
     return fixed + transfer + encode + decode + lost_overlap
 
 
-def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int) -> Plan:
-    """The cheapest plan among those the options allow (``"auto"`` leaves a choice open)."""
+def modelled_steps(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int,
+                   buckets: int) -> dict:
+    """``{(collective, coalesce): modelled seconds}`` for every plan the options allow."""
     collectives_allowed = COLLECTIVE_CHOICES if collective == "auto" else (collective,)
     coalesce_allowed = (False, True) if coalesce == "auto" else (bool(coalesce),)
-    costs = {(c, k): step_seconds(c, k, link, world_size=world_size, values=values, buckets=buckets)
-             for c in collectives_allowed for k in coalesce_allowed}
+    return {(c, k): step_seconds(c, k, link, world_size=world_size, values=values, buckets=buckets)
+            for c in collectives_allowed for k in coalesce_allowed}
+
+
+def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int) -> Plan:
+    """The cheapest plan among those the options allow (``"auto"`` leaves a choice open)."""
+    costs = modelled_steps(link, collective=collective, coalesce=coalesce, world_size=world_size, values=values,
+                           buckets=buckets)
     best = min(costs, key=lambda key: (costs[key], key))  # ties: the same key on every rank
     reason = ", ".join(f"{c}{'+coalesce' if k else ''} {1e3 * t:.2f} ms" for (c, k), t in sorted(costs.items()))
     return Plan(collective=best[0], coalesce=best[1], reason=f"modelled step: {reason}")
+
+
+@dataclasses.dataclass
+class Trial:
+    """A measured comparison of the two collectives, run when the model's call is close (step 4
+    of the module docstring).  ``seconds[i]`` holds this rank's measured steps with
+    ``collectives[i]``; the trial uses ``collectives[len(seconds) - 1]`` now."""
+
+    collectives: tuple     # in the order tried: the modelled choice first
+    coalesce: bool
+    modelled: str          # the model's reason, kept for the final plan's
+    seconds: list = dataclasses.field(default_factory=lambda: [[]])
+    steps: int = TRIAL_STEPS
+    step_s: float = 0.0    # the current step's worker seconds so far
+
+    @classmethod
+    def needed(cls, chosen: Plan, costs: dict, collective_option_: str) -> "Trial | None":
+        """The trial to run after the model chose ``chosen``, or None when the call is clear."""
+        if collective_option_ != "auto":
+            return None
+        other = next(c for c in COLLECTIVE_CHOICES if c != chosen.collective)
+        mine, theirs = costs[(chosen.collective, chosen.coalesce)], costs.get((other, chosen.coalesce))
+        if theirs is None or theirs > TRIAL_MARGIN * mine:
+            return None
+        return cls(collectives=(chosen.collective, other), coalesce=chosen.coalesce, modelled=chosen.reason)
+
+    def plan(self) -> Plan:
+        """The plan of the coming step: the collective on trial."""
+        collective = self.collectives[len(self.seconds) - 1]
+        return Plan(collective=collective, coalesce=self.coalesce,
+                    reason=f"measured trial of {' and '.join(self.collectives)} ({self.modelled})")
+
+    def add(self, seconds: float) -> None:
+        """Add the worker seconds of one of the current step's compressed buckets."""
+        self.step_s += float(seconds)
+
+    def record(self) -> bool:
+        """Close the current step; True when the last collective's steps are done."""
+        self.seconds[-1].append(self.step_s)
+        self.step_s = 0.0
+        if len(self.seconds[-1]) < self.steps:
+            return False
+        if len(self.seconds) == len(self.collectives):
+            return True
+        self.seconds.append([])
+        return False
+
+    def medians(self) -> list:
+        """This rank's median step seconds per collective, the first step of each left out."""
+        return [float(np.median(times[1:] if len(times) > 1 else times)) for times in self.seconds]
+
+    def outcome(self, slowest: list) -> Plan:
+        """The final plan from every collective's slowest-rank median (the same on every rank)."""
+        best = min(range(len(self.collectives)), key=lambda i: (slowest[i], i))
+        measured = ", ".join(f"{c} {1e3 * t:.2f} ms" for c, t in zip(self.collectives, slowest))
+        return Plan(collective=self.collectives[best], coalesce=self.coalesce,
+                    reason=f"measured step: {measured} (the slowest rank's median; {self.modelled})")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Trial":
+        return cls(**{**saved, "collectives": tuple(saved["collectives"])})
 
 
 def collective_option(collective: str, world_size: int) -> str:
@@ -145,19 +235,48 @@ def configured(collective: str, coalesce, world_size: int) -> Plan | None:
 
 
 def decide(state, codec, values, segments, group, world_size: int, device: torch.device, *, buckets: int,
-           total_values: int) -> Plan:
-    """Probe, agree and choose (see the module docstring); runs on every rank at the same bucket."""
+           total_values: int) -> tuple:
+    """Probe, agree and choose (see the module docstring); runs on every rank at the same bucket.
+
+    Returns ``(plan, trial)``: the plan of the coming steps, and the :class:`Trial` those steps
+    run (None when the model's call is clear or the options leave nothing to choose)."""
     plan = configured(state.collective, state.coalesce, world_size)
     if plan is not None:
-        return plan
+        return plan, None
+    state._stats.mark_planning()
     local = _probe(codec, values, segments, group, world_size, device, state._stats, total_values)
     gathered = collectives.exchange_header(local.to_ints(), group, device, state._stats)
     link = LinkEstimate.from_ints(gathered.max(axis=0))  # the worst of each: seconds per byte too
-    plan = choose(link, collective=collective_option(state.collective, world_size), coalesce=state.coalesce, world_size=world_size,
+    option = collective_option(state.collective, world_size)
+    costs = modelled_steps(link, collective=option, coalesce=state.coalesce, world_size=world_size,
+                           values=max(total_values, 1), buckets=max(buckets, 1))
+    plan = choose(link, collective=option, coalesce=state.coalesce, world_size=world_size,
                   values=max(total_values, 1), buckets=max(buckets, 1))
-    logger.info("threelc: exchange plan %s (%s; link %s)", plan.collective + (" + coalesced buckets" if plan.coalesce
-                                                                              else ""), plan.reason, link)
-    return plan
+    trial = Trial.needed(plan, costs, option)
+    logger.info("threelc: exchange plan %s (%s; link %s)%s", _describe(plan), plan.reason, link,
+                "; close call: measuring both collectives" if trial else "")
+    return (plan if trial is None else trial.plan()), trial
+
+
+def end_trial_step(state, group, device) -> None:
+    """Count one step of the state's trial; switch collective, or agree on the outcome, when due.
+
+    Called on the worker thread at the same step on every rank (the end of a step that
+    compressed), so every rank switches together; the outcome's header exchange is a collective.
+    """
+    trial = state._trial
+    state._stats.mark_planning()
+    if not trial.record():
+        state._plan = trial.plan()
+        return
+    microseconds = [int(round(1e6 * t)) for t in trial.medians()]
+    gathered = collectives.exchange_header(microseconds, group, device, state._stats)
+    state._plan, state._trial = trial.outcome([1e-6 * float(t) for t in gathered.max(axis=0)]), None
+    logger.info("threelc: exchange plan %s (%s)", _describe(state._plan), state._plan.reason)
+
+
+def _describe(plan: Plan) -> str:
+    return plan.collective + (" + coalesced buckets" if plan.coalesce else "")
 
 
 def probe_sizes(step_payload: int, world_size: int) -> tuple:

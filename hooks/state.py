@@ -14,7 +14,7 @@ from threelc import format as payload_format
 
 from . import never_called
 from .codecs import CODECS
-from .plan import Plan, collective_option
+from .plan import Plan, Trial, collective_option
 from .stats import HookStats
 from .worker import BucketWorker
 
@@ -268,8 +268,10 @@ class ThreeLCState:
         self._worker: BucketWorker | None = None
         self._config_checked = False
         #: How compressed buckets are exchanged (:class:`threelc.hooks.plan.Plan`), decided at the
-        #: first compressed bucket; buckets compressed and waiting for a coalesced exchange.
+        #: first compressed bucket; the measured trial of both collectives while one runs
+        #: (:class:`threelc.hooks.plan.Trial`); buckets compressed and waiting for a coalesced exchange.
         self._plan = None
+        self._trial = None
         self._pending: list = []
         #: Buckets and values of the last complete step (for the plan's cost model).
         self.step_buckets, self.step_values = 0, 0
@@ -363,7 +365,8 @@ class ThreeLCState:
                      names: tuple | None = None, world_size: int = 1, device=None) -> _BucketResidual:
         """The bucket's residuals, created on first use or when its layout changed.
 
-        ``server_range`` is the ``(start, stop)`` of the shard this rank owns (scatter-reduce).
+        ``server_range`` is the ``(start, stop)`` of the shard this rank owns (scatter-reduce);
+        None (allgather) folds a server residual left by scatter-reduce into the worker residual.
         ``device`` is where the codec wants them (default: host memory); an entry elsewhere (a
         loaded checkpoint, another codec) is moved there.
         """
@@ -378,7 +381,9 @@ class ThreeLCState:
             self._residuals[index] = entry
         if entry.device != device:
             entry.to(device)
-        if server_range is not None:
+        if server_range is None:
+            entry.fold_server(world_size)  # allgather after scatter-reduce (a plan's switch, a checkpoint)
+        else:
             start, stop = server_range
             if entry.server is None or entry.server_start != start or entry.server.numel() != stop - start:
                 entry.fold_server(world_size)
@@ -468,7 +473,8 @@ class ThreeLCState:
         return {"version": STATE_DICT_VERSION, "owner": {"rank": rank, "world_size": world_size},
                 "config": self.config(), "iteration": self.iteration,
                 "residuals": _export(self._residuals), "parked": _export(self._parked),
-                "plan": self.plan(), "stats": self._stats.state_dict()}
+                "plan": self.plan(), "trial": None if self._trial is None else self._trial.as_dict(),
+                "stats": self._stats.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` returned (hyperparameters stay as constructed).
@@ -507,6 +513,8 @@ class ThreeLCState:
         self._stats.load_state_dict(state_dict["stats"])
         saved_plan = state_dict.get("plan")
         self._plan = None if saved_plan is None else Plan(**saved_plan)
+        saved_trial = state_dict.get("trial")
+        self._trial = None if saved_trial is None else Trial.from_dict(saved_trial)
         self._pending = []
         self._failure = None
         self._config_checked = False

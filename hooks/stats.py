@@ -18,6 +18,8 @@ sent_bytes       bytes this rank sent to other ranks, as the collectives move th
 received_bytes   bytes this rank received from other ranks
 ratio            raw_bytes / sent_bytes (``null`` when nothing was sent, e.g. world size 1)
 compressed       whether any bucket of the step was 3LC-compressed (false during warm-up)
+planning         whether the step measured the link or tried a collective to choose the exchange
+                 plan (:mod:`threelc.hooks.plan`): its time is not the steady state's
 compress_s       seconds in the 3LC encoder
 decompress_s     seconds in the 3LC decoder
 comm_s           seconds in collectives (including waiting for slower ranks)
@@ -43,20 +45,21 @@ logger = logging.getLogger(__name__)
 
 #: The keys of every statistics dictionary, in order.
 STAT_KEYS = ("step", "rank", "world_size", "raw_bytes", "sent_bytes", "received_bytes", "ratio",
-             "compressed", "compress_s", "decompress_s", "comm_s", "collectives")
+             "compressed", "planning", "compress_s", "decompress_s", "comm_s", "collectives")
 
 
 class _Counters:
     """Byte counts and timings summed over buckets (one step, or the whole run)."""
 
-    __slots__ = ("raw_bytes", "sent_bytes", "received_bytes", "compressed", "compress_s", "decompress_s",
-                 "comm_s", "collectives")
+    __slots__ = ("raw_bytes", "sent_bytes", "received_bytes", "compressed", "planning", "compress_s",
+                 "decompress_s", "comm_s", "collectives")
 
     def __init__(self):
         self.raw_bytes = 0
         self.sent_bytes = 0
         self.received_bytes = 0
         self.compressed = False
+        self.planning = False
         self.compress_s = 0.0
         self.decompress_s = 0.0
         self.comm_s = 0.0
@@ -67,6 +70,7 @@ class _Counters:
         self.sent_bytes += other.sent_bytes
         self.received_bytes += other.received_bytes
         self.compressed = self.compressed or other.compressed
+        self.planning = self.planning or other.planning
         self.compress_s += other.compress_s
         self.decompress_s += other.decompress_s
         self.comm_s += other.comm_s
@@ -82,6 +86,7 @@ class _Counters:
             "received_bytes": self.received_bytes,
             "ratio": self.raw_bytes / self.sent_bytes if self.sent_bytes else None,
             "compressed": self.compressed,
+            "planning": self.planning,
             "compress_s": self.compress_s,
             "decompress_s": self.decompress_s,
             "comm_s": self.comm_s,
@@ -151,6 +156,9 @@ class HookStats:
 
     def mark_compressed(self) -> None:
         self.current.compressed = True
+
+    def mark_planning(self) -> None:
+        self.current.planning = True
 
     def timer(self, field: str) -> "_Timer":
         """Context manager adding its elapsed seconds to ``field`` of the current step."""

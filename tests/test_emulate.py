@@ -62,6 +62,8 @@ def test_steady_window_and_overhead_arithmetic():
     assert steady_window(hook[0]) == (3, 4)
     assert steady_window([{"step": i, "compressed": False} for i in range(3)]) == (1, 2)
     assert steady_window([{"step": i, "compressed": i == 2} for i in range(3)]) == (2, 2)
+    # threelc's planning steps (its probe, a measured trial of both collectives) are not steady either.
+    assert steady_window([{"step": i, "compressed": i >= 2, "planning": 2 <= i <= 5} for i in range(9)]) == (6, 8)
     links = [{"step": k, "tx_bytes": 1000 + 110 * k, "rx_bytes": 50 + 220 * k, "tx_packets": k, "rx_packets": k}
              for k in range(6)]
     record = node_traffic(0, [0], hook=hook, link_lines=links, before=links[0], after=links[-1], nproc_per_node=1)

@@ -97,6 +97,16 @@ class HookSpec:
         """Whether the hook starts with plain allreduce steps (PowerSGD's start iteration, 3LC's start_iter)."""
         return self.hook in ("powersgd", "threelc")
 
+    @property
+    def trial_steps(self) -> int:
+        """Steps the hook may spend trying collectives after its probe (3LC's ``auto`` collective on
+        a close call: :mod:`threelc.hooks.plan`); timing runs add them, as the steady window starts
+        after them."""
+        if self.hook != "threelc" or self.collective != "auto":
+            return 0
+        from threelc.hooks.plan import TRIAL_STEPS
+        return 2 * TRIAL_STEPS
+
     def train_args(self) -> list[str]:
         """The training script's options that select this hook."""
         args = ["--hook", self.hook]
@@ -207,7 +217,8 @@ def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing
                 cells += [Cell(example, rate, hook, "accuracy", full, warmup) for hook in hooks]
                 continue
             for delay in (None, *delays):
-                cells += [Cell(example, rate, hook, "timing", 2 + timing_steps, 2, delay) for hook in hooks]
+                cells += [Cell(example, rate, hook, "timing", 2 + hook.trial_steps + timing_steps, 2, delay)
+                          for hook in hooks]
     return cells
 
 
@@ -347,13 +358,15 @@ SCALING_MODEL = ("--width", "32")
 def run_scaling(out: Path, node_counts, *, steps: int, timeout: float, rate: str = UNSHAPED) -> list[dict]:
     """Run :data:`SCALING_HOOKS` on each node count; their rows, for :func:`scaling_rows`.
 
-    Each run: 2 warm-up steps, the first compressed step (the plan's probe), ``steps`` steady ones.
+    Each run: 2 warm-up steps, the first compressed step (the plan's probe), the steps of a measured
+    trial of both collectives if the hook's plan may run one, ``steps`` steady ones.
     """
     example = EXAMPLES["digits"]
     rows = []
     for count in node_counts:
         for name in SCALING_HOOKS:
-            cell = Cell(example, rate, parse_hook(name), "timing", 3 + steps, 2)
+            hook = parse_hook(name)
+            cell = Cell(example, rate, hook, "timing", 3 + hook.trial_steps + steps, 2)
             row = run_cell(cell, out / f"scaling/n{count}", nodes=count, timeout=timeout, batch_size=16,
                            model_args=SCALING_MODEL)
             row["run_dir"] = f"scaling/n{count}/{cell.folder}"

@@ -35,7 +35,8 @@ def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
     Starts at the second compressed iteration if the hook compressed after a warm-up (warm-up
     iterations use allreduce; the first compressed one also carries one-time work: threelc's
     exchange-plan probe, residual allocation, PowerSGD's first factors), else at the second
-    iteration (the first includes DDP's bucket rebuild).  ``None`` if too short.
+    iteration (the first includes DDP's bucket rebuild); and after the last step threelc flagged
+    ``planning`` (its probe and its measured trial of both collectives).  ``None`` if too short.
     """
     steps = [line["step"] for line in hook_lines]
     if not steps:
@@ -45,6 +46,9 @@ def steady_window(hook_lines: list[dict]) -> tuple[int, int] | None:
         first = compressed[1] if len(compressed) > 1 else compressed[0]
     else:
         first = min(steps) + 1
+    planning = [line["step"] for line in hook_lines if line.get("planning")]
+    if planning:
+        first = max(first, max(planning) + 1)
     last = max(steps)
     return (first, last) if last >= first else None
 

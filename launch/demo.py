@@ -117,7 +117,7 @@ def run(args) -> int:
     if measured_ratio:
         print(f"\n3LC sent {measured_ratio:.0f}x fewer bytes per worker per step than allreduce "
               f"({fp32['hook_bytes_per_step']:,.0f} -> {compressed['hook_bytes_per_step']:,.0f} B, steady state after "
-              f"{compressed['warmup_steps']} warm-up steps and the first compressed one); test accuracy {fp32['final_eval']:.1%} -> "
+              f"{compressed['warmup_steps']} warm-up steps and the hook's steps choosing its exchange plan); test accuracy {fp32['final_eval']:.1%} -> "
               f"{compressed['final_eval']:.1%}.")
     print(f"\nrun folder: {out}\n  summary.json, report.json, {', '.join(path.name for path in plots)}\n"
           f"  allreduce/ and threelc/: config.json, metrics.jsonl, hook-rank*.jsonl\n"

@@ -277,11 +277,9 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
                 _exchange(state, pending, group, rank, world_size, device)
                 for item in pending:
                     item.finish()
-            if state._trial is not None:  # a close call between the collectives: measure them (plan.py)
-                if job.compress:
-                    state._trial.add(time.perf_counter() - started)
-                if job.exchange_now or (job.is_last and stats.current.compressed):
-                    plan.end_trial_step(state, group, device)
+            if state._trial is not None and (job.exchange_now or (job.is_last and stats.current.compressed)):
+                # A close call between the collectives: this step was one of their trial (plan.py).
+                plan.end_trial_step(state, group, device, started if job.exchange_now else None)
     except BaseException as error:
         if state._failure is None:
             state._failure = error

@@ -21,14 +21,13 @@ of the measured link and codec, once, at the first compressed bucket of the run:
 4. **Try, when the call is close** (``collective="auto"`` only): if the other collective's
    modelled step is within :data:`TRIAL_MARGIN` of the chosen one's, the model cannot be trusted
    to rank them (on a busy host its inputs move by more than that between runs), so the next
-   compressed steps measure both: :data:`TRIAL_STEPS` steps with the modelled choice, then as
-   many with the other (the first step of each is not counted: it pays the switch).  Each rank
-   times its worker's seconds on the step's compressed buckets (encode, exchange, decode); the
-   ranks exchange their medians, take the slowest rank's figure for each collective, and keep
-   the faster collective from then on.  The trial runs on step counts that every rank shares, so
-   every rank switches at the same step and ends with the same plan.  A switch keeps the
-   residuals' debt exact: leaving scatter-reduce folds each rank's server residual into its
-   worker residual (:meth:`~threelc.hooks.state.ThreeLCState.residual_for`).
+   compressed steps measure both (:class:`Trial`): they alternate between the collectives
+   (``ABAB..BABA``), :data:`TRIAL_STEPS` timed steps each, every step timed on each rank as the
+   period since the previous step's end.  The ranks exchange their medians, take the slowest rank's figure for
+   each collective, and keep the faster from then on.  The trial runs on step counts that every
+   rank shares, so every rank switches at the same step and ends with the same plan.  A switch
+   keeps the residuals' debt exact: leaving scatter-reduce folds each rank's server residual into
+   its worker residual (:meth:`~threelc.hooks.state.ThreeLCState.residual_for`).
 
 The model, per step, for ``n`` values in ``B`` buckets, ``N`` ranks, payload ``p`` bytes per value,
 header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode), ``d``
@@ -75,8 +74,8 @@ PROBE_CAP = 1 << 20
 #: A measured trial of both collectives runs when the slower one's modelled step is within this
 #: factor of the faster one's.
 TRIAL_MARGIN = 1.5
-#: Steps the trial runs with each collective; the first of each is not counted.
-TRIAL_STEPS = 4
+#: Timed steps the trial runs with each collective (alternating, after the probe's step).
+TRIAL_STEPS = 6
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
 #: Payload collectives per exchange of one bucket (or of one coalesced step); each is preceded
@@ -159,15 +158,27 @@ def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, va
 @dataclasses.dataclass
 class Trial:
     """A measured comparison of the two collectives, run when the model's call is close (step 4
-    of the module docstring).  ``seconds[i]`` holds this rank's measured steps with
-    ``collectives[i]``; the trial uses ``collectives[len(seconds) - 1]`` now."""
+    of the module docstring).
 
-    collectives: tuple     # in the order tried: the modelled choice first
+    The trial's first step (the probe's, not timed) uses the modelled choice; the timed steps
+    then alternate, in reverse order in their second half (``ABAB..BABA``: :meth:`order`), so
+    that a slow drift of the host (another job, a node's neighbours) and work the training loop
+    does every other step (an evaluation, a log line) weigh on both collectives alike.  A step is timed as the period since the previous step's end: its compute plus
+    the exchange it could not hide, including the CPU its codec took from the other ranks' compute
+    on a shared host, which a timer around the exchange alone would miss.  An exchange outside
+    DDP's backward (:func:`threelc.hooks.hook.average`, several per outer sync) is timed from its
+    own start.  ``seconds[k]`` holds this rank's timed steps with ``collectives[k]``.
+    """
+
+    collectives: tuple     # the modelled choice first
     coalesce: bool
     modelled: str          # the model's reason, kept for the final plan's
-    seconds: list = dataclasses.field(default_factory=lambda: [[]])
-    steps: int = TRIAL_STEPS
-    step_s: float = 0.0    # the current step's worker seconds so far
+    seconds: list = dataclasses.field(default_factory=lambda: [[], []])
+    steps_done: int = 0
+    steps: int = TRIAL_STEPS  # timed steps per collective (at least 2: a resume loses one timing)
+    # When the previous step ended, on this process's clock: not saved, so the first step after
+    # a resume is not timed.
+    last_end: float | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def needed(cls, chosen: Plan, costs: dict, collective_option_: str) -> "Trial | None":
@@ -180,30 +191,30 @@ class Trial:
             return None
         return cls(collectives=(chosen.collective, other), coalesce=chosen.coalesce, modelled=chosen.reason)
 
+    def order(self) -> list:
+        """Which collective each step of the trial uses (indices into ``collectives``)."""
+        half = [i % 2 for i in range(self.steps)]
+        return [0] + half + [1 - k for k in half]
+
     def plan(self) -> Plan:
         """The plan of the coming step: the collective on trial."""
-        collective = self.collectives[len(self.seconds) - 1]
-        return Plan(collective=collective, coalesce=self.coalesce,
+        return Plan(collective=self.collectives[self.order()[self.steps_done]], coalesce=self.coalesce,
                     reason=f"measured trial of {' and '.join(self.collectives)} ({self.modelled})")
 
-    def add(self, seconds: float) -> None:
-        """Add the worker seconds of one of the current step's compressed buckets."""
-        self.step_s += float(seconds)
-
-    def record(self) -> bool:
-        """Close the current step; True when the last collective's steps are done."""
-        self.seconds[-1].append(self.step_s)
-        self.step_s = 0.0
-        if len(self.seconds[-1]) < self.steps:
-            return False
-        if len(self.seconds) == len(self.collectives):
-            return True
-        self.seconds.append([])
-        return False
+    def record(self, now: float, started: float | None = None) -> bool:
+        """Close the current step at ``now`` (an exchange of its own: begun at ``started``); True
+        when the trial's steps are done.  The count of steps, not of timed ones, decides, so a
+        resumed trial switches at the same steps as an uninterrupted one (one fewer timing)."""
+        begin = started if started is not None else self.last_end
+        if begin is not None:
+            self.seconds[self.order()[self.steps_done]].append(float(now - begin))
+        self.last_end = now
+        self.steps_done += 1
+        return self.steps_done >= len(self.order())
 
     def medians(self) -> list:
-        """This rank's median step seconds per collective, the first step of each left out."""
-        return [float(np.median(times[1:] if len(times) > 1 else times)) for times in self.seconds]
+        """This rank's median step seconds per collective."""
+        return [float(np.median(times)) for times in self.seconds]
 
     def outcome(self, slowest: list) -> Plan:
         """The final plan from every collective's slowest-rank median (the same on every rank)."""
@@ -213,7 +224,9 @@ class Trial:
                     reason=f"measured step: {measured} (the slowest rank's median; {self.modelled})")
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        saved = dataclasses.asdict(self)
+        del saved["last_end"]
+        return saved
 
     @classmethod
     def from_dict(cls, saved: dict) -> "Trial":
@@ -258,15 +271,16 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     return (plan if trial is None else trial.plan()), trial
 
 
-def end_trial_step(state, group, device) -> None:
-    """Count one step of the state's trial; switch collective, or agree on the outcome, when due.
+def end_trial_step(state, group, device, started: float | None = None) -> None:
+    """Close one step of the state's trial; switch collective, or agree on the outcome, when due.
 
     Called on the worker thread at the same step on every rank (the end of a step that
-    compressed), so every rank switches together; the outcome's header exchange is a collective.
+    compressed; ``started``: when an exchange of its own began), so every rank switches
+    together; the outcome's header exchange is a collective.
     """
     trial = state._trial
     state._stats.mark_planning()
-    if not trial.record():
+    if not trial.record(time.perf_counter(), started):
         state._plan = trial.plan()
         return
     microseconds = [int(round(1e6 * t)) for t in trial.medians()]

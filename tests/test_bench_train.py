@@ -35,11 +35,11 @@ def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
     hooks = [parse_hook("allreduce"), parse_hook("threelc-s1.0")]
     cells = plan_cells([EXAMPLES["digits"]], ["100mbit", "10mbit"], hooks, steps=None, warmup=10, timing_steps=5,
                        quick=True)
-    # A timing run of 3LC's "auto" collective adds the steps of a possible measured trial (2 x 4).
+    # A timing run of 3LC's "auto" collective adds the steps of a possible measured trial (2 x 6).
     assert [(cell.hook.name, cell.rate, cell.kind, cell.steps, cell.warmup) for cell in cells] == [
         ("allreduce", "unshaped", "accuracy", 200, 10), ("threelc-s1.0", "unshaped", "accuracy", 200, 10),
-        ("allreduce", "100mbit", "timing", 7, 2), ("threelc-s1.0", "100mbit", "timing", 15, 2),
-        ("allreduce", "10mbit", "timing", 7, 2), ("threelc-s1.0", "10mbit", "timing", 15, 2)]
+        ("allreduce", "100mbit", "timing", 7, 2), ("threelc-s1.0", "100mbit", "timing", 19, 2),
+        ("allreduce", "10mbit", "timing", 7, 2), ("threelc-s1.0", "10mbit", "timing", 19, 2)]
     assert parse_hook("threelc-s1.0-allgather").trial_steps == 0 and parse_hook("powersgd-r1").trial_steps == 0
 
 

@@ -97,18 +97,33 @@ def test_a_trial_runs_only_when_the_call_is_close():
     assert plan.Trial.needed(chosen, only_one, "auto") is None
 
 
-def test_a_trial_switches_after_its_steps_and_keeps_the_faster():
+def test_a_trial_alternates_times_step_periods_and_keeps_the_faster():
     trial = plan.Trial(collectives=("scatter_reduce", "allgather"), coalesce=True, modelled="m", steps=3)
-    seen = []
-    for seconds in (9.0, 2.0, 4.0, 7.0, 1.0, 3.0):  # the first step of each is not counted
+    seen, done = [], []
+    ends = [10.0, 11.0, 11.5, 12.6, 12.85, 13.05, 14.25]  # step ends: periods 1 .5 1.1 .25 .2 1.2
+    for now in ends:
         seen.append(trial.plan().collective)
-        trial.add(seconds / 2)
-        trial.add(seconds / 2)  # two buckets of one step
-        done = trial.record()
-    assert done and seen == ["scatter_reduce"] * 3 + ["allgather"] * 3
-    assert trial.medians() == [3.0, 2.0]
-    assert plan.Trial.from_dict(trial.as_dict()) == trial
-    outcome = trial.outcome([3.0, 2.0])
+        done.append(trial.record(now))
+    # The probe's step (not timed: no period before it), then A B A, then reversed: B A B.
+    SR, AG = "scatter_reduce", "allgather"
+    assert seen == [SR] + [SR, AG, SR] + [AG, SR, AG]
+    assert done == [False] * 6 + [True]
+    assert trial.seconds == [pytest.approx([1.0, 1.1, 0.2]), pytest.approx([0.5, 0.25, 1.2])]
+    assert trial.medians() == pytest.approx([1.0, 0.5])
+    # An exchange of its own (an outer sync) is timed from its start, not from the previous end.
+    sync = plan.Trial(collectives=("allgather", "scatter_reduce"), coalesce=False, modelled="m", steps=1)
+    sync.record(5.0, started=4.0)
+    assert sync.seconds == [[1.0], []]
+    # Saved and loaded, a trial goes on where it was, except that its next step is not timed;
+    # the step count still decides when it ends, as in the uninterrupted trial.
+    halfway = plan.Trial(collectives=("scatter_reduce", "allgather"), coalesce=True, modelled="m", steps=3)
+    for now in ends[:3]:
+        halfway.record(now)
+    loaded = plan.Trial.from_dict(halfway.as_dict())
+    assert loaded == halfway and loaded.last_end is None and "last_end" not in halfway.as_dict()
+    assert [loaded.record(now) for now in ends[3:]] == [False] * 3 + [True]
+    assert loaded.seconds == [pytest.approx([1.0, 0.2]), pytest.approx([0.5, 0.25, 1.2])]
+    outcome = trial.outcome([1.1, 0.3])
     assert (outcome.collective, outcome.coalesce) == ("allgather", True) and "measured step" in outcome.reason
     assert trial.outcome([2.0, 2.0]).collective == "scatter_reduce"  # a tie keeps the model's choice
 
@@ -330,7 +345,7 @@ def _trial_steps(state, rank, steps, layout):
 def _trial(rank, world_size):
     plan._probe = lambda *args, **kwargs: _CLOSE_LINK
     plan.Trial.medians = lambda self: _TRIAL_MEDIANS.get(rank, [1e-3, 1e-3])
-    layout, total = (3000, 1000), 12
+    layout, total = (3000, 1000), 2 * plan.TRIAL_STEPS + 4
 
     def fresh():
         state = ThreeLCState(min_numel=0, start_iter=2)
@@ -349,7 +364,7 @@ def _trial(rank, world_size):
     truth = sum(gradient(r, step, layout).double() for r in range(world_size) for step in range(total)) / world_size
     paid = sum(item["mean"].double() for item in uninterrupted)
 
-    # Resumed mid-trial (after 6 steps: on allgather's second step) from a checkpoint.
+    # Resumed mid-trial from a checkpoint (the first step after it is not timed: one more step).
     state = fresh()
     first = _trial_steps(state, rank, range(6), layout)
     saved = state.state_dict()
@@ -365,23 +380,25 @@ def _trial(rank, world_size):
 
 def test_a_close_call_is_measured_and_every_rank_switches_together():
     results = run_ranks(_trial, 4, timeout_s=300)
-    steps = plan.TRIAL_STEPS
+    trial_steps = 2 * plan.TRIAL_STEPS + 1  # the probe's step, then the timed ones
     for result in results:
         run = result["uninterrupted"]
-        # Scatter-reduce for the first TRIAL_STEPS steps (the first one also probes), then allgather;
-        # the plan after each step is the next step's.
+        # After the probe's step the steps alternate, scatter-reduce (the model's choice) first,
+        # reversed halfway; the plan after each step is the next step's, and after the trial the
+        # faster (the slowest rank's median) stays.
         collectives = [item["plan"]["collective"] for item in run]
-        assert collectives[:steps - 1] == ["scatter_reduce"] * (steps - 1)
-        assert collectives[steps - 1:] == ["allgather"] * (len(run) - steps + 1)
-        assert "measured trial" in run[steps - 1]["plan"]["reason"]
-        final = run[2 * steps - 1]["plan"]
-        assert "measured step: scatter_reduce 9.00 ms, allgather 6.00 ms" in final["reason"]
-        assert [item["planning"] for item in run] == [True] * (2 * steps) + [False] * (len(run) - 2 * steps)
-        # The switch kept what scatter-reduce's server residuals owed: folded, then paid or still owed.
+        half = ["scatter_reduce", "allgather"] * (plan.TRIAL_STEPS // 2)
+        assert collectives[:trial_steps - 1] == half + half[::-1]
+        assert "measured trial" in run[0]["plan"]["reason"]
+        assert collectives[trial_steps - 1:] == ["allgather"] * (len(run) - trial_steps + 1)
+        assert "measured step: scatter_reduce 9.00 ms, allgather 6.00 ms" in run[trial_steps - 1]["plan"]["reason"]
+        assert [item["planning"] for item in run] == [True] * trial_steps + [False] * (len(run) - trial_steps)
+        # The switches kept what scatter-reduce's server residuals owed: folded, then paid or still owed.
         assert not result["server_left"]
         assert result["error"] < 1e-5 * max(result["scale"], 1.0) * len(run)
         # A checkpoint taken mid-trial resumes it: the same plans and bitwise the same means.
-        for a, b in zip(run, result["resumed"]):
-            assert a["plan"] == b["plan"] and torch.equal(a["mean"], b["mean"])
+        resumed = result["resumed"]
+        assert [item["plan"] for item in resumed] == [item["plan"] for item in run]
+        assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(run, resumed))
     for item in zip(*(result["uninterrupted"] for result in results)):  # replicas agree at every step
         assert all(torch.equal(item[0]["mean"], other["mean"]) and item[0]["plan"] == other["plan"] for other in item)

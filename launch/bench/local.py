@@ -74,7 +74,10 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
                for sync_every in (50, 100) for passes in (2, 3)},
             # Overlap: each sync runs during the next round, its mean applied one round late.
             "h50-fp32-overlap": (*_local(50, "fp32"), "--outer-overlap"),
-            "h50-3lc-p2-overlap": (*_local(50, "3lc"), "--outer-passes", "2", "--outer-overlap")}
+            "h50-3lc-p2-overlap": (*_local(50, "3lc"), "--outer-passes", "2", "--outer-overlap"),
+            # A stale mean under DiLoCo's outer momentum diverged: overlap with plain averaging.
+            "h50-fp32-overlap-lr1-m0": (*_local(50, "fp32"), "--outer-lr", "1.0", "--outer-momentum", "0.0",
+                                        "--outer-overlap")}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
 PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
         ("h50-3lc-allgather", 0), ("h50-3lc", 1),
@@ -83,7 +86,8 @@ PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h1
         # A second session: the outer settings and passes that shorten error feedback's delay.
         ("h50-3lc-lr1-m0", 0), ("h50-3lc-p2", 0), ("h50-3lc-p3", 0), ("h100-3lc-p2", 0), ("h50-fp32-lr1-m0", 0),
         # A third: what overlapping the sync with the next round costs in loss.
-        ("h50-fp32-overlap", 0), ("h50-3lc-p2-overlap", 0))
+        ("h50-fp32-overlap", 0), ("h50-fp32-overlap-lr1-m0", 0), ("h50-fp32-lr1-m0", 0),
+        ("h50-3lc-p2-overlap", 0))
 TASK = "text"
 #: Link rates for the "link s" columns, bits per second.
 LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}

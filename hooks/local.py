@@ -33,6 +33,28 @@ The first ``warmup_steps`` inner steps average gradients with a plain allreduce,
 ``post_localSGD_hook`` does before its ``start_localSGD_iter``; the first round starts after them.
 The inner optimizer's state (AdamW's moments) stays local to each rank, as in DiLoCo.
 
+With ``overlap=True`` the sync of round k runs while round k + 1 trains, and its mean drives the
+outer step one round late (the "one-outer-step-delayed" update of Kale, Douillard et al., "Eager
+updates for overlapped communication and computation in DiLoCo", arXiv:2502.12996, which
+Streaming DiLoCo, arXiv:2501.18512, runs with an overlap of tau < H inner steps; here tau = H)::
+
+    after inner step H of round k   delta_k = start_k - params     (against this round's start)
+    (LocalSteps.step())             mean_{k-1} = wait(sync of round k - 1)    [none when k = 0]
+                                    start_{k+1} = outer step of start_k with mean_{k-1}
+                                                  [start_1 = start_0]
+                                    launch the average of delta_k (in flight, not waited for)
+                                    params = start_{k+1}           (bitwise the same on every rank)
+    LocalSteps.finish()             wait(sync of the last round), outer step with its mean,
+                                    params = the result (+ any local progress since, mid-round)
+
+The momentum, the Nesterov step and the 3LC passes are those of the blocking sync; only the mean
+each outer step uses is one round older, so round k's pseudo-gradient, measured from start_k,
+moves start_{k+1}.  A run of K rounds makes K outer steps, the last in ``finish()``, with the
+same bytes as without overlap.  The average runs on a process group of its own (created after the
+ranks agreed on their options), so it never interleaves with DDP's collectives: fp32 as a gloo
+``async_op`` allreduce, 3LC as :func:`threelc.hooks.hook.average` on a background thread (the
+hook's worker thread does the work; numba's kernels and gloo release the GIL).
+
 Every rank decodes the same bytes (3LC) or receives the same allreduce result (fp32), and the
 start-of-round parameters and outer momentum are the same on every rank, so the replicas are
 bitwise identical right after every outer sync.  Ranks with different options raise the same
@@ -45,6 +67,7 @@ catches ranks resumed from different step counts).
 
 import logging
 import math
+import threading
 
 import numpy as np
 import torch
@@ -52,6 +75,7 @@ import torch.distributed as dist
 
 from . import collectives, hook, optim
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
+from .stats import HookStats
 
 __all__ = ["LocalSteps", "OUTER", "local_hook"]
 
@@ -59,8 +83,8 @@ logger = logging.getLogger(__name__)
 
 #: How the pseudo-gradients are averaged: a plain allreduce, or 3LC with error feedback.
 OUTER = ("fp32", "3lc")
-#: Version of the dictionary :meth:`LocalSteps.state_dict` returns.
-STATE_DICT_VERSION = 1
+#: Version of the dictionary :meth:`LocalSteps.state_dict` returns (2 added ``"pending"``; 1 still loads).
+STATE_DICT_VERSION = 2
 #: ThreeLCState options that mean nothing here (the outer sync always compresses its one bucket).
 _UNUSED_HOOK_OPTIONS = ("start_iter", "min_numel")
 
@@ -102,6 +126,11 @@ class LocalSteps:
         further one on zeros, sending what the residuals hold at a finer scale (~k times the bytes).
     warmup_steps : int, default 0
         Inner steps that average gradients with a plain allreduce before the first round.
+    overlap : bool, default False
+        Run each sync while the next round trains, and apply its mean one round late (see the
+        module docstring); call :meth:`finish` after the last inner step to apply the last round's.
+        :meth:`state_dict` waits for a pending sync and saves its mean (not yet applied), so a
+        resume continues bitwise as the uninterrupted run.
     stats_dir : str, optional
         Append one JSON line per inner step to ``{stats_dir}/hook-rank{rank}.jsonl`` in the hook's
         format (:mod:`threelc.hooks.stats`): warm-up allreduce bytes, 0 on local steps, the outer
@@ -123,9 +152,10 @@ class LocalSteps:
 
     def __init__(self, ddp_model, inner_optimizer, *, sync_every: int = 50, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, outer: str = "3lc", passes: int = 1,
-                 warmup_steps: int = 0, stats_dir=None, **hook_options):
+                 warmup_steps: int = 0, overlap: bool = False, stats_dir=None, **hook_options):
         ddp_model = hook._distributed_model(ddp_model)
-        _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps, hook_options)
+        _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps, overlap,
+                         hook_options)
         self.parameters = [parameter for parameter in ddp_model.module.parameters() if parameter.requires_grad]
         _check_inner(inner_optimizer, self.parameters)
         # Hyperparameters.
@@ -136,6 +166,7 @@ class LocalSteps:
         self.outer = outer
         self.passes = int(passes)
         self.warmup_steps = int(warmup_steps)
+        self.overlap = overlap
         process_group = getattr(ddp_model, "process_group", None)
         #: The hook state of the outer sync: its options, residuals, statistics and collectives.
         #: ``state.iteration`` counts outer syncs.
@@ -147,11 +178,19 @@ class LocalSteps:
         self.steps = 0
         self._start: torch.Tensor | None = None  # start-of-round parameters, flat float32
         self._momentum: torch.Tensor | None = None  # the outer momentum buffer, flat float32
+        self._pending: _Pending | None = None  # overlap: the sync in flight, or its arrived mean
+        #: The per-step log; while a sync is in flight its bytes count in a HookStats of its own.
+        self._log: HookStats = self.state._stats
         self._steps_unannounced = 0  # inner optimizer steps since the last step() call
         self._warned_unannounced = False
         inner_optimizer.register_step_post_hook(self._inner_stepped)
         ddp_model.register_comm_hook(self, local_hook)
         self._check_agreement(with_steps=False)
+        if self.overlap and dist.get_world_size(self.state.group()) > 1:
+            # Agreed by every rank just above, so every rank creates it (no rank waits alone).
+            group = self.state.group()
+            self.state.process_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                                      use_local_synchronization=True)
         if self.warmup_steps == 0:
             self._start_round()
 
@@ -173,28 +212,82 @@ class LocalSteps:
         elif self.steps > self.warmup_steps and (self.steps - self.warmup_steps) % self.sync_every == 0:
             self.sync()
             synced = True
-        self.state._stats.finish_step(self.steps - 1, *self.state._owner())
+        self._log.finish_step(self.steps - 1, *self.state._owner())
         return synced
 
     def sync(self) -> None:
         """The outer step: average the pseudo-gradients, apply them to the start-of-round
-        parameters with Nesterov SGD, and start the next round from the result."""
+        parameters with Nesterov SGD, and start the next round from the result.  With
+        ``overlap``: launch this round's average, and apply the previous round's mean instead."""
         if self._start is None:
             raise RuntimeError("threelc.local: no round has started yet (still in warm-up)")
+        arrived = self._wait_pending()
         self._check_agreement(with_steps=True)
         delta = self._start - self._flat_parameters()
-        if dist.get_world_size(self.state.group()) > 1:
-            if self.outer == "3lc":
-                self._average_3lc(delta)
-            else:
-                self.state._stats.add_raw(delta.numel() * delta.element_size())
-                collectives.allreduce_mean(delta, self.state.group(), self.state._stats)
-        self.state.iteration += 1
-        # torch.optim.SGD's update, on the flat start-of-round parameters.
-        self._momentum.mul_(self.outer_momentum).add_(delta)
-        update = delta.add(self._momentum, alpha=self.outer_momentum) if self.nesterov else self._momentum
-        self._start.add_(update, alpha=-self.outer_lr)
+        if self.overlap:
+            self._pending = self._launch(delta)
+            if arrived is not None:
+                self._outer_step(arrived)
+        else:
+            self._average(delta)
+            self.state.iteration += 1
+            self._outer_step(delta)
         self._write_parameters(self._start)
+
+    def finish(self) -> bool:
+        """``overlap``: wait for the sync in flight and apply its outer step now (blocking); call it
+        after the last inner step.  Mid-round, the round's local progress stays on top of the new
+        start.  Its bytes go to a log record of its own, numbered ``steps`` (one past the last
+        inner step's).  Returns whether there was one to apply (never without ``overlap``)."""
+        arrived = self._wait_pending()
+        if arrived is None:
+            return False
+        progress = self._flat_parameters() - self._start
+        self._outer_step(arrived)
+        self._write_parameters(self._start + progress if progress.any() else self._start)
+        self._log.finish_step(self.steps, *self.state._owner())
+        return True
+
+    def _outer_step(self, mean: torch.Tensor) -> None:
+        """torch.optim.SGD's update, on the flat start-of-round parameters."""
+        self._momentum.mul_(self.outer_momentum).add_(mean)
+        update = mean.add(self._momentum, alpha=self.outer_momentum) if self.nesterov else self._momentum
+        self._start.add_(update, alpha=-self.outer_lr)
+
+    def _average(self, delta: torch.Tensor) -> None:
+        """``delta`` becomes its mean over the ranks (fp32 or 3LC), in place; a collective."""
+        if dist.get_world_size(self.state.group()) == 1:
+            return
+        if self.outer == "3lc":
+            self._average_3lc(delta)
+        else:
+            self.state._stats.add_raw(delta.numel() * delta.element_size())
+            collectives.allreduce_mean(delta, self.state.group(), self.state._stats)
+
+    def _launch(self, delta: torch.Tensor) -> "_Pending":
+        """Start averaging ``delta`` in place without waiting: an async gloo allreduce (fp32) or
+        :meth:`_average` on a thread (3LC), counting its bytes apart from the per-step log."""
+        self.state._stats = HookStats(None)
+        group = self.state.group()
+        if self.outer == "fp32" and dist.get_world_size(group) > 1:
+            self.state._stats.add_raw(delta.numel() * delta.element_size())
+            self.state._stats.add_allreduce(delta.numel() * delta.element_size(), dist.get_world_size(group))
+            return _Pending(delta, work=dist.all_reduce(delta.div_(dist.get_world_size(group)), group=group,
+                                                        async_op=True))
+        return _Pending(delta, thread_target=self._average)
+
+    def _wait_pending(self) -> torch.Tensor | None:
+        """The mean of the sync in flight once it arrived (None when there is none); its bytes
+        join the current step's, and the sync counter moves on."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        mean = pending.wait()
+        if self.state._stats is not self._log:
+            self._log.current.add(self.state._stats.current)
+            self.state._stats = self._log
+            self.state.iteration += 1
+        return mean
 
     def _average_3lc(self, delta: torch.Tensor) -> None:
         """``delta`` becomes its 3LC mean, refined by ``passes - 1`` more averages of the residuals."""
@@ -230,7 +323,7 @@ class LocalSteps:
         """The options as a JSON-able dict (the 3LC options under ``"hook"``)."""
         return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "outer": self.outer, "passes": self.passes,
-                "warmup_steps": self.warmup_steps,
+                "warmup_steps": self.warmup_steps, "overlap": self.overlap,
                 "hook": self.state.config()}
 
     def _fingerprint_text(self, world_size: int, with_steps: bool) -> str:
@@ -260,12 +353,18 @@ class LocalSteps:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Step count, start-of-round parameters, outer momentum, options, and the 3LC state
-        (residuals, which differ per rank, with their owner record: every rank saves its own)."""
+        """Step count, start-of-round parameters, outer momentum, options, the 3LC state
+        (residuals, which differ per rank, with their owner record: every rank saves its own), and
+        with ``overlap`` the mean of the sync in flight: this waits for it (a collective then),
+        keeping it to apply at the next sync as the uninterrupted run would."""
+        pending = None
+        if self._pending is not None:
+            self._pending = _Pending(self._wait_pending())
+            pending = self._pending.mean.detach().cpu().clone()
         return {"version": STATE_DICT_VERSION, "steps": self.steps, "config": self.config(),
                 "start": None if self._start is None else self._start.detach().cpu().clone(),
                 "momentum": None if self._momentum is None else self._momentum.detach().cpu().clone(),
-                "hook": self.state.state_dict()}
+                "pending": pending, "hook": self.state.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`'s result (options stay as constructed; a change is logged).
@@ -273,12 +372,16 @@ class LocalSteps:
         Raises ValueError for another version or another model size, and
         :class:`~threelc.hooks.StateOwnerError` for another rank's state dict.
         """
-        if state_dict.get("version") != STATE_DICT_VERSION:
+        if state_dict.get("version") not in (1, STATE_DICT_VERSION):
             raise ValueError(f"unsupported LocalSteps state_dict version {state_dict.get('version')!r} "
                              f"(this version reads {STATE_DICT_VERSION})")
         count = sum(self.layout)
-        for key in ("start", "momentum"):
-            if state_dict[key] is not None and state_dict[key].numel() != count:
+        pending = state_dict.get("pending")
+        if pending is not None and not self.overlap:
+            raise ValueError("threelc.local: the state dict holds the mean of a sync in flight (saved with "
+                             "overlap=True); load it into a LocalSteps with overlap=True")
+        for key in ("start", "momentum", "pending"):
+            if state_dict.get(key) is not None and state_dict[key].numel() != count:
                 raise ValueError(f"threelc.local: the state dict's {key!r} holds {state_dict[key].numel()} values, "
                                  f"the model's trained parameters {count}: another model?")
         changed = {key: (value, self.config()[key]) for key, value in state_dict["config"].items()
@@ -291,13 +394,47 @@ class LocalSteps:
         self._start = None if state_dict["start"] is None else state_dict["start"].to(device, torch.float32, copy=True)
         self._momentum = (None if state_dict["momentum"] is None
                           else state_dict["momentum"].to(device, torch.float32, copy=True))
+        self._pending = None if pending is None else _Pending(pending.to(device, torch.float32, copy=True))
 
     def close(self) -> None:
-        """Stop the 3LC state's worker thread."""
+        """Wait for a sync in flight (without applying it), then stop the 3LC state's worker thread."""
+        if self._pending is not None:
+            self._wait_pending()
         self.state.close()
 
     def __repr__(self) -> str:
         return f"LocalSteps({self.config()})"
+
+
+class _Pending:
+    """One outer sync in flight (``overlap``): ``mean`` is averaged in place by a gloo ``work``, or
+    by ``thread_target(mean)`` on a thread of its own; or it has arrived already (neither)."""
+
+    def __init__(self, mean: torch.Tensor, work=None, thread_target=None):
+        self.mean = mean
+        self._work = work
+        self._error: BaseException | None = None
+        self._thread = None
+        if thread_target is not None:
+            self._thread = threading.Thread(target=self._run, args=(thread_target,), name="threelc-local-sync",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self, target) -> None:
+        try:
+            target(self.mean)
+        except BaseException as error:  # noqa: BLE001 - raised again on the training thread by wait()
+            self._error = error
+
+    def wait(self) -> torch.Tensor:
+        """Block until the mean has arrived; return it (a failed average raises its error here)."""
+        if self._work is not None:
+            self._work.wait()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.mean
 
 
 def local_hook(local: LocalSteps, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -313,7 +450,7 @@ def local_hook(local: LocalSteps, bucket: dist.GradBucket) -> torch.futures.Futu
     return future
 
 
-def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps,
+def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps, overlap,
                      hook_options) -> None:
     if not _is_int(sync_every) or sync_every < 1:
         raise ValueError(f"sync_every must be a positive integer (inner steps per outer sync), got {sync_every!r}")
@@ -331,6 +468,8 @@ def _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, pass
         raise ValueError(f"passes={passes!r} only applies to outer='3lc' (a float32 allreduce is exact in one pass)")
     if not _is_int(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be True or False, got {overlap!r}")
     unused = sorted(set(hook_options) & set(_UNUSED_HOOK_OPTIONS))
     if unused:
         raise ValueError(f"{', '.join(unused)} do not apply to LocalSteps: the outer sync compresses every round "

@@ -11,6 +11,7 @@ Each rank uses one torch thread and one numba thread: the CI machine has 2 cores
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -46,6 +47,11 @@ def _entry(rank, fn, world_size, port, folder, collective_timeout_s, args):
             err.write(traceback.format_exc())
         raise
     finally:
+        # A test's DDP models (their reducers hold the process group) can outlive fn in reference
+        # cycles, e.g. through an error's traceback; left to interpreter shutdown, gloo's threads
+        # were torn down unjoined now and then ("terminate called without an active exception",
+        # SIGABRT after a passing test), as launch/examples/trainer.py found for training runs.
+        gc.collect()
         dist.destroy_process_group()
 
 

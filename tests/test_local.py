@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -148,6 +149,119 @@ def test_3lc_outer_sync_leaves_identical_replicas(world_size, tmp_path):
     assert all(torch.equal(result[4][-1], results[0][4][-1]) for result in results)
 
 
+# ------------------------------------------------------------------ overlap: the one-round-delayed update
+def fp32_overlap(rank, world_size):
+    start, records, local = _train(rank, 9, sync_every=3, outer="fp32", overlap=True)
+    finished = local.finish()
+    after_finish = torch.cat([parameter.detach().reshape(-1) for parameter in local.parameters])
+    again = local.finish()  # nothing in flight any more
+    local.close()
+    return start, records, finished, after_finish, again
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fp32_overlap_applies_each_mean_one_round_late(world_size):
+    """Round k's mean pseudo-gradient (measured from round k's start) drives the outer step at the
+    end of round k + 1; finish() applies the last round's."""
+    results = run_ranks(fp32_overlap, world_size, timeout_s=300)
+    start = results[0][0]
+    parameter = nn.Parameter(start.clone())
+    outer = torch.optim.SGD([parameter], lr=0.7, momentum=0.9, nesterov=True, foreach=False)
+    round_start, in_flight = start.clone(), None
+    expected_after = []
+    for step in range(9):
+        synced = [result[1][step][0] for result in results]
+        assert synced == [step in (2, 5, 8)] * world_size
+        if not synced[0]:
+            continue
+        with torch.no_grad():
+            mean = sum((round_start - result[1][step][1]) / world_size for result in results)
+        if in_flight is not None:  # the previous round's mean arrives now
+            parameter.grad = in_flight
+            outer.step()
+        in_flight, round_start = mean, parameter.detach().clone()
+        expected_after.append((step, round_start))
+    parameter.grad = in_flight
+    outer.step()
+    expected_after.append(("finish", parameter.detach().clone()))
+    # The first round's sync applies nothing: every rank is back at the initial parameters.
+    assert torch.equal(expected_after[0][1], start)
+    for step, expected in expected_after:
+        afters = [result[3] if step == "finish" else result[1][step][2] for result in results]
+        for after in afters:
+            assert torch.equal(after, afters[0])  # bitwise identical replicas after every outer update
+            if world_size == 2:  # two terms: gloo's sum is exactly this
+                assert torch.equal(after, expected), step
+            else:
+                torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+    assert all(result[2] is True and result[4] is False for result in results)
+
+
+def overlap_in_flight(rank, world_size, folder, outer):
+    """Rank 1 launches the second sync's average only after rank 0 has trained an inner step past
+    it: a blocking sync would hold rank 0 in its collective, and rank 1 would wait in vain."""
+    model = _model()
+    ddp = DDP(model)
+    inner = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    local = threelc.local.LocalSteps(ddp, inner, sync_every=2, outer=outer, overlap=True)
+    marker = os.path.join(folder, "rank0-trained-past-the-sync")
+    if rank == 1:
+        launch = local._launch
+
+        def late_launch(delta):
+            if local.steps == 4:  # the second sync (steps 2 and 4 sync with H = 2)
+                deadline = time.monotonic() + 60
+                while not os.path.exists(marker):
+                    if time.monotonic() > deadline:
+                        raise AssertionError("rank 0 never trained past its sync: the sync blocked")
+                    time.sleep(0.05)
+            return launch(delta)
+
+        local._launch = late_launch
+    for step in range(6):
+        _inner_step(ddp, inner, rank, step)
+        local.step()
+        if rank == 0 and step == 4:
+            open(marker, "w").close()
+    local.finish()
+    params = _flat(model)
+    local.close()
+    return params
+
+
+@pytest.mark.parametrize("outer", ["fp32", "3lc"])
+def test_overlapped_sync_is_in_flight_during_the_next_inner_steps(tmp_path, outer):
+    results = run_ranks(overlap_in_flight, 2, str(tmp_path), outer, timeout_s=300)
+    assert torch.equal(results[0], results[1])
+
+
+def threelc_overlap(rank, world_size, folder):
+    start, records, local = _train(rank, 8, sync_every=2, outer="3lc", overlap=True, passes=2, stats_dir=folder)
+    local.finish()
+    flat = torch.cat([parameter.detach().reshape(-1) for parameter in local.parameters])
+    local.close()
+    return records, flat
+
+
+def test_3lc_overlap_leaves_identical_replicas_and_counts_every_sync(tmp_path):
+    results = run_ranks(threelc_overlap, 4, str(tmp_path), timeout_s=300)
+    for step in range(8):
+        afters = [result[0][step][2] for result in results]
+        if results[0][0][step][0]:
+            assert all(torch.equal(after, afters[0]) for after in afters)
+        else:
+            assert not torch.equal(afters[0], afters[1])
+    assert all(torch.equal(result[1], results[0][1]) for result in results)
+    assert not torch.equal(results[0][1], results[0][0][7][2])  # finish() applied the last round's mean
+    # Each of the 4 syncs' bytes lands where it is waited for: at the next sync, the last at
+    # finish() (a record of its own, numbered 8); nothing on the local steps.
+    lines = [json.loads(line) for line in (tmp_path / "hook-rank0.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(9))
+    assert [line["compressed"] for line in lines] == [False, False, False, True, False, True, False, True, True]
+    raw = results[0][1].numel() * 4
+    assert [line["raw_bytes"] for line in lines] == [0, 0, 0, 2 * raw, 0, 2 * raw, 0, 2 * raw, 2 * raw]
+
+
 # ------------------------------------------------------------------ further 3LC passes per sync
 PASSES = (1, 2, 3)
 
@@ -238,27 +352,30 @@ def test_warmup_allreduces_then_h1_syncs_every_step():
 RESUME = {"sync_every": 3, "warmup_steps": 1, "outer": "3lc", "collective": "scatter_reduce"}
 
 
-def _resume_setup(passes):
+def _resume_setup(passes, overlap):
     model = _model()
     ddp = DDP(model)
     inner = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-    return model, ddp, inner, threelc.local.LocalSteps(ddp, inner, passes=passes, **RESUME)
+    return model, ddp, inner, threelc.local.LocalSteps(ddp, inner, passes=passes, overlap=overlap, **RESUME)
 
 
-def uninterrupted_and_first_half(rank, world_size, folder, passes):
-    model, ddp, inner, local = _resume_setup(passes)
+def uninterrupted_and_first_half(rank, world_size, folder, passes, overlap):
+    model, ddp, inner, local = _resume_setup(passes, overlap)
     for step in range(10):
-        if step == 5:  # mid-round: the start-of-round parameters and momentum are in flight
+        if step == 5:  # mid-round: the start-of-round parameters and momentum (with overlap, the
+            # sync launched at step 3) are in flight; state_dict() waits for that sync
+            assert (local._pending is not None) == overlap
             torch.save({"model": model.state_dict(), "inner": inner.state_dict(), "local": local.state_dict()},
                        os.path.join(folder, f"rank{rank}.pt"))
         _inner_step(ddp, inner, rank, step)
         local.step()
+    local.finish()
     local.close()
     return _flat(model)
 
 
-def resume_second_half(rank, world_size, folder, passes):
-    model, ddp, inner, local = _resume_setup(passes)
+def resume_second_half(rank, world_size, folder, passes, overlap):
+    model, ddp, inner, local = _resume_setup(passes, overlap)
     with pytest.raises(StateOwnerError, match="loaded the hook state of rank"):
         local.load_state_dict(torch.load(os.path.join(folder, f"rank{1 - rank}.pt"))["local"])
     checkpoint = torch.load(os.path.join(folder, f"rank{rank}.pt"))
@@ -268,14 +385,15 @@ def resume_second_half(rank, world_size, folder, passes):
     for step in range(5, 10):
         _inner_step(ddp, inner, rank, step)
         local.step()
+    local.finish()
     local.close()
     return _flat(model)
 
 
-@pytest.mark.parametrize("passes", [1, 2])
-def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path, passes):
-    uninterrupted = run_ranks(uninterrupted_and_first_half, 2, str(tmp_path), passes, timeout_s=300)
-    resumed = run_ranks(resume_second_half, 2, str(tmp_path), passes, timeout_s=300)
+@pytest.mark.parametrize("passes, overlap", [(1, False), (2, False), (1, True)])
+def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path, passes, overlap):
+    uninterrupted = run_ranks(uninterrupted_and_first_half, 2, str(tmp_path), passes, overlap, timeout_s=300)
+    resumed = run_ranks(resume_second_half, 2, str(tmp_path), passes, overlap, timeout_s=300)
     assert torch.equal(uninterrupted[0], uninterrupted[1])  # step 9 ends a round: synced
     for reference, result in zip(uninterrupted, resumed):
         assert torch.equal(reference, result)
@@ -285,7 +403,7 @@ def test_resume_in_fresh_processes_is_bitwise_identical(tmp_path, passes):
 def mismatches(rank, world_size):
     messages = []
     for options in ({"sync_every": 10 + rank}, {"outer": "3lc", "sparsity": 1.0 + 0.5 * rank},
-                    {"outer": "3lc", "passes": 1 + rank}):
+                    {"outer": "3lc", "passes": 1 + rank}, {"outer": "fp32", "overlap": rank == 1}):
         ddp = DDP(_model())
         with pytest.raises(ConfigMismatchError) as error:
             threelc.local.LocalSteps(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), **options)
@@ -312,7 +430,8 @@ def test_mismatched_options_or_steps_fail_on_every_rank():
         assert "sync_every': 10" in messages[0] and "sync_every': 11" in messages[0]
         assert re.search(r"sparsity=\S*1\.0\b", messages[1]) and re.search(r"sparsity=\S*1\.5\b", messages[1])
         assert "'passes': 1" in messages[2] and "'passes': 2" in messages[2]
-        assert "steps=2" in messages[3] and "steps=4" in messages[3]
+        assert "'overlap': False" in messages[3] and "'overlap': True" in messages[3]
+        assert "steps=2" in messages[4] and "steps=4" in messages[4]
     assert results[0] == results[1]  # the same message on every rank
 
 
@@ -332,6 +451,7 @@ BAD_ARGUMENTS = [
     ({"passes": 0}, "passes must be a positive integer"),
     ({"passes": 1.5}, "passes must be a positive integer"),
     ({"passes": True}, "passes must be a positive integer"),
+    ({"overlap": 1}, "overlap must be True or False"),
     ({"outer": "fp32", "passes": 2}, r"passes=2 only applies to outer='3lc'"),
     ({"start_iter": 5}, "start_iter do not apply to LocalSteps"),
     ({"outer": "fp32", "sparsity": 1.5}, "sparsity only apply to outer='3lc'"),
@@ -366,6 +486,7 @@ def bad_arguments(rank, world_size):
     state = local.state_dict()
     capture("version", lambda: local.load_state_dict({**state, "version": 99}))
     capture("other model", lambda: local.load_state_dict({**state, "start": torch.zeros(7)}))
+    capture("pending without overlap", lambda: local.load_state_dict({**state, "pending": torch.zeros(7)}))
     local.close()
     # World size 1: the sync is the outer step on this rank's own pseudo-gradient.
     model = _model()
@@ -403,6 +524,8 @@ def test_bad_arguments_raise_clear_errors_and_one_rank_works():
     assert errors["sync in warm-up"][0] == "RuntimeError" and "warm-up" in errors["sync in warm-up"][1]
     assert errors["version"][0] == "ValueError" and "version" in errors["version"][1]
     assert errors["other model"][0] == "ValueError" and "another model" in errors["other model"][1]
+    kind, text = errors["pending without overlap"]
+    assert kind == "ValueError" and "overlap=True" in text
     # One rank: nothing to average; outer lr 0.5 without momentum lands half-way.
     assert torch.equal(after, start.add(start - before, alpha=-0.5))
     assert len(warnings) == 1 and "stepped 3 times without LocalSteps.step()" in warnings[0]
@@ -423,6 +546,19 @@ def test_train_text_with_local_steps_counts_the_outer_bytes(tmp_path):
     assert sent[0] > sent[4] > 0 and sent[2] == sent[3] == sent[5] == 0  # warm-up allreduce, then one sync
     assert lines[4]["raw_bytes"] == 2 * lines[0]["raw_bytes"]  # the model's bytes, once per 3LC pass
     assert json.loads((tmp_path / "config.json").read_text())["hook"] == "local-3lc"
+
+
+def test_train_text_with_overlap_finishes_the_last_sync(tmp_path):
+    torchrun(2, "threelc.launch.examples.train_text", [*TINY_TEXT, "--steps", "4", "--eval-every", "4",
+                                                       "--local-steps", "2", "--outer", "fp32", "--outer-overlap",
+                                                       "--run-dir", tmp_path], timeout=300)
+    lines = [json.loads(line) for line in (tmp_path / "hook-rank0.jsonl").read_text().splitlines()]
+    raw = lines[3]["raw_bytes"]
+    # The sync of step 1 is waited for at step 3, the one of step 3 by finish() in a line of its own.
+    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    assert [line["raw_bytes"] for line in lines] == [0, 0, 0, raw, raw] and raw > 0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["sync_s" in record for record in metrics] == [False, True, False, True]
 
 
 def test_local_steps_refuse_a_per_step_hook(tmp_path):

@@ -36,3 +36,17 @@ def test_update_section_replaces_only_its_markers(tmp_path):
                                "| new |\n<!-- bench_local:end -->\ntail\n")
     with pytest.raises(SystemExit, match="no <!-- missing:begin -->"):
         bench.update_section(doc, "missing", "x")
+
+
+def test_emulated_runs_report_inner_step_and_sync_seconds(tmp_path):
+    (tmp_path / "final.json").write_text('{"wall_s": 12.5}')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "step_s": 0.2}\n{"step": 2, "step_s": 0.4, "sync_s": 3.0}\n'
+                                            '{"step": 3, "step_s": 0.3}\n{"step": 4, "step_s": 0.5, "sync_s": 1.0}\n')
+    assert bench._times(tmp_path) == {"wall_s": 12.5, "inner_step_s": 0.35, "sync_s": 2.0}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "step_s": 0.2}\n')  # a per-step run: no syncs
+    assert bench._times(tmp_path)["sync_s"] is None
+    rows = {name: {**row, "link_s": {"100mbit": 1.0, "10mbit": 10.0}, "wall_s": 12.5, "inner_step_s": 0.35,
+                   "sync_s": None} for name, row in _rows().items()}
+    header, _, first = bench.markdown(rows, "100mbit").splitlines()[:3]
+    assert header.endswith("| wall s @ 100mbit | inner step s | s per sync |")
+    assert first.endswith("| 12 | 0.350 | |")

@@ -19,8 +19,14 @@ run, warm-up allreduces and outer syncs included, mean over ranks).
 The ``link s`` columns are the whole-run bytes of one rank divided by a link rate: the time the
 bytes alone occupy a 100 Mbit/s or 10 Mbit/s link, not a wall time.  Wall time on slow links
 needs a quiet machine: ``--emulate 100mbit`` (root) runs the same plan on 4 emulated nodes
-(:mod:`threelc.launch.cluster.emulate`) into ``{out}/emulated-100mbit/`` and adds each run's
-measured wall time (``final.json``'s ``wall_s``) to the table.
+(:mod:`threelc.launch.cluster.emulate`) into ``{out}/emulated-100mbit/`` (``emulated-100mbit-{N}steps``
+with ``--steps N`` other than 1,000) and adds each run's measured times to the table: the wall
+time (``final.json``'s ``wall_s``), rank 0's median inner step (``step_s``: forward, backward,
+optimizer step) and its mean time per outer sync on the training thread (``sync_s``: the whole
+sync when it blocks, the wait for the previous round's and the launch with ``--outer-overlap``)::
+
+    sudo python -m threelc.launch.bench.local --emulate 100mbit --steps 150 --seeds 0 \
+        --variants h50-fp32 h50-fp32-overlap h50-3lc-p2 h50-3lc-p2-overlap
 
 Writes ``{out}/local.json``, ``{out}/local.md`` and ``{out}/local_frontier.png``; with ``--docs``
 the table replaces the ``<!-- bench_local -->`` section of docs/LOCAL.md, the same rows ordered by
@@ -65,14 +71,23 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
                for outer in OUTERS},
             # Further 3LC passes per sync send what the residuals hold at finer scales (~k times the bytes).
             **{f"h{sync_every}-3lc-p{passes}": (*_local(sync_every, "3lc"), "--outer-passes", str(passes))
-               for sync_every in (50, 100) for passes in (2, 3)}}
+               for sync_every in (50, 100) for passes in (2, 3)},
+            # Overlap: each sync runs during the next round, its mean applied one round late.
+            "h50-fp32-overlap": (*_local(50, "fp32"), "--outer-overlap"),
+            "h50-3lc-p2-overlap": (*_local(50, "3lc"), "--outer-passes", "2", "--outer-overlap"),
+            # A stale mean under DiLoCo's outer momentum diverged: overlap with plain averaging.
+            "h50-fp32-overlap-lr1-m0": (*_local(50, "fp32"), "--outer-lr", "1.0", "--outer-momentum", "0.0",
+                                        "--outer-overlap")}
 #: (variant, seed index) in the order they run: the target first, then the frontier.
 PLAN = (("allreduce", 0), ("h50-3lc", 0), ("h50-fp32", 0), ("h100-3lc", 0), ("h10-3lc", 0), ("h50-3lc-b1024", 0),
         ("h50-3lc-allgather", 0), ("h50-3lc", 1),
         ("h50-3lc", 2), ("allreduce", 1), ("allreduce", 2), ("h100-fp32", 0), ("h10-fp32", 0), ("h1-3lc", 0),
         ("h1-fp32", 0), ("ours-f20-doubling", 0),
         # A second session: the outer settings and passes that shorten error feedback's delay.
-        ("h50-3lc-lr1-m0", 0), ("h50-3lc-p2", 0), ("h50-3lc-p3", 0), ("h100-3lc-p2", 0), ("h50-fp32-lr1-m0", 0))
+        ("h50-3lc-lr1-m0", 0), ("h50-3lc-p2", 0), ("h50-3lc-p3", 0), ("h100-3lc-p2", 0), ("h50-fp32-lr1-m0", 0),
+        # A third: what overlapping the sync with the next round costs in loss.
+        ("h50-fp32-overlap", 0), ("h50-fp32-overlap-lr1-m0", 0), ("h50-fp32-lr1-m0", 0),
+        ("h50-3lc-p2-overlap", 0))
 TASK = "text"
 #: Link rates for the "link s" columns, bits per second.
 LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}
@@ -110,7 +125,7 @@ def summarize(out: Path) -> dict:
     rows = {}
     for variant in VARIANTS:
         folders = sorted(out.glob(f"{TASK}-{variant}-seed*"))
-        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), "wall_s": _wall_s(folder)}
+        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), **_times(folder)}
                 for folder in folders if (folder / "final.json").exists()}
         if runs:
             rows[variant] = {"seeds": sorted(runs), "runs": runs,
@@ -119,8 +134,9 @@ def summarize(out: Path) -> dict:
     base = rows.get("allreduce")
     for row in rows.values():
         row["link_s"] = {name: row["whole_bytes"] * 8 / rate for name, rate in LINK_RATES.items()}
-        walls = [run["wall_s"] for run in row["runs"].values() if run["wall_s"] is not None]
-        row["wall_s"] = statistics.mean(walls) if walls else None
+        for key in ("wall_s", "inner_step_s", "sync_s"):
+            values = [run[key] for run in row["runs"].values() if run[key] is not None]
+            row[key] = statistics.mean(values) if values else None
         if base:
             common = [seed for seed in row["seeds"] if seed in base["seeds"]]
             row["per_seed_vs_allreduce"] = {seed: row["runs"][seed]["val_loss"] / base["runs"][seed]["val_loss"] - 1
@@ -130,9 +146,15 @@ def summarize(out: Path) -> dict:
     return rows
 
 
-def _wall_s(folder: Path):
+def _times(folder: Path) -> dict:
+    """Rank 0's wall time, median inner step and mean outer sync on the training thread (None
+    where the run did not record them)."""
     final = json.loads((folder / "final.json").read_text())
-    return final.get("wall_s")
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [record["step_s"] for record in metrics if "step_s" in record]
+    syncs = [record["sync_s"] for record in metrics if "sync_s" in record]
+    return {"wall_s": final.get("wall_s"), "inner_step_s": statistics.median(steps) if steps else None,
+            "sync_s": statistics.mean(syncs) if syncs else None}
 
 
 def by_bytes(rows: dict) -> dict:
@@ -141,19 +163,24 @@ def by_bytes(rows: dict) -> dict:
 
 
 def markdown(rows: dict, emulated: str | None) -> str:
-    wall = f" wall s @ {emulated} |" if emulated else ""
+    wall = f" wall s @ {emulated} | inner step s | s per sync |" if emulated else ""
     lines = ["| variant | seeds | val loss | vs allreduce (mean of per-seed) | per seed | whole-run MB / rank | "
              f"fewer bytes than allreduce | link s @ 100 Mbit/s | link s @ 10 Mbit/s |{wall}",
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if emulated else "")]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if emulated else "")]
     for variant, row in rows.items():
         relative = row.get("loss_vs_allreduce")
         per_seed = " ".join(f"{value * 100:+.2f}%" for value in row.get("per_seed_vs_allreduce", {}).values())
-        wall_cell = (f" {row['wall_s']:.0f} |" if row["wall_s"] is not None else " |") if emulated else ""
+        wall_cell = ("".join(_seconds(row[key], digits) for key, digits in (("wall_s", 0), ("inner_step_s", 3),
+                                                                               ("sync_s", 3))) if emulated else "")
         lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | {row['val_loss']:.4f} | "
                      f"{'' if relative is None else f'{relative * 100:+.2f}%'} | {per_seed} | "
                      f"{row['whole_bytes'] / 1e6:.3f} | {_ratio(row.get('whole_ratio'))} | "
                      f"{row['link_s']['100mbit']:.1f} | {row['link_s']['10mbit']:.1f} |{wall_cell}")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value, digits: int) -> str:
+    return " |" if value is None else f" {value:.{digits}f} |"
 
 
 def _ratio(value) -> str:
@@ -229,7 +256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", default=None, metavar="DIR",
                         help="also write the tables into DIR/LOCAL.md and DIR/benchmarks.md and the plot into DIR/bench")
     args = parser.parse_args(argv)
-    out = Path(args.out) / f"emulated-{args.emulate}" if args.emulate else Path(args.out)
+    out = Path(args.out)
+    if args.emulate:  # a shorter timing run must not reuse (or be reused as) a 1,000-step run's folder
+        out = out / (f"emulated-{args.emulate}" + ("" if args.steps == 1000 else f"-{args.steps}steps"))
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         plan = ([(variant, seed) for variant in args.variants for seed in args.seeds] if args.variants else

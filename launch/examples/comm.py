@@ -40,12 +40,17 @@ class HookHandle:
         self.accounting = accounting
         self.local = local
 
-    def step_done(self, iteration: int) -> None:
-        """Close iteration ``iteration`` (0 for the first step, as the threelc hook counts)."""
+    def step_done(self, iteration: int) -> bool:
+        """Close iteration ``iteration`` (0 for the first step, as the threelc hook counts); returns
+        whether it ran a local-steps outer sync."""
         if self.accounting is not None:
             self.accounting.write_step(iteration)
-        if self.local is not None:
-            self.local.step()
+        return self.local is not None and self.local.step()
+
+    def finish(self) -> bool:
+        """After the last step: apply a local-steps outer update still in flight (``--outer-overlap``);
+        returns whether there was one."""
+        return self.local is not None and self.local.finish()
 
     def close(self) -> None:
         """Release the hook's resources (the threelc hook's worker thread)."""
@@ -235,7 +240,8 @@ def attach_hook(
 
 
 def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, outer_lr: float, outer_momentum: float,
-                       passes: int = 1, warmup_steps: int | None = None, stats_dir=None, sparsity: float = 1.0,
+                       passes: int = 1, warmup_steps: int | None = None, overlap: bool = False, stats_dir=None,
+                       sparsity: float = 1.0,
                        collective: str = "auto", scale: str | None = None,
                        block_size: int | None = None) -> HookHandle:
     """Train with :class:`threelc.local.LocalSteps` (``optimizer`` is its inner optimizer) instead of a
@@ -249,5 +255,5 @@ def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, out
         options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
     local = LocalSteps(ddp_model, optimizer, sync_every=sync_every, outer=outer, outer_lr=outer_lr,
                        outer_momentum=outer_momentum, passes=passes, warmup_steps=warmup_steps or 0,
-                       stats_dir=stats_dir, **options)
+                       overlap=overlap, stats_dir=stats_dir, **options)
     return HookHandle(f"local-{outer}", state=local.state, local=local)

@@ -94,6 +94,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
     group.add_argument("--outer-passes", type=int, default=1,
                        help="3LC averages per outer sync: further passes send the residuals (default: %(default)s)")
+    group.add_argument("--outer-overlap", action="store_true",
+                       help="run each outer sync during the next round, its update applied one round late")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=32, help="per-worker batch size (default: %(default)s)")
@@ -209,7 +211,7 @@ def train(args, task: Task) -> dict:
             handle = attach_local_steps(ddp_model, optimizer, sync_every=args.local_steps, outer=args.outer,
                                         outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
                                         passes=args.outer_passes, warmup_steps=args.warmup_steps,
-                                        stats_dir=args.run_dir, sparsity=args.sparsity,
+                                        overlap=args.outer_overlap, stats_dir=args.run_dir, sparsity=args.sparsity,
                                         collective=args.collective, scale=args.scale, block_size=args.block_size)
         else:
             handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
@@ -234,12 +236,18 @@ def train(args, task: Task) -> dict:
             optimizer.step()
             step_s = time.perf_counter() - step_start
             step_times.append(step_s)
-            handle.step_done(step - 1)  # the hook logs iteration indices: 0 is the first step
+            done_start = time.perf_counter()
+            synced = handle.step_done(step - 1)  # the hook logs iteration indices: 0 is the first step
+            if step == args.steps:  # an overlapped outer update still in flight lands before the last evaluation
+                synced = handle.finish() or synced
+            sync_s = time.perf_counter() - done_start
             if log_link:
                 log_link(step)
             if rank != 0:
                 continue
             record = {"step": step, "loss": float(loss.detach()), "time": time.perf_counter() - start, "step_s": step_s}
+            if synced:  # the local-steps outer sync's time on the training thread (the part not overlapped)
+                record["sync_s"] = sync_s
             if step % args.eval_every == 0 or step == args.steps:
                 model.eval()
                 with torch.no_grad():

@@ -86,7 +86,7 @@ class AdamW(torch.optim.AdamW):
         Full-precision steps before ``v`` freezes and compression starts; at least 2 (DDP
         rebuilds its buckets after the first iteration).  docs/benchmarks.md measures 20 and 100
         on 1,000-step runs: 20 met the char transformer's targets (loss within 1% of AdamW at 21x
-        fewer bytes); on a tiny GPT-2 both missed (+4.5% and +3.1%).
+        fewer bytes); on a tiny GPT-2 both missed (+5.0% over 3 seeds and +3.1% on one).
     refresh : {"doubling", "none"}, default "doubling"
         Refresh ``v`` at full precision on steps ``freeze_step * 2**k`` (0/1 Adam's schedule:
         ``log2(T / freeze_step)`` extra full-precision steps in a T-step run), or never.

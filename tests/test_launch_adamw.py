@@ -81,6 +81,20 @@ def test_scale_options_reach_the_optimizer():
     given = adam_options(parser.parse_args(["--embedding-scale", "row", "--transpose-conv1d"]))
     assert given == {"embedding_scale": "row", "transpose_conv1d": True}
     assert adam_options(parser.parse_args(["--no-transpose-conv1d"])) == {"transpose_conv1d": False}
+    assert adam_options(parser.parse_args(["--floor-variance"])) == {"floor_variance": True}
+    assert adam_options(parser.parse_args(["--floor-variance", "transient"])) == {"floor_variance": "transient"}
+
+
+def test_floor_variance_option_refuses_other_modes(capsys):
+    import argparse
+
+    from threelc.launch.examples.train_text import _add_arguments
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--floor-variance", "persistent"])
+    assert "expected 'transient'" in capsys.readouterr().err
 
 
 def test_threelc_adamw_without_the_threelc_hook_refuses_to_train(tmp_path):

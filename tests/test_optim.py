@@ -93,6 +93,8 @@ def test_schedule_is_a_pure_function_of_the_step():
     ({"fused": True}, "fused"), ({"compress": "momentum", "maximize": True}, "maximize"), ({"lr": -1.0}, "learning rate"),
     ({"betas": (0.9, 1.5)}, "beta"), ({"embedding_scale": "token"}, "embedding_scale"),
     ({"transpose_conv1d": 1}, "transpose_conv1d"), ({"floor_variance": 1}, "floor_variance"),
+    ({"floor_variance": "persistent"}, "floor_variance"), ({"floor_variance": "Transient"}, "floor_variance"),
+    ({"floor_variance": None}, "floor_variance"),
     ({"block_sizes": [("*", 4)]}, "block_sizes"), ({"block_sizes": {"*": 0}}, "block_sizes"),
     ({"block_sizes": {"*": True}}, "block_sizes"), ({"block_sizes": {"": 4}}, "block_sizes"),
     ({"block_sizes": {"*": 2**32}}, "block_sizes"),
@@ -191,7 +193,7 @@ def test_floor_variance_bounds_each_step_by_lr():
     """A gradient that grows ten thousandfold after the freeze: the frozen v alone lets the step
     grow with it; with the floor no step exceeds lr (weight decay off)."""
     largest = {}
-    for floor_variance in (False, True):
+    for floor_variance in (False, True, "transient"):
         parameter = nn.Parameter(torch.zeros(3))
         optimizer = threelc.optim.AdamW([parameter], lr=1e-3, weight_decay=0.0, freeze_step=2, refresh="none",
                                         floor_variance=floor_variance)
@@ -205,6 +207,42 @@ def test_floor_variance_bounds_each_step_by_lr():
         largest[floor_variance] = max(steps[2:])
         assert steps[:2] == pytest.approx([1e-3, 1e-3], rel=1e-3)  # the warm-up is AdamW either way
     assert largest[False] > 100 * 1e-3 and largest[True] <= 1e-3 * (1 + 1e-5)
+    assert largest["transient"] <= 1e-3 * (1 + 1e-5)
+
+
+def test_transient_floor_caps_the_step_and_leaves_v_alone():
+    """Crafted: v frozen at the warm-up's gradient 1; after the freeze coordinate 0 gets 100 (the
+    cap binds), coordinate 1 gets 1 (it does not).  Each compressed step is
+    m_hat / max(sqrt(v_hat) + eps, |m_hat|) * lr, v stays as frozen; the persistent floor raises it."""
+    lr, eps, (beta1, beta2) = 1e-2, 1e-8, (0.9, 0.999)
+    stored = {}
+    for floor_variance in ("transient", True):
+        parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
+                                        refresh="none", floor_variance=floor_variance)
+        optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+        for step in range(2):
+            parameter.grad = torch.ones(2, dtype=torch.float64)
+            optimizer.step()
+        frozen = optimizer.state[parameter]["exp_avg_sq"].clone()
+        m = optimizer.state[parameter]["exp_avg"].clone()
+        for step in range(2, 6):
+            grad = torch.tensor([100.0, 1.0], dtype=torch.float64)
+            parameter.grad = grad.clone()
+            before = parameter.detach().clone()
+            optimizer.step()
+            m = beta1 * m + (1 - beta1) * grad
+            m_hat = m / (1 - beta1 ** (step + 1))
+            denominator = (frozen / (1 - beta2 ** 2)).sqrt() + eps
+            expected = before - lr * m_hat / torch.maximum(denominator, m_hat.abs())
+            if floor_variance == "transient":
+                torch.testing.assert_close(parameter.detach(), expected, rtol=1e-12, atol=0)
+                assert float(before[0] - parameter.detach()[0]) == pytest.approx(lr, rel=1e-12)  # capped at lr
+                assert float(before[1] - parameter.detach()[1]) < lr  # not capped: the frozen v's step
+        stored[floor_variance] = optimizer.state[parameter]["exp_avg_sq"]
+        if floor_variance == "transient":
+            assert torch.equal(stored[floor_variance], frozen)
+    assert stored[True][0] > 1000 * stored["transient"][0]  # the persistent floor raised v; the transient did not
 
 
 # ---------------------------------------------------------------------------- gloo ranks
@@ -331,6 +369,49 @@ def test_floor_variance_keeps_v_above_the_momentum_and_replicas_identical(world_
         assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][1])
 
 
+def transient_floor_run(rank, world_size):
+    """Per compressed step, against the formula from the step's own inputs: the largest difference
+    of the parameters, whether v kept its value, and how many coordinates the cap bound."""
+    model, ddp, optimizer, state = _paired(floor_variance="transient")
+    differences, kept, capped = [], [], 0
+    for step in range(STEPS):
+        compressed = not optimizer.full_precision()
+        optimizer.zero_grad()
+        ddp(_batch(rank, step)).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        before = {parameter: (parameter.detach().clone(), {key: value.clone() for key, value in entry.items()
+                                                           if torch.is_tensor(value)},
+                                         entry.get("variance_step", int(entry["step"])))
+                  for parameter, entry in optimizer.state.items()}
+        optimizer.step()
+        if not compressed:
+            continue
+        for group in optimizer.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                weights, moments, variance_step = before[parameter]
+                m_hat = moments["exp_avg"].lerp(parameter.grad, 1 - beta1) / (1 - beta1 ** (int(moments["step"]) + 1))
+                denominator = (moments["exp_avg_sq"] / (1 - beta2 ** variance_step)).sqrt() + eps
+                expected = weights * (1 - lr * group["weight_decay"]) - lr * m_hat / torch.maximum(denominator,
+                                                                                                   m_hat.abs())
+                differences.append(float((expected - parameter.detach()).abs().max()))
+                kept.append(torch.equal(optimizer.state[parameter]["exp_avg_sq"], moments["exp_avg_sq"]))
+                capped += int((m_hat.abs() > 2 * denominator).sum())  # the plain step would be over 2 lr
+    return differences, kept, capped, _flat(model)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_transient_floor_follows_its_formula_and_replicas_identical(world_size):
+    results = run_ranks(transient_floor_run, world_size, timeout_s=300)
+    for differences, kept, capped, parameters in results:
+        assert differences and max(differences) < 1e-6  # float32 rounding of lr * (a ratio <= 1)
+        assert all(kept)  # v is never raised
+        assert capped > 0  # the cap did bind, by far: the formula is not the plain frozen-v step
+        assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][3])
+
+
 def different_freeze_steps(rank, world_size):
     model, ddp, optimizer, state = _paired(freeze_step=FREEZE + rank)
     try:
@@ -437,7 +518,8 @@ def resume(rank, world_size, folder, options):
     return _flat(model)
 
 
-@pytest.mark.parametrize("options", [{}, {"floor_variance": True, "block_sizes": {"first.weight": 100}}])
+@pytest.mark.parametrize("options", [{}, {"floor_variance": True, "block_sizes": {"first.weight": 100}},
+                                     {"floor_variance": "transient"}])
 def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, options):
     references = run_ranks(first_half_and_uninterrupted, 2, str(tmp_path), options, timeout_s=300)
     resumed = run_ranks(resume, 2, str(tmp_path), options, timeout_s=300)

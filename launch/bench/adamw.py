@@ -70,6 +70,9 @@ VARIANTS = {
     # v raised on compressed steps to at least m_hat**2 (no coordinate steps more than lr).
     "ours-f20-doubling-floor": (*_ours(20), "--floor-variance"),
     "ours-f20-doubling-floor-exact": (*_ours(20), "--floor-variance", "--min-numel", str(2**62)),
+    # The same bound on each compressed step's size, v untouched (floor_variance="transient").
+    "ours-f20-doubling-tfloor": (*_ours(20), "--floor-variance", "transient"),
+    "ours-f20-doubling-tfloor-rows-conv1d": (*_ours(20, embedding="row", conv1d=True), "--floor-variance", "transient"),
     # Finer scales only where a one-off look at the gradients found the longest lag: one per 256
     # values (two rows) of GPT-2's tied embedding, one per 128 of the fused query/key/value bias,
     # Conv1D weights compressed transposed.

@@ -166,12 +166,20 @@ def _add_arguments(group):
     group.add_argument("--transpose-conv1d", action=argparse.BooleanOptionalAction, default=None,
                        help="threelc-adamw: compress Hugging Face Conv1D weight gradients transposed (default: the "
                             "optimizer's)")
-    group.add_argument("--floor-variance", action=argparse.BooleanOptionalAction, default=None,
-                       help="threelc-adamw: on compressed steps raise v so that no coordinate steps more than lr "
-                            "(default: the optimizer's)")
+    group.add_argument("--floor-variance", nargs="?", const=True, default=None, type=_floor_variance,
+                       metavar="transient",
+                       help="threelc-adamw: on compressed steps no coordinate steps more than lr: alone, by raising "
+                            "the stored v; 'transient': by capping each step, v untouched (default: the optimizer's)")
     group.add_argument("--block-sizes", nargs="+", type=_block_size, default=None, metavar="PATTERN=VALUES",
                        help="threelc-adamw: values per 3LC scale for the parameters whose names match PATTERN "
                             "(fnmatch, e.g. '*.c_attn.weight=256'); the hook's block size elsewhere")
+
+
+def _floor_variance(text: str) -> str:
+    """The value of ``--floor-variance MODE`` (only "transient"; the flag alone is True)."""
+    if text != "transient":
+        raise argparse.ArgumentTypeError(f"expected 'transient' (or the flag alone), got {text!r}")
+    return text
 
 
 def _block_size(text: str) -> tuple:

@@ -62,7 +62,7 @@ import torch
 
 from . import collectives
 
-__all__ = ["Plan", "Trial", "LinkEstimate", "step_seconds", "modelled_steps", "choose", "configured",
+__all__ = ["Plan", "Trial", "LinkEstimate", "step_seconds", "modelled_steps", "cheapest", "choose", "configured",
            "collective_option", "decide", "probe_sizes", "fit_transfer", "PROBE_CAP", "TRIAL_MARGIN", "TRIAL_STEPS"]
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,12 @@ def modelled_steps(link: LinkEstimate, *, collective: str, coalesce, world_size:
 
 def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int) -> Plan:
     """The cheapest plan among those the options allow (``"auto"`` leaves a choice open)."""
-    costs = modelled_steps(link, collective=collective, coalesce=coalesce, world_size=world_size, values=values,
-                           buckets=buckets)
+    return cheapest(modelled_steps(link, collective=collective, coalesce=coalesce, world_size=world_size,
+                                   values=values, buckets=buckets))
+
+
+def cheapest(costs: dict) -> Plan:
+    """The plan of the smallest of :func:`modelled_steps`' costs, with all of them as its reason."""
     best = min(costs, key=lambda key: (costs[key], key))  # ties: the same key on every rank
     reason = ", ".join(f"{c}{'+coalesce' if k else ''} {1e3 * t:.2f} ms" for (c, k), t in sorted(costs.items()))
     return Plan(collective=best[0], coalesce=best[1], reason=f"modelled step: {reason}")
@@ -263,8 +267,7 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     option = collective_option(state.collective, world_size)
     costs = modelled_steps(link, collective=option, coalesce=state.coalesce, world_size=world_size,
                            values=max(total_values, 1), buckets=max(buckets, 1))
-    plan = choose(link, collective=option, coalesce=state.coalesce, world_size=world_size,
-                  values=max(total_values, 1), buckets=max(buckets, 1))
+    plan = cheapest(costs)
     trial = Trial.needed(plan, costs, option)
     logger.info("threelc: exchange plan %s (%s; link %s)%s", _describe(plan), plan.reason, link,
                 "; close call: measuring both collectives" if trial else "")

@@ -7,12 +7,18 @@ cross no host copy: they are concatenated with ``torch.cat`` and the received bu
 into views.
 
 Compressed payloads have data-dependent sizes and cannot be summed by an allreduce.  gloo has no
-allgatherv, so every exchange here is two collectives: a fixed-size exchange of a small int64
-header (payload sizes, plus a fingerprint that every rank checks), then an ``all_to_all_single``
-with exact split sizes.  No padding crosses the wire, and a rank never sends to itself, so the byte
-counts in :mod:`threelc.hooks.stats` are what the network carries.
+allgatherv, so a receiver must learn a payload's size before the collective that carries it.
+:func:`exchange_framed` does it in one or two ``all_to_all_single`` calls: every message opens
+with the sender's *frame* (the bytes it sends each rank, plus a small int64 header of the
+caller's: bucket fingerprints, flags, per-shard sizes) and carries as much of its payload as
+fits a *slot* of a size every rank agreed on beforehand, padded with zeros; whatever outgrew its
+slot follows in a second all-to-all with exact split sizes.  Every rank reads every sender's
+frame, so every rank knows whether the second collective runs.  With no slots (``None``) the
+first collective carries the frames alone: a header exchange, then the payloads with exact sizes,
+no padding.  A rank never sends payload to itself, so the byte counts in
+:mod:`threelc.hooks.stats` are what the network carries, padding included.
 
-Both collectives are ``all_to_all_single``, the header too: gloo's ``all_gather`` is a ring of
+Every collective here is ``all_to_all_single``, the header too: gloo's ``all_gather`` is a ring of
 N - 1 dependent hops, so on a link with one-way delay d it costs ~2 (N - 1) d, while an all-to-all
 posts every send at once and costs one round trip, ~2 d (measured with the emulator's delay line,
 4 nodes, 20 ms: 124 ms against 42 ms per header; docs/LAUNCH.md).  The bytes are the same.
@@ -21,8 +27,8 @@ Every function is blocking and must be called in the same order on every rank; t
 guarantees that by calling them from one FIFO worker thread per state (see
 :mod:`threelc.hooks.worker`).
 
-Payloads never are empty (a header alone is 48 bytes), but an exchange in which some or all
-split sizes are zero is still well defined and does not hang.
+Payloads never are empty (a payload's own header alone is 48 bytes), but an exchange in which
+some or all payloads are empty is still well defined and does not hang.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch.distributed as dist
 
 from .stats import HookStats
 
-__all__ = ["comm_device", "exchange_header", "exchange_payloads", "allgather_payload", "allreduce_mean",
+__all__ = ["comm_device", "exchange_header", "exchange_framed", "exchange_payloads", "allreduce_mean",
            "concat_payloads", "split_payload", "future_for", "shard_bounds", "segments_in_range"]
 
 
@@ -115,24 +121,60 @@ def exchange_payloads(outgoing, receive_sizes, group, device: torch.device, stat
     return split_payload(receive.cpu().numpy(), receive_sizes)
 
 
-def allgather_payload(payload, sizes, group, device: torch.device, stats: HookStats) -> list:
-    """Every rank's payload, in rank order (this rank's own payload at its index).
+def exchange_framed(header, outgoing, slots, group, device: torch.device, stats: HookStats) -> tuple:
+    """Send ``outgoing[j]`` to rank j, and this rank's ``header`` to every rank (see the module docstring).
 
-    ``payload`` is a uint8 numpy array or tensor; the others come back in the same kind.
+    ``header`` is an int64 vector of the same length on every rank; ``outgoing`` holds one uint8
+    numpy array or uint8 tensor (all on one device) per rank, ``outgoing[rank]`` empty.
+    ``slots[i, j]`` (the same ``[world, world]`` matrix on every rank, or None for zeros) is how
+    many payload bytes the message from rank i to rank j carries in the first collective.
 
-    ``sizes`` are the payload sizes of all ranks if already exchanged (with other header
-    fields), or ``None`` to exchange them here.
+    Returns ``(headers, sizes, received)``: every rank's header (``[world, len]``), the payload
+    bytes every rank sent every rank (``sizes[i, j]``: i to j; the matrix a caller's next slots
+    are made from) and the payloads this rank received, by source rank, in the kind sent
+    (``received[rank]`` is empty).
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    if sizes is None:
-        sizes = exchange_header([_nbytes(payload)], group, device, stats)[:, 0]
-    receive_sizes = np.array(sizes, dtype=np.int64)
-    receive_sizes[rank] = 0
-    empty = payload[:0]
-    outgoing = [empty if j == rank else payload for j in range(world_size)]
-    received = exchange_payloads(outgoing, receive_sizes, group, device, stats)
-    received[rank] = payload
-    return received
+    slots = np.zeros((world_size, world_size), np.int64) if slots is None else np.asarray(slots, np.int64)
+    tensors = isinstance(outgoing[0], torch.Tensor)
+    payload_device = outgoing[0].device if tensors else torch.device("cpu")
+    pieces = [payload if tensors else torch.from_numpy(payload) for payload in outgoing]
+    sizes = [int(piece.numel()) for piece in pieces]
+    frame = torch.from_numpy(np.concatenate([np.asarray(sizes, np.int64), np.asarray(header, np.int64)]))
+    frame = frame.view(torch.uint8).to(payload_device)
+    frame_bytes = frame.numel()
+
+    # First collective: to each rank, the frame and the head of its payload, padded to the slot.
+    send = []
+    for peer, piece in enumerate(pieces):
+        head = piece[:int(slots[rank, peer])]
+        padding = torch.zeros(int(slots[rank, peer]) - head.numel(), dtype=torch.uint8, device=payload_device)
+        send += [frame, head, padding]
+    receive_sizes = [frame_bytes + int(slots[source, rank]) for source in range(world_size)]
+    receive = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=device)
+    with stats.timer("comm_s"):
+        dist.all_to_all_single(receive, torch.cat(send).to(device), output_split_sizes=receive_sizes,
+                               input_split_sizes=[frame_bytes + int(slots[rank, peer]) for peer in range(world_size)],
+                               group=group)
+    messages = list(torch.split(receive.to(payload_device), receive_sizes))
+    # (cloned: a frame behind an odd-sized slot is not aligned for an int64 view)
+    frames = np.stack([message[:frame_bytes].cpu().clone().view(torch.int64).numpy() for message in messages])
+    sent = frames[:, :world_size].copy()  # sent[i, j]: payload bytes from rank i to rank j
+    heads = [message[frame_bytes:frame_bytes + min(int(sent[source, rank]), int(slots[source, rank]))]
+             for source, message in enumerate(messages)]
+    peers = np.arange(world_size) != rank
+    stats.add_traffic(int((frame_bytes + slots[rank, peers]).sum()), int((frame_bytes + slots[peers, rank]).sum()))
+
+    # Second collective, only when some payload outgrew its slot (every rank sees the same frames).
+    overflow = np.maximum(sent - slots, 0)
+    if overflow.any():
+        tails = exchange_payloads([piece[int(slots[rank, peer]):] for peer, piece in enumerate(pieces)],
+                                  overflow[:, rank], group, device, stats)
+        heads = [torch.cat([head, tail]) if overflow[source, rank] else head for head, tail, source
+                 in zip(heads, tails, range(world_size))]
+    received = heads if tensors else [head.numpy() for head in heads]
+    received[rank] = outgoing[rank][:0]
+    return frames[:, world_size:], sent, received
 
 
 def allreduce_mean(tensor: torch.Tensor, group, stats: HookStats) -> torch.Tensor:

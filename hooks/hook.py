@@ -405,34 +405,44 @@ def _finite_items(items, header, flag_column: int) -> list:
     return finite
 
 
+def _framed(state, phase: str, items, header, outgoing, group, device) -> tuple:
+    """One exchange of ``items`` (see :func:`threelc.hooks.collectives.exchange_framed`), with the
+    slots of the exchanges of the same phase and buckets before it when headers travel inline."""
+    key = (phase, items[0].job.index, len(items))
+    slots = state._slots.for_exchange(key) if state._plan.header == "inline" else None
+    headers, sizes, received = collectives.exchange_framed(header, outgoing, slots, group, device, state._stats)
+    state._slots.record(key, sizes, slots)
+    return headers.reshape(headers.shape[0], len(items), -1), received
+
+
 def _allgather_mean(state, items, group, rank, world_size, device) -> None:
     """Each rank sends its compressed buckets to all others; all decode the N payloads of each."""
     stats = state._stats
     codec = items[0].codec
-    header = collectives.exchange_header(
+    own = collectives.concat_payloads([item.payloads[0] for item in items], items[0].payloads[0][:0])
+    header, received = _framed(
+        state, "allgather", items,
         [value for item in items for value in (_layout_fingerprint(item), codec.nbytes(item.payloads[0]),
                                                 item.nonfinite)],
-        group, device, stats).reshape(world_size, len(items), 3)
+        [own[:0] if j == rank else own for j in range(world_size)], group, device)
     for k, item in enumerate(items):
         _check_layouts(header[:, k, 0], item.job.index)
     finite = _finite_items(items, header, 2)
     if not finite:
         return
-    sizes = header[:, finite, 1]
-    own = collectives.concat_payloads([items[k].payloads[0] for k in finite], items[0].payloads[0][:0])
-    received = collectives.allgather_payload(own, sizes.sum(axis=1), group, device, stats)
-    per_sender = [collectives.split_payload(payload, sizes[sender]) for sender, payload in enumerate(received)]
+    received[rank] = own
+    per_sender = [collectives.split_payload(payload, header[sender, :, 1]) for sender, payload in enumerate(received)]
     _feedback(stats, codec, [(items[k].values, items[k].payloads[0], items[k].worker)
                              for k in finite if items[k].worker is not None])
     with stats.timer("decompress_s"), codec.lock():
         # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
         # Every rank decodes the same bytes in the same order, so a corrupt payload stops every
         # rank at the same sender with the same message.
-        for position, k in enumerate(finite):
+        for k in finite:
             item = items[k]
             for sender in range(world_size):
                 faults.decode_checked(codec.decompress if sender == 0 else codec.decompress_add,
-                                      per_sender[sender][position], item.values, bucket=item.job.index, sender=sender)
+                                      per_sender[sender][k], item.values, bucket=item.job.index, sender=sender)
             codec.divide(item.values, world_size)
 
 
@@ -459,38 +469,34 @@ def _scatter_reduce_mean(state, items, group, rank, world_size, device) -> None:
     empty = items[0].payloads[0][:0]
 
     # Scatter-reduce: shard j of every bucket goes to rank j, in one all-to-all.
-    columns = 2 + world_size
-    header = collectives.exchange_header(
+    header, received = _framed(
+        state, "scatter", items,
         [value for item in items
          for value in (_layout_fingerprint(item), item.nonfinite, *map(codec.nbytes, item.payloads))],
-        group, device, stats).reshape(world_size, len(items), columns)
+        [empty if j == rank else collectives.concat_payloads([item.payloads[j] for item in items], empty)
+         for j in range(world_size)], group, device)
     for k, item in enumerate(items):
         _check_layouts(header[:, k, 0], item.job.index)
     finite = _finite_items(items, header, 1)
     if not finite:
         return
-    outgoing = [empty if j == rank else collectives.concat_payloads([items[k].payloads[j] for k in finite], empty)
-                for j in range(world_size)]
-    shard_sizes = header[:, finite, 2 + rank]  # [sender, bucket]: the shard payloads this rank receives
-    receive_sizes = shard_sizes.sum(axis=1)
-    receive_sizes[rank] = 0
-    received = collectives.exchange_payloads(outgoing, receive_sizes, group, device, stats)
-    per_sender = [[items[k].payloads[rank] for k in finite] if sender == rank
-                  else collectives.split_payload(payload, shard_sizes[sender])
+    per_sender = [[item.payloads[rank] for item in items] if sender == rank
+                  else collectives.split_payload(payload, header[sender, :, 2 + rank])
                   for sender, payload in enumerate(received)]
 
     # This rank's shard of each bucket: average in rank order, add the server residual, compress
     # again.  A corrupt shard payload reaches this rank only: its report replaces the compressed mean.
-    means = [_shard_mean(state, codec, items[k], [per_sender[sender][position] for sender in range(world_size)],
-                         rank, world_size) for position, k in enumerate(finite)]
+    means = [_shard_mean(state, codec, items[k], [per_sender[sender][k] for sender in range(world_size)],
+                         rank, world_size) for k in finite]
 
     # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
-    mean_header = collectives.exchange_header(
+    own = collectives.concat_payloads([mean_payload for mean_payload, _, _, _ in means], empty)
+    mean_header, received = _framed(
+        state, "means", [items[k] for k in finite],
         [value for mean_payload, report, nonfinite, _ in means
          for value in (codec.nbytes(mean_payload), report, nonfinite)],
-        group, device, stats).reshape(world_size, len(finite), 3)
-    own = collectives.concat_payloads([mean_payload for mean_payload, _, _, _ in means], empty)
-    received = collectives.allgather_payload(own, mean_header[:, :, 0].sum(axis=1), group, device, stats)
+        [empty if j == rank else own for j in range(world_size)], group, device)
+    received[rank] = own
     mean_payloads = [collectives.split_payload(payload, mean_header[owner, :, 0])
                      for owner, payload in enumerate(received)]
     for position, k in enumerate(finite):

@@ -1,7 +1,8 @@
-"""How the hook exchanges compressed buckets: which collective, and whether buckets are coalesced.
+"""How the hook exchanges compressed buckets: which collective, whether buckets are coalesced, and
+whether the payload sizes travel ahead of the payloads or with them.
 
-``ThreeLCState(collective="auto", coalesce="auto")`` (the defaults) decide both from a cost model
-of the measured link and codec, once, at the first compressed bucket of the run:
+``ThreeLCState(collective="auto", coalesce="auto", header="auto")`` (the defaults) decide all three
+from a cost model of the measured link and codec, once, at the first compressed bucket of the run:
 
 1. **Probe** (every rank, once): one encode of a copy of the bucket, one decode of its payload and
    one decode added into a sum (codec seconds per value and payload bytes per value; the faster of
@@ -18,16 +19,18 @@ of the measured link and codec, once, at the first compressed bucket of the run:
    latency, costs and codec times, largest payload), so every rank feeds the same numbers to the
    same arithmetic and chooses the same plan: no rank can switch alone.
 3. **Choose**: the plan with the smallest modelled step time (:func:`step_seconds`).
-4. **Try, when the call is close** (``collective="auto"`` only): if the other collective's
-   modelled step is within :data:`TRIAL_MARGIN` of the chosen one's, the model cannot be trusted
+4. **Try, when the call is close** (``collective="auto"`` or ``header="auto"``): if other plans'
+   modelled steps (the other collective, the other header mode, or both, at the chosen
+   coalescing) are within :data:`TRIAL_MARGIN` of the chosen one's, the model cannot be trusted
    to rank them (on a busy host its inputs move by more than that between runs), so the next
-   compressed steps measure both (:class:`Trial`): they alternate between the collectives
+   compressed steps measure them all (:class:`Trial`): they take the candidates in turn
    (``ABAB..BABA``), :data:`TRIAL_STEPS` timed steps each, every step timed on each rank as the
-   period since the previous step's end.  The ranks exchange their medians, take the slowest rank's figure for
-   each collective, and keep the faster from then on.  The trial runs on step counts that every
-   rank shares, so every rank switches at the same step and ends with the same plan.  A switch
-   keeps the residuals' debt exact: leaving scatter-reduce folds each rank's server residual into
-   its worker residual (:meth:`~threelc.hooks.state.ThreeLCState.residual_for`).
+   period since the previous step's end.  The ranks exchange their medians, take the slowest
+   rank's figure for each candidate, and keep the fastest from then on.  The trial runs on step
+   counts that every rank shares, so every rank switches at the same step and ends with the same
+   plan.  A switch keeps the residuals' debt exact: leaving scatter-reduce folds each rank's
+   server residual into its worker residual
+   (:meth:`~threelc.hooks.state.ThreeLCState.residual_for`).
 
 The model, per step, for ``n`` values in ``B`` buckets, ``N`` ranks, payload ``p`` bytes per value,
 header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`` (encode), ``d``
@@ -38,6 +41,15 @@ header latency ``a``, payload collective cost ``t + bytes sent / b``, codec ``e`
 
 (allgather decodes every rank's payload of the whole bucket into one sum; scatter-reduce adds the
 N shards it serves, then decodes the N averaged shards into their places).
+
+Each payload collective above is preceded by a header exchange (``a``) that tells the receivers
+the payloads' sizes.  With ``header="inline"`` the header travels in the payload's own collective
+instead (:func:`threelc.hooks.collectives.exchange_framed`): each message gets a slot of the
+largest size of the last :data:`SLOT_HISTORY` exchanges of the same buckets plus a margin that
+grows after an overflow (:class:`Slots`; every rank saw those sizes, so every rank makes the same
+slots), padded with zeros; a payload that outgrows its slot sends the rest in a second
+collective.  The model charges inline headers no ``a`` but :data:`INLINE_PADDING` more payload
+bytes, so far links (large ``a``) take them and fast ones keep exact sizes.
 
 with ``B' = 1`` when buckets are coalesced (one exchange per step after the last bucket) and
 ``B' = B`` otherwise; coalescing also gives up overlap with backward, charged as the
@@ -62,8 +74,9 @@ import torch
 
 from . import collectives
 
-__all__ = ["Plan", "Trial", "LinkEstimate", "step_seconds", "modelled_steps", "cheapest", "choose", "configured",
-           "collective_option", "decide", "probe_sizes", "fit_transfer", "PROBE_CAP", "TRIAL_MARGIN", "TRIAL_STEPS"]
+__all__ = ["Plan", "Trial", "Slots", "LinkEstimate", "HEADER_CHOICES", "step_seconds", "modelled_steps", "cheapest", "choose", "configured",
+           "collective_option", "decide", "probe_sizes", "fit_transfer", "PROBE_CAP", "TRIAL_MARGIN", "TRIAL_STEPS",
+           "SLOT_HISTORY", "SLOT_MARGIN", "SLOT_MARGIN_MAX", "SLOT_MARGIN_DECAY", "INLINE_PADDING"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +90,17 @@ TRIAL_MARGIN = 1.5
 #: Timed steps the trial runs with each collective (alternating, after the probe's step).
 TRIAL_STEPS = 6
 
+#: Inline headers: a message's slot is the largest of its sizes in the last SLOT_HISTORY exchanges
+#: of the same buckets, plus a margin between SLOT_MARGIN and SLOT_MARGIN_MAX of it (:class:`Slots`).
+SLOT_HISTORY = 4
+SLOT_MARGIN = 0.125
+SLOT_MARGIN_MAX = 1.0
+SLOT_MARGIN_DECAY = 0.9
+#: The padding the cost model charges inline headers, as a share of the payload bytes.
+INLINE_PADDING = 0.25
+
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
+HEADER_CHOICES = ("separate", "inline")
 #: Payload collectives per exchange of one bucket (or of one coalesced step); each is preceded
 #: by a header exchange.
 PAYLOAD_COLLECTIVES = {"allgather": 1, "scatter_reduce": 2}
@@ -115,16 +138,18 @@ class Plan:
     collective: str
     coalesce: bool
     reason: str  # "configured" or the modelled step times
+    header: str = "separate"  # or "inline" (plans saved before inline headers existed are "separate")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def step_seconds(collective: str, coalesce: bool, link: LinkEstimate, *, world_size: int, values: int,
-                 buckets: int) -> float:
+                 buckets: int, header: str = "separate") -> float:
     """Modelled exchange-and-codec seconds of one step (see the module docstring)."""
     n, N = float(values), float(world_size)
-    send = link.payload_bytes * n * link.seconds_per_byte
+    padding = 1.0 + INLINE_PADDING if header == "inline" else 1.0
+    send = padding * link.payload_bytes * n * link.seconds_per_byte
     if collective == "allgather":
         transfer, encode = (N - 1) * send, link.encode_s * n
         decode = (link.decode_s + (N - 1) * link.decode_add_s) * n
@@ -133,77 +158,99 @@ def step_seconds(collective: str, coalesce: bool, link: LinkEstimate, *, world_s
         decode = (link.decode_add_s + link.decode_s) * n
     exchanges = 1 if coalesce else max(buckets, 1)
     lost_overlap = (buckets - 1) / buckets * (transfer + decode) if coalesce and buckets > 1 else 0.0
-    fixed = PAYLOAD_COLLECTIVES[collective] * (link.latency_s + link.transfer_s) * exchanges
+    latency = 0.0 if header == "inline" else link.latency_s
+    fixed = PAYLOAD_COLLECTIVES[collective] * (latency + link.transfer_s) * exchanges
     return fixed + transfer + encode + decode + lost_overlap
 
 
 def modelled_steps(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int,
-                   buckets: int) -> dict:
-    """``{(collective, coalesce): modelled seconds}`` for every plan the options allow."""
+                   buckets: int, header: str = "auto") -> dict:
+    """``{(collective, coalesce, header): modelled seconds}`` for every plan the options allow."""
     collectives_allowed = COLLECTIVE_CHOICES if collective == "auto" else (collective,)
     coalesce_allowed = (False, True) if coalesce == "auto" else (bool(coalesce),)
-    return {(c, k): step_seconds(c, k, link, world_size=world_size, values=values, buckets=buckets)
-            for c in collectives_allowed for k in coalesce_allowed}
+    headers_allowed = HEADER_CHOICES if header == "auto" else (header,)
+    return {(c, k, h): step_seconds(c, k, link, world_size=world_size, values=values, buckets=buckets, header=h)
+            for c in collectives_allowed for k in coalesce_allowed for h in headers_allowed}
 
 
-def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int) -> Plan:
+def choose(link: LinkEstimate, *, collective: str, coalesce, world_size: int, values: int, buckets: int,
+           header: str = "auto") -> Plan:
     """The cheapest plan among those the options allow (``"auto"`` leaves a choice open)."""
     return cheapest(modelled_steps(link, collective=collective, coalesce=coalesce, world_size=world_size,
-                                   values=values, buckets=buckets))
+                                   values=values, buckets=buckets, header=header))
 
 
 def cheapest(costs: dict) -> Plan:
     """The plan of the smallest of :func:`modelled_steps`' costs, with all of them as its reason."""
     best = min(costs, key=lambda key: (costs[key], key))  # ties: the same key on every rank
-    reason = ", ".join(f"{c}{'+coalesce' if k else ''} {1e3 * t:.2f} ms" for (c, k), t in sorted(costs.items()))
-    return Plan(collective=best[0], coalesce=best[1], reason=f"modelled step: {reason}")
+    reason = ", ".join(f"{c}{'+coalesce' if k else ''}{'+inline' if h == 'inline' else ''} {1e3 * t:.2f} ms"
+                       for (c, k, h), t in sorted(costs.items()))
+    return Plan(collective=best[0], coalesce=best[1], header=best[2], reason=f"modelled step: {reason}")
+
+
+def _name(collective: str, header: str) -> str:
+    return collective + ("+inline" if header == "inline" else "")
 
 
 @dataclasses.dataclass
 class Trial:
-    """A measured comparison of the two collectives, run when the model's call is close (step 4
-    of the module docstring).
+    """A measured comparison of the plans whose modelled steps are close (step 4 of the module
+    docstring): the collectives, the header modes, or both, at the chosen coalescing.
 
     The trial's first step (the probe's, not timed) uses the modelled choice; the timed steps
-    then alternate, in reverse order in their second half (``ABAB..BABA``: :meth:`order`), so
-    that a slow drift of the host (another job, a node's neighbours) and work the training loop
-    does every other step (an evaluation, a log line) weigh on both collectives alike.  A step is timed as the period since the previous step's end: its compute plus
-    the exchange it could not hide, including the CPU its codec took from the other ranks' compute
-    on a shared host, which a timer around the exchange alone would miss.  An exchange outside
-    DDP's backward (:func:`threelc.hooks.hook.average`, several per outer sync) is timed from its
-    own start.  ``seconds[k]`` holds this rank's timed steps with ``collectives[k]``.
+    then take the candidates in turn, in reverse order in their second half (``ABAB..BABA``,
+    ``ABCABC..CBACBA``: :meth:`order`), so that a slow drift of the host (another job, a node's
+    neighbours) and work the training loop does every other step (an evaluation, a log line)
+    weigh on every candidate alike.  A step is timed as the period since the previous step's end:
+    its compute plus the exchange it could not hide, including the CPU its codec took from the
+    other ranks' compute on a shared host, which a timer around the exchange alone would miss.
+    An exchange outside DDP's backward (:func:`threelc.hooks.hook.average`, several per outer
+    sync) is timed from its own start.  ``seconds[k]`` holds this rank's timed steps with
+    ``candidates[k]``.
     """
 
-    collectives: tuple     # the modelled choice first
+    candidates: tuple      # ((collective, header), ...), the modelled choice first
     coalesce: bool
     modelled: str          # the model's reason, kept for the final plan's
-    seconds: list = dataclasses.field(default_factory=lambda: [[], []])
+    seconds: list | None = None  # per candidate (None: none yet)
     steps_done: int = 0
-    steps: int = TRIAL_STEPS  # timed steps per collective (at least 2: a resume loses one timing)
+    steps: int = TRIAL_STEPS  # timed steps per candidate (at least 2: a resume loses one timing)
     # When the previous step ended, on this process's clock: not saved, so the first step after
     # a resume is not timed.
     last_end: float | None = dataclasses.field(default=None, compare=False)
 
+    def __post_init__(self):
+        self.candidates = tuple(tuple(candidate) for candidate in self.candidates)
+        if self.seconds is None:
+            self.seconds = [[] for _ in self.candidates]
+
     @classmethod
     def needed(cls, chosen: Plan, costs: dict, collective_option_: str) -> "Trial | None":
-        """The trial to run after the model chose ``chosen``, or None when the call is clear."""
-        if collective_option_ != "auto":
+        """The trial to run after the model chose ``chosen`` from ``costs`` (:func:`modelled_steps`,
+        which holds only the plans the options allow), or None when the call is clear: every
+        plan at the chosen coalescing within :data:`TRIAL_MARGIN` of the chosen one's step."""
+        mine = costs[(chosen.collective, chosen.coalesce, chosen.header)]
+        close = sorted((cost, collective, header) for (collective, coalesce, header), cost in costs.items()
+                       if coalesce == chosen.coalesce and cost <= TRIAL_MARGIN * mine
+                       and (collective == chosen.collective or collective_option_ == "auto")
+                       and (collective, header) != (chosen.collective, chosen.header))
+        if not close:
             return None
-        other = next(c for c in COLLECTIVE_CHOICES if c != chosen.collective)
-        mine, theirs = costs[(chosen.collective, chosen.coalesce)], costs.get((other, chosen.coalesce))
-        if theirs is None or theirs > TRIAL_MARGIN * mine:
-            return None
-        return cls(collectives=(chosen.collective, other), coalesce=chosen.coalesce, modelled=chosen.reason)
+        return cls(candidates=((chosen.collective, chosen.header), *((c, h) for _, c, h in close)),
+                   coalesce=chosen.coalesce, modelled=chosen.reason)
 
     def order(self) -> list:
-        """Which collective each step of the trial uses (indices into ``collectives``)."""
-        half = [i % 2 for i in range(self.steps)]
-        return [0] + half + [1 - k for k in half]
+        """Which candidate each step of the trial uses (indices into ``candidates``)."""
+        count = len(self.candidates)
+        half = [i % count for i in range(count * self.steps // 2)]
+        return [0] + half + [count - 1 - k for k in half]
 
     def plan(self) -> Plan:
-        """The plan of the coming step: the collective on trial."""
-        return Plan(collective=self.collectives[self.order()[self.steps_done]], coalesce=self.coalesce,
-                    reason=f"measured trial of {' and '.join(self.collectives)} ({self.modelled})")
+        """The plan of the coming step: the candidate on trial."""
+        collective, header = self.candidates[self.order()[self.steps_done]]
+        names = " and ".join(_name(*candidate) for candidate in self.candidates)
+        return Plan(collective=collective, coalesce=self.coalesce, header=header,
+                    reason=f"measured trial of {names} ({self.modelled})")
 
     def record(self, now: float, started: float | None = None) -> bool:
         """Close the current step at ``now`` (an exchange of its own: begun at ``started``); True
@@ -217,14 +264,15 @@ class Trial:
         return self.steps_done >= len(self.order())
 
     def medians(self) -> list:
-        """This rank's median step seconds per collective."""
+        """This rank's median step seconds per candidate."""
         return [float(np.median(times)) for times in self.seconds]
 
     def outcome(self, slowest: list) -> Plan:
-        """The final plan from every collective's slowest-rank median (the same on every rank)."""
-        best = min(range(len(self.collectives)), key=lambda i: (slowest[i], i))
-        measured = ", ".join(f"{c} {1e3 * t:.2f} ms" for c, t in zip(self.collectives, slowest))
-        return Plan(collective=self.collectives[best], coalesce=self.coalesce,
+        """The final plan from every candidate's slowest-rank median (the same on every rank)."""
+        best = min(range(len(self.candidates)), key=lambda i: (slowest[i], i))
+        measured = ", ".join(f"{_name(*candidate)} {1e3 * t:.2f} ms" for candidate, t in zip(self.candidates, slowest))
+        collective, header = self.candidates[best]
+        return Plan(collective=collective, coalesce=self.coalesce, header=header,
                     reason=f"measured step: {measured} (the slowest rank's median; {self.modelled})")
 
     def as_dict(self) -> dict:
@@ -234,7 +282,10 @@ class Trial:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "Trial":
-        return cls(**{**saved, "collectives": tuple(saved["collectives"])})
+        saved = dict(saved)
+        if "collectives" in saved:  # saved before header modes were tried: collectives alone
+            saved["candidates"] = [(c, saved.pop("header", "separate")) for c in saved.pop("collectives")]
+        return cls(**saved)
 
 
 def collective_option(collective: str, world_size: int) -> str:
@@ -243,12 +294,15 @@ def collective_option(collective: str, world_size: int) -> str:
     return "allgather" if collective == "auto" and world_size <= 2 else collective
 
 
-def configured(collective: str, coalesce, world_size: int) -> Plan | None:
-    """The plan when the options leave nothing to measure, else None."""
+def configured(collective: str, coalesce, world_size: int, header: str = "auto") -> Plan | None:
+    """The plan when the options leave nothing to measure, else None.  With the collective and
+    coalescing both given, ``header="auto"`` is ``"separate"``: nothing was measured to pay for
+    inline headers' padding."""
     collective = collective_option(collective, world_size)
     if collective == "auto" or coalesce == "auto":
         return None
-    return Plan(collective=collective, coalesce=bool(coalesce), reason="configured")
+    return Plan(collective=collective, coalesce=bool(coalesce), reason="configured",
+                header="separate" if header == "auto" else header)
 
 
 def decide(state, codec, values, segments, group, world_size: int, device: torch.device, *, buckets: int,
@@ -257,7 +311,7 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
 
     Returns ``(plan, trial)``: the plan of the coming steps, and the :class:`Trial` those steps
     run (None when the model's call is clear or the options leave nothing to choose)."""
-    plan = configured(state.collective, state.coalesce, world_size)
+    plan = configured(state.collective, state.coalesce, world_size, state.header)
     if plan is not None:
         return plan, None
     state._stats.mark_planning()
@@ -266,7 +320,7 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     link = LinkEstimate.from_ints(gathered.max(axis=0))  # the worst of each: seconds per byte too
     option = collective_option(state.collective, world_size)
     costs = modelled_steps(link, collective=option, coalesce=state.coalesce, world_size=world_size,
-                           values=max(total_values, 1), buckets=max(buckets, 1))
+                           values=max(total_values, 1), buckets=max(buckets, 1), header=state.header)
     plan = cheapest(costs)
     trial = Trial.needed(plan, costs, option)
     logger.info("threelc: exchange plan %s (%s; link %s)%s", _describe(plan), plan.reason, link,
@@ -293,7 +347,49 @@ def end_trial_step(state, group, device, started: float | None = None) -> None:
 
 
 def _describe(plan: Plan) -> str:
-    return plan.collective + (" + coalesced buckets" if plan.coalesce else "")
+    return (plan.collective + (" + coalesced buckets" if plan.coalesce else "")
+            + (" + inline headers" if plan.header == "inline" else ""))
+
+
+class Slots:
+    """The slot sizes of inline-header exchanges (see the module docstring), per exchange key.
+
+    A slot is the largest size of its message in the last :data:`SLOT_HISTORY` exchanges of the
+    key, plus a margin: :data:`SLOT_MARGIN` at first, doubled (up to :data:`SLOT_MARGIN_MAX`) after
+    an exchange in which some payload outgrew its slot, and shrunk by :data:`SLOT_MARGIN_DECAY`
+    after one in which all fitted.  A young network's payloads grow by 10-30% a step, and each
+    overflow costs the round trip that inline headers exist to save; padding costs bytes only.
+
+    Made only from the ``sizes`` matrices that :func:`~threelc.hooks.collectives.exchange_framed`
+    returned, which every rank received alike, so every rank makes the same slots.  Not saved
+    with the state: a resumed run's first exchange of each key sends its header ahead (no slots),
+    which changes the wire, not the arithmetic.
+    """
+
+    def __init__(self):
+        self._history: dict = {}
+        self._margin: dict = {}
+
+    def for_exchange(self, key) -> np.ndarray | None:
+        """``slots[i, j]`` for the next exchange of ``key`` (None before its first)."""
+        history = self._history.get(key)
+        if not history:
+            return None
+        largest = np.max(np.stack(history), axis=0)
+        grown = largest + np.ceil(largest * self._margin[key]).astype(np.int64)
+        return (grown + 63) // 64 * 64  # whole cache lines; a pair that sent nothing gets no slot
+
+    def record(self, key, sizes: np.ndarray, slots: np.ndarray | None = None) -> None:
+        """Remember the bytes each rank sent each rank in an exchange of ``key`` that had ``slots``."""
+        sizes = np.asarray(sizes, np.int64)
+        margin = self._margin.get(key, SLOT_MARGIN)
+        if slots is not None:
+            overflowed = bool((sizes > slots).any())
+            margin = min(2 * margin, SLOT_MARGIN_MAX) if overflowed else max(SLOT_MARGIN, margin * SLOT_MARGIN_DECAY)
+        self._margin[key] = margin
+        history = self._history.setdefault(key, [])
+        history.append(sizes)
+        del history[:-SLOT_HISTORY]
 
 
 def probe_sizes(step_payload: int, world_size: int) -> tuple:

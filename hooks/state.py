@@ -14,15 +14,16 @@ from threelc import format as payload_format
 
 from . import never_called
 from .codecs import CODECS
-from .plan import Plan, Trial, collective_option
+from .plan import Plan, Slots, Trial, collective_option
 from .stats import HookStats
 from .worker import BucketWorker
 
-__all__ = ["ThreeLCState", "COLLECTIVES", "SCALES", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts"]
+__all__ = ["ThreeLCState", "COLLECTIVES", "HEADERS", "SCALES", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts"]
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVES = ("auto", "allgather", "scatter_reduce")
+HEADERS = ("auto", "separate", "inline")
 SCALES = ("tensor", "bucket", "block")
 #: Version of the dictionary :meth:`ThreeLCState.state_dict` returns.  Version 2 added the
 #: ``owner`` record (rank and world size); version 1 dicts still load, unchecked, with a warning.
@@ -127,6 +128,15 @@ class ThreeLCState:
         step instead of one per bucket (a round trip each), at the price of the overlap of
         earlier buckets' exchanges with backward.  ``"auto"`` decides with the collective, from
         the same measured cost model.  The plan taken is kept in :meth:`state_dict`.
+    header : {"auto", "separate", "inline"}, default "auto"
+        How receivers learn the compressed payloads' sizes, which gloo needs before the
+        collective that carries them.  ``"separate"``: a small header exchange before each payload
+        collective (one more round trip; exact sizes, no padding).  ``"inline"``: the header
+        travels in the payload's collective, whose messages are padded to slots sized from the
+        previous steps' payloads; one that outgrows its slot sends the rest in a second collective
+        (see :mod:`threelc.hooks.plan`).  ``"auto"`` decides with the collective, from the same
+        measured cost model (inline on far links); ``"separate"`` when ``collective`` and
+        ``coalesce`` are both given, since then nothing is measured.
     scale : {"tensor", "bucket", "block"}, default "block"
         One scale (max |v|) per ``block_size`` values of each parameter tensor; one per parameter
         tensor of the bucket, as in the paper; or one per bucket (or shard).  See docs/HOOK.md
@@ -190,6 +200,7 @@ class ThreeLCState:
         sparsity: float = 1.0,
         collective: str = "auto",
         coalesce: bool | str = "auto",
+        header: str = "auto",
         scale: str = "block",
         block_size: int = 8192,
         start_iter: int = 10,
@@ -209,6 +220,8 @@ class ThreeLCState:
             raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
         if not (isinstance(coalesce, bool) or coalesce == "auto"):
             raise ValueError(f"coalesce must be True, False or 'auto', got {coalesce!r}")
+        if header not in HEADERS:
+            raise ValueError(f"header must be one of {HEADERS}, got {header!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if not _is_int(block_size) or not 1 <= block_size < 2**32:
@@ -242,6 +255,7 @@ class ThreeLCState:
         self.sparsity = float(sparsity32)
         self.collective = collective
         self.coalesce = coalesce
+        self.header = header
         self.scale = scale
         self.block_size = int(block_size)
         self.start_iter = int(start_iter)
@@ -273,6 +287,8 @@ class ThreeLCState:
         self._plan = None
         self._trial = None
         self._pending: list = []
+        #: Slot sizes of inline-header exchanges (:class:`threelc.hooks.plan.Slots`; not saved).
+        self._slots = Slots()
         #: Buckets and values of the last complete step (for the plan's cost model).
         self.step_buckets, self.step_values = 0, 0
         self._step_buckets_seen, self._step_numel = 0, 0
@@ -294,7 +310,7 @@ class ThreeLCState:
     def config(self) -> dict:
         """The hyperparameters as a JSON-able dict (``ThreeLCState(**config)`` rebuilds them)."""
         return {"sparsity": self.sparsity, "collective": self.collective, "coalesce": self.coalesce,
-                "scale": self.scale,
+                "header": self.header, "scale": self.scale,
                 "block_size": self.block_size, "start_iter": self.start_iter, "min_numel": self.min_numel,
                 "error_feedback": self.error_feedback, "stats_dir": self.stats_dir,
                 "stats_every": self.stats_every, "stats_max_bytes": self.stats_max_bytes}
@@ -333,8 +349,8 @@ class ThreeLCState:
     def fingerprint_text(self, world_size: int, iteration: int) -> str:
         """What every rank must agree on before compressed steps: format, options, iteration."""
         return (f"format={payload_format.VERSION} sparsity={np.float32(self.sparsity)!r} "
-                f"collective={self.resolved_collective(world_size)} coalesce={self.coalesce} "
-                f"plan={None if self._plan is None else (self._plan.collective, self._plan.coalesce)} "
+                f"collective={self.resolved_collective(world_size)} coalesce={self.coalesce} header={self.header} "
+                f"plan={None if self._plan is None else (self._plan.collective, self._plan.coalesce, self._plan.header)} "
                 f"scale={self.scale} "
                 f"block_size={self.block_size} start_iter={self.start_iter} min_numel={self.min_numel} "
                 f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration} "
@@ -515,6 +531,7 @@ class ThreeLCState:
         self._plan = None if saved_plan is None else Plan(**saved_plan)
         saved_trial = state_dict.get("trial")
         self._trial = None if saved_trial is None else Trial.from_dict(saved_trial)
+        self._slots = Slots()  # every rank loads, so every rank starts its slots afresh
         self._pending = []
         self._failure = None
         self._config_checked = False

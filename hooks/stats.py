@@ -26,8 +26,8 @@ comm_s           seconds in collectives (including waiting for slower ranks)
 collectives      collectives issued (each costs at least one network round trip)
 ===============  ==========================================================================
 
-Bytes are counted as the collectives move them: payloads and the small size headers exchanged
-before them, never a rank's bytes to itself.  A plain allreduce (warm-up, small buckets) is
+Bytes are counted as the collectives move them: payloads, the small size headers (frames) sent
+before or with them and the padding of inline headers' slots, never a rank's bytes to itself.  A plain allreduce (warm-up, small buckets) is
 counted as a ring allreduce moves it: ``2 (N - 1) / N * raw`` bytes sent and as many received.
 """
 

@@ -25,7 +25,10 @@ def test_parse_hook_names():
     assert (spec.hook, spec.sparsity, spec.collective) == ("threelc", 1.9, "allgather")
     assert parse_hook("threelc-s1.5").collective == "auto"
     assert parse_hook("threelc-s1.0").train_args() == ["--hook", "threelc", "--sparsity", "1.0", "--collective", "auto"]
-    for bad in ("powersgd", "threelc-s2.0", "zstd"):
+    inline = parse_hook("threelc-s1.0-allgather-inline")
+    assert (inline.collective, inline.header) == ("allgather", "inline")
+    assert inline.train_args()[-2:] == ["--header", "inline"] and parse_hook("threelc-s1.0-separate").header == "separate"
+    for bad in ("powersgd", "threelc-s2.0", "zstd", "threelc-s1.0-inline-allgather", "allreduce-inline"):
         with pytest.raises(ValueError):
             parse_hook(bad)
     assert len(FULL_HOOKS) == 10 and set(QUICK_HOOKS) <= set(FULL_HOOKS) | {"threelc-s1.0", "threelc-s1.9"}
@@ -35,12 +38,14 @@ def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
     hooks = [parse_hook("allreduce"), parse_hook("threelc-s1.0")]
     cells = plan_cells([EXAMPLES["digits"]], ["100mbit", "10mbit"], hooks, steps=None, warmup=10, timing_steps=5,
                        quick=True)
-    # A timing run of 3LC's "auto" collective adds the steps of a possible measured trial (2 x 6).
+    # A timing run of 3LC's "auto" collective and header adds the steps of a possible measured
+    # trial (up to 4 candidates x 6).
     assert [(cell.hook.name, cell.rate, cell.kind, cell.steps, cell.warmup) for cell in cells] == [
         ("allreduce", "unshaped", "accuracy", 200, 10), ("threelc-s1.0", "unshaped", "accuracy", 200, 10),
-        ("allreduce", "100mbit", "timing", 7, 2), ("threelc-s1.0", "100mbit", "timing", 19, 2),
-        ("allreduce", "10mbit", "timing", 7, 2), ("threelc-s1.0", "10mbit", "timing", 19, 2)]
-    assert parse_hook("threelc-s1.0-allgather").trial_steps == 0 and parse_hook("powersgd-r1").trial_steps == 0
+        ("allreduce", "100mbit", "timing", 7, 2), ("threelc-s1.0", "100mbit", "timing", 31, 2),
+        ("allreduce", "10mbit", "timing", 7, 2), ("threelc-s1.0", "10mbit", "timing", 31, 2)]
+    assert parse_hook("threelc-s1.0-allgather").trial_steps == 12  # the header modes may still be tried
+    assert parse_hook("threelc-s1.0-allgather-separate").trial_steps == 0 and parse_hook("powersgd-r1").trial_steps == 0
 
 
 def test_plan_adds_delayed_timing_runs_after_each_shaped_rate():

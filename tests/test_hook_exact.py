@@ -164,6 +164,7 @@ def _mismatch_checks(rank, world_size):
     messages = {}
     for name, options in [("sparsity", {"sparsity": 1.0 if rank else 1.5}),
                           ("collective", {"collective": "allgather" if rank else "scatter_reduce"}),
+                          ("header", {"header": "inline" if rank else "separate"}),
                           ("start_iter", {"start_iter": 2 if rank else 3})]:
         state = ThreeLCState(min_numel=0, **options)
         state.iteration = 3
@@ -260,7 +261,7 @@ def test_mismatched_configuration_raises_the_same_clear_error_on_every_rank(exac
     world_size, results = exact
     if world_size == 8:
         pytest.skip("the 8-rank spawn runs the mean checks only")
-    for name in ("sparsity", "collective", "start_iter", "layout", "after_failure"):
+    for name in ("sparsity", "collective", "header", "start_iter", "layout", "after_failure"):
         outcomes = [result["mismatch"][name] for result in results]
         assert all(outcome is not None for outcome in outcomes), f"{name}: some rank did not raise"
         messages = set(outcomes)

@@ -87,18 +87,49 @@ def test_bad_coalesce_option_is_refused(bad):
 
 def test_a_trial_runs_only_when_the_call_is_close():
     chosen = plan.Plan("scatter_reduce", False, "modelled")
-    close = {("scatter_reduce", False): 1.0, ("allgather", False): plan.TRIAL_MARGIN * 0.99}
-    clear = {("scatter_reduce", False): 1.0, ("allgather", False): plan.TRIAL_MARGIN * 1.01}
+    close = {("scatter_reduce", False, "separate"): 1.0, ("allgather", False, "separate"): plan.TRIAL_MARGIN * 0.99}
+    clear = {("scatter_reduce", False, "separate"): 1.0, ("allgather", False, "separate"): plan.TRIAL_MARGIN * 1.01}
     trial = plan.Trial.needed(chosen, close, "auto")
-    assert trial.collectives == ("scatter_reduce", "allgather") and trial.coalesce is False
+    assert trial.candidates == (("scatter_reduce", "separate"), ("allgather", "separate")) and trial.coalesce is False
     assert plan.Trial.needed(chosen, clear, "auto") is None
     assert plan.Trial.needed(chosen, close, "scatter_reduce") is None  # configured: nothing to choose
-    only_one = {("scatter_reduce", False): 1.0, ("allgather", True): 1.0}  # the other, not with this coalescing
+    only_one = {("scatter_reduce", False, "separate"): 1.0, ("allgather", True, "separate"): 1.0}  # the other, not with this coalescing
     assert plan.Trial.needed(chosen, only_one, "auto") is None
+    inline = plan.Plan("scatter_reduce", False, "modelled", header="inline")  # compared with the same headers
+    both = {("scatter_reduce", False, "separate"): 1.0, ("allgather", False, "separate"): 1.2,
+            ("scatter_reduce", False, "inline"): 0.95, ("allgather", False, "inline"): 1.3,
+            ("allgather", True, "inline"): 0.5}  # (another coalescing: not part of this trial)
+    trial = plan.Trial.needed(inline, both, "auto")  # every close plan, the chosen first, then by cost
+    assert trial.candidates == (("scatter_reduce", "inline"), ("scatter_reduce", "separate"),
+                                ("allgather", "separate"), ("allgather", "inline"))
+    assert trial.plan() == plan.Plan("scatter_reduce", False, trial.plan().reason, header="inline")
+    # A pinned collective still tries the header modes.
+    pinned = plan.Trial.needed(inline, both, "scatter_reduce")
+    assert pinned.candidates == (("scatter_reduce", "inline"), ("scatter_reduce", "separate"))
+
+
+def test_a_trial_of_more_candidates_takes_them_in_turn_and_back():
+    trial = plan.Trial(candidates=(("allgather", "inline"), ("allgather", "separate"), ("scatter_reduce", "inline")),
+                       coalesce=True, modelled="m", steps=4)
+    order = trial.order()
+    assert order == [0] + [0, 1, 2, 0, 1, 2] + [2, 1, 0, 2, 1, 0]
+    assert [order[1:].count(k) for k in range(3)] == [4, 4, 4]  # every candidate is timed `steps` times
+    for now in range(len(order)):
+        trial.record(float(now) * (1 + order[trial.steps_done]))
+    outcome = trial.outcome([0.3, 0.2, 0.25])
+    assert (outcome.collective, outcome.header) == ("allgather", "separate")
+    assert "allgather+inline 300.00 ms, allgather 200.00 ms, scatter_reduce+inline 250.00 ms" in outcome.reason
+    # A trial saved before header modes existed loads as a trial of collectives with separate headers.
+    old = {"collectives": ["scatter_reduce", "allgather"], "coalesce": True, "modelled": "m", "seconds": [[1.0], []],
+           "steps_done": 2, "steps": 6}
+    loaded = plan.Trial.from_dict(old)
+    assert loaded.candidates == (("scatter_reduce", "separate"), ("allgather", "separate"))
+    assert loaded.seconds == [[1.0], []] and loaded.steps_done == 2
 
 
 def test_a_trial_alternates_times_step_periods_and_keeps_the_faster():
-    trial = plan.Trial(collectives=("scatter_reduce", "allgather"), coalesce=True, modelled="m", steps=3)
+    trial = plan.Trial(candidates=(("scatter_reduce", "separate"), ("allgather", "separate")), coalesce=True,
+                       modelled="m", steps=3)
     seen, done = [], []
     ends = [10.0, 11.0, 11.5, 12.6, 12.85, 13.05, 14.25]  # step ends: periods 1 .5 1.1 .25 .2 1.2
     for now in ends:
@@ -111,12 +142,14 @@ def test_a_trial_alternates_times_step_periods_and_keeps_the_faster():
     assert trial.seconds == [pytest.approx([1.0, 1.1, 0.2]), pytest.approx([0.5, 0.25, 1.2])]
     assert trial.medians() == pytest.approx([1.0, 0.5])
     # An exchange of its own (an outer sync) is timed from its start, not from the previous end.
-    sync = plan.Trial(collectives=("allgather", "scatter_reduce"), coalesce=False, modelled="m", steps=1)
+    sync = plan.Trial(candidates=(("allgather", "separate"), ("scatter_reduce", "separate")), coalesce=False,
+                      modelled="m", steps=1)
     sync.record(5.0, started=4.0)
     assert sync.seconds == [[1.0], []]
     # Saved and loaded, a trial goes on where it was, except that its next step is not timed;
     # the step count still decides when it ends, as in the uninterrupted trial.
-    halfway = plan.Trial(collectives=("scatter_reduce", "allgather"), coalesce=True, modelled="m", steps=3)
+    halfway = plan.Trial(candidates=(("scatter_reduce", "separate"), ("allgather", "separate")), coalesce=True,
+                         modelled="m", steps=3)
     for now in ends[:3]:
         halfway.record(now)
     loaded = plan.Trial.from_dict(halfway.as_dict())
@@ -178,7 +211,7 @@ def test_every_rank_chooses_the_plan_from_the_worst_measurements():
     trial = plan.Trial.needed(expected, costs, "auto")
     if trial is not None:  # a close call: the coming steps try the model's choice first
         expected = trial.plan()
-        assert all(result["trial"]["collectives"] == (expected.collective, trial.collectives[1]) for result in results)
+        assert all(plan.Trial.from_dict(result["trial"]).candidates == trial.candidates for result in results)
     assert plans[0] == expected.as_dict()
     # A loaded plan (and trial) goes on where it stopped; one more step stays on the first collective.
     assert all(result["restored"] == plans[0] for result in results)
@@ -259,13 +292,14 @@ def test_coalescing_inside_ddp_changes_round_trips_not_results():
             assert torch.equal(separate["parameters"], together["parameters"]), (collective, rank)
             assert torch.equal(together["parameters"], results[0][(collective, True)]["parameters"])
             assert together["plan"]["coalesce"] is True and separate["plan"]["coalesce"] is False
-            # One exchange per compressed step instead of one per bucket: the same bytes in fewer collectives.
-            assert together["sent"] == separate["sent"]
+            # One exchange per compressed step instead of one per bucket: the same payload bytes in
+            # fewer collectives, and fewer frames (each frame carries the N message sizes, 8 bytes each).
             assert together["collectives"] < separate["collectives"]
             compressed_steps = 5 - 2
-            per_exchange = 2 if collective == "allgather" else 4
+            per_exchange = 2 if collective == "allgather" else 4  # a frame (header) and a payload collective each
             saved = compressed_steps * per_exchange * (separate["buckets"] - 1)
             assert separate["collectives"] - together["collectives"] == saved
+            assert separate["sent"] - together["sent"] == saved // 2 * 3 * 8 * 2
 
 
 def _coalesced_faults(rank, world_size):
@@ -347,8 +381,8 @@ def _trial(rank, world_size):
     plan.Trial.medians = lambda self: _TRIAL_MEDIANS.get(rank, [1e-3, 1e-3])
     layout, total = (3000, 1000), 2 * plan.TRIAL_STEPS + 4
 
-    def fresh():
-        state = ThreeLCState(min_numel=0, start_iter=2)
+    def fresh():  # (separate headers: the link's latency is zero, and this test is about collectives)
+        state = ThreeLCState(min_numel=0, start_iter=2, header="separate")
         state.iteration = 2  # compress from the first step
         return state
 

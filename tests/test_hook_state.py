@@ -40,7 +40,8 @@ def test_bad_options_raise_value_error_that_says_why(options, words):
 
 def test_defaults_and_repr():
     state = ThreeLCState()
-    assert state.config() == {"sparsity": 1.0, "collective": "auto", "coalesce": "auto", "scale": "block",
+    assert state.config() == {"sparsity": 1.0, "collective": "auto", "coalesce": "auto", "header": "auto",
+                              "scale": "block",
                               "block_size": 8192,
                               "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None,
                               "stats_every": 1, "stats_max_bytes": None}

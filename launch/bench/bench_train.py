@@ -83,7 +83,8 @@ class HookSpec:
     """One hook configuration of the matrix, named as on the command line.
 
     Names: ``allreduce``, ``fp16``, ``powersgd-r{RANK}``, ``threelc-s{S}`` (the hook's ``auto``
-    collective) and ``threelc-s{S}-{allgather|scatter_reduce}``.
+    collective) and ``threelc-s{S}-{allgather|scatter_reduce}``, each 3LC name optionally ending
+    in ``-{separate|inline}`` (the hook's ``header`` option; without it, ``auto``).
     """
 
     name: str
@@ -91,6 +92,7 @@ class HookSpec:
     sparsity: float = 1.0
     collective: str = "auto"
     powersgd_rank: int = 1
+    header: str | None = None
 
     @property
     def has_warmup(self) -> bool:
@@ -99,25 +101,29 @@ class HookSpec:
 
     @property
     def trial_steps(self) -> int:
-        """Steps the hook may spend trying collectives after its probe (3LC's ``auto`` collective on
-        a close call: :mod:`threelc.hooks.plan`); timing runs add them, as the steady window starts
-        after them."""
-        if self.hook != "threelc" or self.collective != "auto":
+        """Steps the hook may spend trying plans after its probe (3LC's ``auto`` collective or
+        header on a close call: :mod:`threelc.hooks.plan`); timing runs add them, as the steady
+        window starts after them."""
+        if self.hook != "threelc":
             return 0
         from threelc.hooks.plan import TRIAL_STEPS
-        return 2 * TRIAL_STEPS
+        candidates = (2 if self.collective == "auto" else 1) * (2 if self.header in (None, "auto") else 1)
+        return candidates * TRIAL_STEPS if candidates > 1 else 0
 
     def train_args(self) -> list[str]:
         """The training script's options that select this hook."""
         args = ["--hook", self.hook]
         if self.hook == "threelc":
             args += ["--sparsity", str(self.sparsity), "--collective", self.collective]
+            if self.header is not None:
+                args += ["--header", self.header]
         if self.hook == "powersgd":
             args += ["--powersgd-rank", str(self.powersgd_rank)]
         return args
 
 
-_HOOK_NAME = re.compile(r"^(?:(allreduce|fp16)|powersgd-r(\d+)|threelc-s([0-9.]+)(?:-(allgather|scatter_reduce|auto))?)$")
+_HOOK_NAME = re.compile(r"^(?:(allreduce|fp16)|powersgd-r(\d+)|threelc-s([0-9.]+)(?:-(allgather|scatter_reduce|auto))?"
+                        r"(?:-(separate|inline))?)$")
 
 
 def parse_hook(name: str) -> HookSpec:
@@ -125,8 +131,8 @@ def parse_hook(name: str) -> HookSpec:
     match = _HOOK_NAME.match(name)
     if not match:
         raise ValueError(f"hook {name!r}: use allreduce, fp16, powersgd-r<RANK>, threelc-s<S> or "
-                         "threelc-s<S>-<allgather|scatter_reduce>")
-    plain, rank, sparsity, collective = match.groups()
+                         "threelc-s<S>-<allgather|scatter_reduce>, optionally ending in -<separate|inline>")
+    plain, rank, sparsity, collective, header = match.groups()
     if plain:
         return HookSpec(name, plain)
     if rank:
@@ -134,7 +140,7 @@ def parse_hook(name: str) -> HookSpec:
     value = float(sparsity)
     if not 1.0 <= value < 2.0:
         raise ValueError(f"hook {name!r}: the sparsity multiplier must be in [1, 2)")
-    return HookSpec(name, "threelc", sparsity=value, collective=collective or "auto")
+    return HookSpec(name, "threelc", sparsity=value, collective=collective or "auto", header=header)
 
 
 #: The issue's matrix: fp32 allreduce, fp16, PowerSGD rank 1 and 4, 3LC at three s with each collective.
@@ -460,7 +466,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one-way delays between nodes (e.g. 5ms 20ms 50ms): every shaped rate's timing runs "
                              "again with each (default: none)")
     parser.add_argument("--hooks", nargs="+", default=None,
-                        help="hooks: allreduce fp16 powersgd-r<R> threelc-s<S>[-allgather|-scatter_reduce] "
+                        help="hooks: allreduce fp16 powersgd-r<R> threelc-s<S>[-allgather|-scatter_reduce][-separate|-inline] "
                              "(default: the issue's 10; --quick: 5)")
     parser.add_argument("--nodes", type=int, default=4, help="emulated nodes, one process each (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
@@ -591,8 +597,9 @@ def run(args) -> int:
             if row["error"]:
                 figures = f"FAILED: {row['error']}"
             else:
-                figures = (f"step {row['median_step_s'] * 1e3:8.1f} ms  "
-                           f"wire {row.get('wire_tx_per_step_node') or 0:12,.0f} B/step/node")
+                # (no steady step: a short run that the exchange plan's probe and trial filled)
+                step = "-" if row["median_step_s"] is None else f"{row['median_step_s'] * 1e3:.1f}"
+                figures = f"step {step:>8} ms  wire {row.get('wire_tx_per_step_node') or 0:12,.0f} B/step/node"
                 if cell.kind == "accuracy" and row["final_eval"] is not None:
                     figures += f"  {cell.example.metric} {row['final_eval']:.4f}"
             link = cell.rate if cell.delay is None else f"{cell.rate}+{cell.delay}"

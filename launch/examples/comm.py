@@ -172,7 +172,7 @@ def _powersgd_hook(accounting: _CollectiveAccounting):
 
 
 def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_steps, scale, block_size, min_numel,
-                      optimizer):
+                      optimizer, header=None):
     try:
         from threelc.hooks import register
         from threelc.hooks.optim import AdamW as ThreeLCAdamW
@@ -184,7 +184,8 @@ def _register_threelc(ddp_model, *, sparsity, collective, stats_dir, warmup_step
     if warmup_steps is not None:
         options["start_iter"] = warmup_steps  # ThreeLCState's name for its allreduce warm-up
     # Unset options keep the hook's own defaults.
-    options.update({key: value for key, value in (("scale", scale), ("block_size", block_size), ("min_numel", min_numel))
+    options.update({key: value for key, value in (("scale", scale), ("block_size", block_size), ("min_numel", min_numel),
+                                                  ("header", header))
                     if value is not None})
     return register(ddp_model, **options)
 
@@ -202,6 +203,7 @@ def attach_hook(
     block_size: int | None = None,
     min_numel: int | None = None,
     optimizer=None,
+    header: str | None = None,
 ) -> HookHandle:
     """Register hook ``name`` (one of :data:`HOOKS`) on ``ddp_model`` and return its handle.
 
@@ -212,13 +214,14 @@ def attach_hook(
     schedule on exact gradients (the ablation in docs/benchmarks.md).
     ``optimizer``: the training optimizer; a ``threelc.optim.AdamW`` is paired with the threelc
     hook (other hooks leave it unpaired, and it refuses to step).
+    ``header``: the threelc hook's ``header`` option (default: the hook's own, ``"auto"``).
     """
     if name not in HOOKS:
         raise ValueError(f"unknown hook {name!r}; choose one of {', '.join(HOOKS)}")
     if name == "threelc":
         state = _register_threelc(ddp_model, sparsity=sparsity, collective=collective, stats_dir=stats_dir,
                                   warmup_steps=warmup_steps, scale=scale, block_size=block_size,
-                                  min_numel=min_numel, optimizer=optimizer)
+                                  min_numel=min_numel, optimizer=optimizer, header=header)
         return HookHandle(name, state=state)
     accounting = _CollectiveAccounting(dist.get_rank(), dist.get_world_size(), stats_dir)
     if name == "allreduce":

@@ -74,6 +74,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in [1, 2) (default: %(default)s)")
     group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default="auto",
                        help="3LC collective (default: %(default)s)")
+    group.add_argument("--header", choices=("auto", "separate", "inline"), default=None,
+                       help="3LC payload sizes: ahead of the payloads or inline with them (default: the hook's own, auto)")
     group.add_argument("--scale", choices=("tensor", "bucket", "block"), default=None,
                        help="3LC scale unit (default: the hook's own)")
     group.add_argument("--block-size", type=int, default=None, help="3LC values per scale with --scale block")
@@ -170,6 +172,7 @@ def _config(args, task: Task, world_size: int) -> dict:
         "hook": args.hook if args.local_steps is None else f"local-{args.outer}",
         "sparsity": args.sparsity,
         "collective": args.collective,
+        "header": args.header,
         "powersgd_rank": args.powersgd_rank,
         "scale": args.scale,
         "block_size": args.block_size,
@@ -217,7 +220,7 @@ def train(args, task: Task) -> dict:
             handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                                  stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
                                  warmup_steps=args.warmup_steps, scale=args.scale, block_size=args.block_size,
-                                 min_numel=args.min_numel, optimizer=optimizer)
+                                 min_numel=args.min_numel, optimizer=optimizer, header=args.header)
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)
         batches = task.batches(rank, world_size)

@@ -201,8 +201,8 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = min(max(row["val_loss"] for row in rows.values()), 2.3) + 0.05  # a diverged run would flatten the rest
-    figure, axis = plt.subplots(figsize=(8, 5))
+    top = min(max(row["val_loss"] for row in rows.values()), 2.5) + 0.05  # a diverged run would flatten the rest
+    figure, axis = plt.subplots(figsize=(8, 5.6))
     axis.set_xscale("log")
     for outer, color in (("fp32", "tab:blue"), ("3lc", "tab:red")):
         series = sorted((_sync_every(variant), row) for variant, row in rows.items()
@@ -235,7 +235,8 @@ def plot(rows: dict, path: Path) -> None:
     axis.set_ylabel("validation loss after 1,000 steps (nats/byte)")
     axis.set_title("char transformer, AdamW, 4 ranks: local steps against per-step compression", fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="upper right")
+    # Below the axes: inside, it hid the labels of the runs drawn at the top edge.
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

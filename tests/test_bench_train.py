@@ -180,13 +180,18 @@ def test_scaling_rows_hold_the_default_to_the_collective_its_plan_chose():
 
     auto = {"collective": "scatter_reduce", "coalesce": False, "reason": "modelled step: ..."}
     rows = {row["hook"]: row for row in bench_train.scaling_rows([
-        cell("allreduce", 6000), cell("threelc-s1.0-allgather", 300),
-        cell("threelc-s1.0-scatter_reduce", 160, {"collective": "scatter_reduce", "reason": "modelled step: ..."}),
+        cell("allreduce", 6000), cell("threelc-s1.0-allgather-separate", 300),
+        cell("threelc-s1.0-scatter_reduce-separate", 160, {"collective": "scatter_reduce", "reason": "configured"}),
         cell("threelc-s1.0", 160, auto)])}
     # C = 300 / 3 = 100: allgather 3 C, scatter-reduce 2 * 3/4 C, and so the default that chose it.
-    assert rows["threelc-s1.0-allgather"]["model_bytes"] == 300
-    assert rows["threelc-s1.0-scatter_reduce"]["model_bytes"] == rows["threelc-s1.0"]["model_bytes"] == 150
+    assert rows["threelc-s1.0-allgather-separate"]["model_bytes"] == 300
+    assert rows["threelc-s1.0-scatter_reduce-separate"]["model_bytes"] == rows["threelc-s1.0"]["model_bytes"] == 150
     assert rows["allreduce"]["model_bytes"] == 6000
     table = bench_doc.scaling_table(list(rows.values()))
     assert "threelc-s1.0 (plan: scatter_reduce)" in table and "50.0 ms" in table
-    assert "threelc-s1.0-scatter_reduce (plan" not in table  # a configured collective is not the plan's choice
+    assert "threelc-s1.0-scatter_reduce-separate (plan" not in table  # configured, not the plan's choice
+    # A bench.json from before header modes: the allgather run without the suffix gives C.
+    old = bench_train.scaling_rows([cell("threelc-s1.0-allgather", 300),
+                                    cell("threelc-s1.0", 300, {**auto, "collective": "allgather", "header": "inline"})])
+    assert [row["model_bytes"] for row in old] == [300, 300]
+    assert "threelc-s1.0 (plan: allgather + inline headers)" in bench_doc.scaling_table(old)

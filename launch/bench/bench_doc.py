@@ -344,8 +344,10 @@ def scaling_table(rows: list[dict]) -> str:
     for row in rows:
         payload = format_bytes(row.get("compressed_bucket_bytes")) if row["hook"] != "allreduce" else "-"
         plan = row.get("plan") or {}
-        chosen = plan and not row["hook"].endswith(("allgather", "scatter_reduce"))  # "auto": the plan chose
-        hook = f"{row['hook']} (plan: {plan['collective']})" if chosen else row["hook"]
+        # "auto": the plan chose the collective (and how the headers travel)
+        chosen = plan and not any(name in row["hook"] for name in ("allgather", "scatter_reduce"))
+        inline = " + inline headers" if plan.get("header") == "inline" else ""
+        hook = f"{row['hook']} (plan: {plan['collective']}{inline})" if chosen else row["hook"]
         body.append([str(row["nodes"]), hook, _ms(row.get("median_step_s")), payload,
                      format_bytes(row.get("model_bytes")), format_bytes(row.get("hook_bytes_per_step")),
                      "-" if row.get("hook_over_model") is None else f"{row['hook_over_model']:.2f}",

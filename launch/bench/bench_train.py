@@ -357,7 +357,9 @@ def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: i
 
 #: The scaling runs: a small digits CNN (~223k parameters), few steps; the 3LC default (the plan) beside
 #: both collectives.
-SCALING_HOOKS = ("allreduce", "threelc-s1.0-allgather", "threelc-s1.0-scatter_reduce", "threelc-s1.0")
+#: The pinned collectives send their headers separately, so their bytes are the byte model's exactly
+#: (inline headers' slots add padding); the default shows what its plan chose.
+SCALING_HOOKS = ("allreduce", "threelc-s1.0-allgather-separate", "threelc-s1.0-scatter_reduce-separate", "threelc-s1.0")
 SCALING_MODEL = ("--width", "32")
 
 
@@ -385,7 +387,8 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
     """Wire bytes per node for N nodes and each collective, beside the byte model.
 
     The model's C is one rank's compressed bucket: the allgather run's hook bytes per step over
-    ``N - 1`` peers (the hook counts payloads and size headers exactly).  Predictions: allgather
+    ``N - 1`` peers (the hook counts payloads and size headers exactly; that run sends its headers
+    separately, so no slot padding is counted).  Predictions: allgather
     ``(N - 1) C``, scatter-reduce ``2 (N - 1) / N C``, fp32 ring allreduce ``2 (N - 1) / N * 4P``;
     the default (``"auto"``) is held to the model of the collective its plan chose.
     ``measured / model`` - 1 is then protocol overhead (Ethernet/IP/TCP, gloo) plus, for
@@ -394,10 +397,11 @@ def scaling_rows(cells: list[dict]) -> list[dict]:
     rows = []
     for count in sorted({cell["nodes"] for cell in cells}):
         by_hook = {cell["hook"]: cell for cell in cells if cell["nodes"] == count}
-        payload = (by_hook.get("threelc-s1.0-allgather") or {}).get("hook_bytes_per_step")
+        allgather = by_hook.get("threelc-s1.0-allgather-separate") or by_hook.get("threelc-s1.0-allgather") or {}
+        payload = allgather.get("hook_bytes_per_step")  # (the second name: runs from before header modes)
         compressed = payload / (count - 1) if payload and count > 1 else None
         for name, row in by_hook.items():
-            collective = (row.get("plan") or {}).get("collective") or name
+            collective = (row.get("plan") or {}).get("collective") or parse_hook(name).collective
             if name == "allreduce":
                 model = 2 * (count - 1) / count * row["raw_bytes_per_step"] if row.get("raw_bytes_per_step") else None
             elif collective.endswith("allgather"):

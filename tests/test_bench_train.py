@@ -48,6 +48,20 @@ def test_plan_runs_accuracy_unshaped_then_timing_on_each_rate():
     assert parse_hook("threelc-s1.0-allgather-separate").trial_steps == 0 and parse_hook("powersgd-r1").trial_steps == 0
 
 
+def test_every_3lc_timing_run_is_timed_over_the_same_last_steps():
+    hooks = [parse_hook(name) for name in ("powersgd-r1", "threelc-s1.0", "threelc-s1.0-allgather-separate",
+                                            "threelc-s1.0-scatter_reduce")]
+    timing = [cell for cell in plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10,
+                                          timing_steps=5, quick=True) if cell.kind == "timing"]
+    # The pinned runs run as long as the default's longest possible trial, and all are timed over their last 5.
+    assert [(cell.hook.name, cell.steps, cell.window) for cell in timing] == [
+        ("powersgd-r1", 7, 5), ("threelc-s1.0", 31, 5), ("threelc-s1.0-allgather-separate", 31, 5),
+        ("threelc-s1.0-scatter_reduce", 31, 5)]
+    assert bench_train.last_steps((3, 30), 5) == (26, 30)
+    assert bench_train.last_steps((27, 30), 5) == (27, 30)  # a shorter window stays whole
+    assert bench_train.last_steps((3, 30), None) == (3, 30) and bench_train.last_steps(None, 5) is None
+
+
 def test_plan_adds_delayed_timing_runs_after_each_shaped_rate():
     hooks = [parse_hook("allreduce"), parse_hook("threelc-s1.0")]
     cells = plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10, timing_steps=5, quick=True,
@@ -140,10 +154,11 @@ def test_doc_written_from_results(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_end_to_end_tiny(tmp_path):
+    # (20 steps: the default's probe and a possible trial of its header modes, 13 steps, come first)
     require_emulation()
     out, doc = tmp_path / "run", tmp_path / "docs" / "benchmarks.md"
     command = [sys.executable, "-m", "threelc.cli", "bench", "train", "--examples", "digits", "--rates", "none",
-               "--hooks", "allreduce", "threelc-s1.0", "--nodes", "2", "--steps", "12", "--warmup-steps", "2",
+               "--hooks", "allreduce", "threelc-s1.0", "--nodes", "2", "--steps", "20", "--warmup-steps", "2",
                "--width", "8", "--scaling-nodes", "--out", str(out), "--doc", str(doc), "--timeout", "120"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -194,6 +194,7 @@ class Cell:
     steps: int
     warmup: int  # --warmup-steps for hooks that have one
     delay: str | None = None  # one-way delay between nodes (timing runs of --delays)
+    window: int | None = None  # timing runs: the median is over the last `window` steady steps
 
     @property
     def folder(self) -> str:
@@ -223,9 +224,19 @@ def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing
                 cells += [Cell(example, rate, hook, "accuracy", full, warmup) for hook in hooks]
                 continue
             for delay in (None, *delays):
-                cells += [Cell(example, rate, hook, "timing", 2 + hook.trial_steps + timing_steps, 2, delay)
-                          for hook in hooks]
+                cells += [Cell(example, rate, hook, "timing", 2 + _aligned_trial_steps(hook, hooks) + timing_steps, 2,
+                               delay, window=timing_steps) for hook in hooks]
     return cells
+
+
+def _aligned_trial_steps(hook: HookSpec, hooks) -> int:
+    """Steps a 3LC timing run adds before its window: every 3LC run of the matrix adds as many as
+    the longest possible trial, so that all of them are timed over the same last steps.  A young
+    network's payloads grow over its first tens of steps: a pinned collective timed right after
+    its probe would be charged fewer bytes than the default timed after its trial."""
+    if hook.hook != "threelc":
+        return hook.trial_steps
+    return max(other.trial_steps for other in hooks if other.hook == "threelc")
 
 
 def _training_command(cell: Cell, *, batch_size: int | None, model_args=None) -> list[str]:
@@ -287,12 +298,20 @@ def _median_wire(links: dict[int, list[dict]], window) -> tuple[float | None, fl
     return statistics.mean(per_node["tx_bytes"]), statistics.mean(per_node["rx_bytes"])
 
 
-def measure_run(run_dir: Path) -> dict:
+def last_steps(window: tuple | None, last: int | None) -> tuple | None:
+    """The steady ``window`` (first, last step) cut to its ``last`` steps (all of it if shorter or None)."""
+    if window is None or not last:
+        return window
+    return max(window[0], window[1] - last + 1), window[1]
+
+
+def measure_run(run_dir: Path, last: int | None = None) -> dict:
     """The figures of one finished run folder (steady-state medians, wire bytes, accuracy curve).
 
     The steady window is :func:`~threelc.launch.cluster.wirebytes.steady_window` of rank 0's hook log (the
-    steps after warm-up), the same window the emulator used for the wire bytes; metrics step
-    ``k`` is hook iteration ``k - 1``.
+    steps after warm-up), the same window the emulator used for the wire bytes, cut to its
+    ``last`` steps when given (timing runs: see :func:`_aligned_trial_steps`); metrics step ``k``
+    is hook iteration ``k - 1``.
     """
     from ..runs.runlog import load_run
     from ..runs.summary import steady_window, summarize
@@ -300,7 +319,7 @@ def measure_run(run_dir: Path) -> dict:
     run = load_run(run_dir)
     row = summarize(run)
     hook_lines = sorted(run.hook.get(0, []), key=lambda line: line["step"])
-    window = steady_window(hook_lines)
+    window = last_steps(steady_window(hook_lines), last)
     steady_steps = set(range(window[0] + 1, window[1] + 2)) if window else set()
     step_times = [record["step_s"] for record in run.metrics if record["step"] in steady_steps]
     steady_hook = [line for line in hook_lines if window and window[0] <= line["step"] <= window[1]]
@@ -344,12 +363,14 @@ def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: i
            "run_dir": cell.folder, "command": command, "error": None}
     if cell.delay is not None:
         row["delay"] = cell.delay
+    if cell.window is not None:
+        row["window"] = cell.window
     try:
         record = _emulated_run(command, run_dir, nodes=nodes, rate=cell.rate, timeout=timeout, delay=cell.delay)
         if any(code != 0 for code in record["exit_codes"]):
             row["error"] = f"exit codes {record['exit_codes']} (see {run_dir}/node*.log)"
         else:
-            row.update(measure_run(run_dir))
+            row.update(measure_run(run_dir, cell.window))
     except TimeoutError as error:
         row["error"] = str(error)
     return row
@@ -372,14 +393,14 @@ def run_scaling(out: Path, node_counts, *, steps: int, timeout: float, rate: str
     example = EXAMPLES["digits"]
     rows = []
     for count in node_counts:
-        for name in SCALING_HOOKS:
-            hook = parse_hook(name)
-            cell = Cell(example, rate, hook, "timing", 3 + hook.trial_steps + steps, 2)
+        hooks = [parse_hook(name) for name in SCALING_HOOKS]
+        for hook in hooks:
+            cell = Cell(example, rate, hook, "timing", 3 + _aligned_trial_steps(hook, hooks) + steps, 2, window=steps)
             row = run_cell(cell, out / f"scaling/n{count}", nodes=count, timeout=timeout, batch_size=16,
                            model_args=SCALING_MODEL)
             row["run_dir"] = f"scaling/n{count}/{cell.folder}"
             rows.append(row)
-            logger.info("scaling N=%d %s: %s", count, name, row.get("wire_tx_per_step_node"))
+            logger.info("scaling N=%d %s: %s", count, hook.name, row.get("wire_tx_per_step_node"))
     return rows
 
 
@@ -428,7 +449,7 @@ def remeasure(results: dict) -> dict:
     out = Path(results["out"])
     for row in results["cells"] + results.get("scaling_cells", []):
         if not row.get("error"):
-            row.update(measure_run(out / row["run_dir"]))
+            row.update(measure_run(out / row["run_dir"], row.get("window")))
     if "scaling_cells" not in results and results.get("scaling"):  # bench.json from before scaling_cells
         results["scaling_cells"] = []
         for row in results["scaling"]:

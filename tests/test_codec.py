@@ -187,6 +187,39 @@ def test_nonfinite_input(bad):
     assert np.all(np.isnan(threelc.decompress_add(payload, acc)))
 
 
+def test_blocks_without_residual_take_the_one_pass_path(monkeypatch):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_t(3, 2 * fmt.DEFAULT_CHUNK + 333) * 1e-2).astype(np.float32)
+    segments = [7, 9000, 50000, x.size - 59007]
+
+    def two_passes(*args, **kwargs):
+        raise AssertionError("blocks without a residual must not take the two-pass path")
+
+    monkeypatch.setattr(kernels, "compute_scales", two_passes)
+    check_against_reference(x, segments, sparsity=1.0, block=8192, chunk=fmt.DEFAULT_CHUNK)
+    with pytest.raises(AssertionError, match="two-pass"):  # a residual, or units longer than a chunk: two passes
+        threelc.compress(x, block=8192, residual=np.zeros_like(x))
+    with pytest.raises(AssertionError, match="two-pass"):
+        threelc.compress(x, segments=segments)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+@pytest.mark.parametrize("position", [0, 9, 10, 13, 39, 42])
+def test_nonfinite_input_without_residual_in_one_pass(bad, position):
+    # Blocks of 4 in chunks of 10 take the one-pass path: units inside a chunk ([0, 4), [12, 16),
+    # [36, 40)), units across a chunk border ([8, 12) holds 9 and 10) and the short last chunk.
+    x = np.linspace(-1, 1, 43, dtype=np.float32)
+    x[position] = bad
+    kept = x.copy()
+    with pytest.raises(threelc.NonFiniteError, match="NaN or Inf"):
+        threelc.compress(x, block=4, chunk=10)
+    payload = threelc.compress(x, block=4, chunk=10, nonfinite="flag")
+    assert threelc.payload_info(payload).nonfinite and np.all(np.isnan(threelc.decompress(payload)))
+    assert kept.tobytes() == x.tobytes()
+    x[position] = 0.5  # the same input made finite again codes as the reference does
+    check_against_reference(x, None, sparsity=1.0, block=4, chunk=10)
+
+
 def test_nonfinite_from_overflowing_residual():
     x = np.array([FLT_MAX, 1.0], np.float32)
     residual = np.array([FLT_MAX, 0.0], np.float32)

@@ -131,16 +131,23 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     segment_sizes = check_segments(segments, count)
     unit_starts = fmt.unit_starts(segment_sizes, int(block))
     n_chunks = fmt.chunk_count(count, chunk)
-    scales = np.empty(len(unit_starts) - 1, dtype=np.float32)
-    finite = kernels.compute_scales(x, residual_flat, residual is not None, unit_starts, float(sparsity32),
-                                    scales, chunk)
+    scales = np.zeros(len(unit_starts) - 1, dtype=np.float32)
+    coded = np.empty(n_chunks * (chunk // 5), dtype=np.uint8)
+    chunk_lengths = np.empty(n_chunks, dtype=np.int64)
+    if residual is None and (len(unit_starts) < 2 or int(np.diff(unit_starts).max()) <= chunk):
+        # Blocks (the DDP hook's input, its residual already added): scales and bytes in one pass.
+        finite = kernels.encode_chunks_fused(x, unit_starts, float(sparsity32), scales, chunk, coded, chunk_lengths)
+    else:
+        # The residual is updated in place, so every scale (and finiteness) is known before.
+        finite = kernels.compute_scales(x, residual_flat, residual is not None, unit_starts, float(sparsity32),
+                                        scales, chunk)
+        if finite:
+            kernels.encode_chunks(x, residual_flat, residual is not None, unit_starts, scales, chunk, coded,
+                                  chunk_lengths)
     if not finite:
         if nonfinite == "raise":
             raise NonFiniteError("input (plus residual) holds NaN or Inf; nothing was compressed")
         return _nonfinite_payload(count, sparsity32)
-    coded = np.empty(n_chunks * (chunk // 5), dtype=np.uint8)
-    chunk_lengths = np.empty(n_chunks, dtype=np.int64)
-    kernels.encode_chunks(x, residual_flat, residual is not None, unit_starts, scales, chunk, coded, chunk_lengths)
     body_length = int(chunk_lengths.sum())
     header = fmt.pack_header(encoding=fmt.ENCODING_TERNARY, flags=0, count=count,
                              segment_count=len(segment_sizes), block=int(block), chunk=int(chunk),

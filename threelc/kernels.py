@@ -17,7 +17,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["compute_scales", "encode_chunks", "gather_chunks", "decode_chunks", "piece_bounds"]
+__all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds"]
 
 _FLT_MAX = np.float64(np.finfo(np.float32).max)
 _ZERO_GROUP = 121  # five zero digits: 81 + 27 + 9 + 3 + 1
@@ -147,9 +147,14 @@ def compute_scales(x, residual, has_residual, unit_starts, sparsity, scales, chu
             return False
         unit_peak[owner[piece]] = max(unit_peak[owner[piece]], peaks[piece])
     for unit in range(scales.shape[0]):
-        peak = np.float64(_bits_float32(unit_peak[unit]))
-        scales[unit] = np.float32(min(peak * sparsity, _FLT_MAX))
+        scales[unit] = _scale_of(unit_peak[unit], sparsity)
     return True
+
+
+@_jit
+def _scale_of(peak, sparsity):
+    """float32(min(max|v| * s, FLT_MAX)) from the bits of max|v|, the product in float64."""
+    return np.float32(min(np.float64(_bits_float32(peak)) * sparsity, _FLT_MAX))
 
 
 @_jit
@@ -200,6 +205,30 @@ def _pack_zero_runs(digits, n_groups, coded):
     return out
 
 
+@_jit
+def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, coded):
+    """Quantize, pack and zero-run encode ``x[start:stop]`` (one chunk) into ``coded``; return the
+    length.  Updates ``residual[start:stop]`` in place when ``has_residual``."""
+    n_groups = (stop - start + 4) // 5
+    digits = np.empty(5 * n_groups, dtype=np.uint8)
+    # Stage 1: ternary digits, one piece of constant scale at a time.
+    unit = np.searchsorted(unit_starts, start, side="right") - 1
+    position = start
+    while position < stop:
+        while unit_starts[unit + 1] <= position:
+            unit += 1
+        end = min(stop, unit_starts[unit + 1])
+        if has_residual:
+            _quantize_with_residual(x[position:end], residual[position:end],
+                                    digits[position - start : end - start], scales[unit])
+        else:
+            _quantize(x[position:end], digits[position - start : end - start], scales[unit])
+        position = end
+    digits[stop - start :] = 1  # pad the tail with zeros
+    # Stage 2: bytes and zero runs.
+    return _pack_zero_runs(digits, n_groups, coded)
+
+
 @_jit_parallel
 def encode_chunks(x, residual, has_residual, unit_starts, scales, chunk, coded, chunk_lengths):
     """Quantize, pack and zero-run encode each chunk; update the residual in place.
@@ -212,25 +241,57 @@ def encode_chunks(x, residual, has_residual, unit_starts, scales, chunk, coded, 
     for c in numba.prange(chunk_lengths.shape[0]):
         start = c * chunk
         stop = min(count, start + chunk)
-        n_groups = (stop - start + 4) // 5
-        digits = np.empty(5 * n_groups, dtype=np.uint8)
-        # Stage 1: ternary digits, one piece of constant scale at a time.
+        base = c * groups_per_chunk
+        chunk_lengths[c] = _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop,
+                                         coded[base : base + (stop - start + 4) // 5])
+
+
+@_jit_parallel
+def encode_chunks_fused(x, unit_starts, sparsity, scales, chunk, coded, chunk_lengths):
+    """:func:`compute_scales` and :func:`encode_chunks` in one pass over memory, for input without
+    a residual whose units are no longer than a chunk (the DDP hook's blocks).
+
+    Each chunk computes the scales of the units that lie inside it and encodes at once, while its
+    values are still in cache; a unit across a chunk border (at most one per border, as no unit
+    is longer than a chunk) gets its scale from all its values first.  Nothing is written but
+    ``scales`` (zeros on entry: empty units keep them), ``coded`` and ``chunk_lengths``, so input
+    found non-finite needs no rollback: returns False, with those unspecified, if any value is
+    NaN or Inf.  The scales and bytes are :func:`compute_scales`' and :func:`encode_chunks`'.
+    """
+    count = x.shape[0]
+    n_chunks = chunk_lengths.shape[0]
+    groups_per_chunk = chunk // 5
+    finite = np.ones(n_chunks, dtype=np.bool_)
+    for c in numba.prange(1, n_chunks):  # the unit across the border at c * chunk, if any
+        border = c * chunk
+        unit = np.searchsorted(unit_starts, border, side="right") - 1
+        if unit_starts[unit] < border < unit_starts[unit + 1]:
+            peak = _peak_bits(x[unit_starts[unit] : unit_starts[unit + 1]], x, False)
+            finite[c] = peak < _FINITE_BITS
+            scales[unit] = _scale_of(peak, sparsity)
+    for c in numba.prange(n_chunks):
+        start = c * chunk
+        stop = min(count, start + chunk)
         unit = np.searchsorted(unit_starts, start, side="right") - 1
         position = start
         while position < stop:
             while unit_starts[unit + 1] <= position:
                 unit += 1
             end = min(stop, unit_starts[unit + 1])
-            if has_residual:
-                _quantize_with_residual(x[position:end], residual[position:end],
-                                        digits[position - start : end - start], scales[unit])
-            else:
-                _quantize(x[position:end], digits[position - start : end - start], scales[unit])
+            if unit_starts[unit] >= start and end == unit_starts[unit + 1]:  # the whole unit is in this chunk
+                peak = _peak_bits(x[position:end], x, False)
+                finite[c] = finite[c] and peak < _FINITE_BITS
+                scales[unit] = _scale_of(peak, sparsity)
             position = end
-        digits[stop - start :] = 1  # pad the tail with zeros
-        # Stage 2: bytes and zero runs.
         base = c * groups_per_chunk
-        chunk_lengths[c] = _pack_zero_runs(digits, n_groups, coded[base : base + n_groups])
+        chunk_lengths[c] = 0
+        if finite[c]:
+            chunk_lengths[c] = _encode_chunk(x, x, False, unit_starts, scales, start, stop,
+                                             coded[base : base + (stop - start + 4) // 5])
+    for c in range(n_chunks):
+        if not finite[c]:
+            return False
+    return True
 
 
 @_jit_parallel

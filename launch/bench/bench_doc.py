@@ -689,7 +689,10 @@ def _method_section(plots: list[Path]) -> list[str]:
         "- Accuracy runs use the unshaped network; timing runs on shaped links start compressing after 2 steps and "
         "time only the steady steps after the first compressed one (which also carries one-time work: threelc's "
         "exchange-plan probe, PowerSGD's first factors) and after the steps threelc flags `planning` (a measured "
-        "trial of both collectives when its model's call is close; its `auto` runs get 12 more steps for it).  A link's rate changes when bytes arrive, not which bytes: the "
+        "trial of the close plans when its model's call is close: up to 24 steps).  Every 3LC timing run gets as "
+        "many more steps as the longest possible trial and is timed over its last `--timing-steps` steps, so the "
+        "default and the pinned settings are timed at the same stage of the network's (growing) payloads.  "
+        "A link's rate changes when bytes arrive, not which bytes: the "
         "accuracy curve of a hook is the same on every link, so time to target on a shaped link (marked `~`) is the "
         "unshaped run's steps to target, warm-up steps at fp32 allreduce's step time on that link and the rest at the "
         "hook's.",

@@ -83,6 +83,7 @@ def test_scale_options_reach_the_optimizer():
     assert adam_options(parser.parse_args(["--no-transpose-conv1d"])) == {"transpose_conv1d": False}
     assert adam_options(parser.parse_args(["--floor-variance"])) == {"floor_variance": True}
     assert adam_options(parser.parse_args(["--floor-variance", "transient"])) == {"floor_variance": "transient"}
+    assert adam_options(parser.parse_args(["--floor-variance", "carry"])) == {"floor_variance": "carry"}
 
 
 def test_floor_variance_option_refuses_other_modes(capsys):
@@ -94,7 +95,7 @@ def test_floor_variance_option_refuses_other_modes(capsys):
     _add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--floor-variance", "persistent"])
-    assert "expected 'transient'" in capsys.readouterr().err
+    assert "expected 'transient' or 'carry'" in capsys.readouterr().err
 
 
 def test_threelc_adamw_without_the_threelc_hook_refuses_to_train(tmp_path):

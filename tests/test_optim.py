@@ -94,7 +94,8 @@ def test_schedule_is_a_pure_function_of_the_step():
     ({"betas": (0.9, 1.5)}, "beta"), ({"embedding_scale": "token"}, "embedding_scale"),
     ({"transpose_conv1d": 1}, "transpose_conv1d"), ({"floor_variance": 1}, "floor_variance"),
     ({"floor_variance": "persistent"}, "floor_variance"), ({"floor_variance": "Transient"}, "floor_variance"),
-    ({"floor_variance": None}, "floor_variance"),
+    ({"floor_variance": None}, "floor_variance"), ({"floor_variance": "Carry"}, "floor_variance"),
+    ({"floor_variance": ["carry"]}, "floor_variance"),
     ({"block_sizes": [("*", 4)]}, "block_sizes"), ({"block_sizes": {"*": 0}}, "block_sizes"),
     ({"block_sizes": {"*": True}}, "block_sizes"), ({"block_sizes": {"": 4}}, "block_sizes"),
     ({"block_sizes": {"*": 2**32}}, "block_sizes"),
@@ -245,6 +246,50 @@ def test_transient_floor_caps_the_step_and_leaves_v_alone():
     assert stored[True][0] > 1000 * stored["transient"][0]  # the persistent floor raised v; the transient did not
 
 
+def test_carry_caps_each_step_at_lr_and_loses_nothing():
+    """Crafted, float64: v frozen at the warm-up's gradient 1 (v_hat = 1); then coordinate 0 gets
+    one lump of 30 and zeros after it, coordinate 1 gets 1 throughout; the lr halves halfway (a
+    scheduler).  By hand, each compressed step's uncapped displacement is u = -lr m_hat / (1 + eps);
+    under "carry" no step moves a coordinate more than that step's lr, the applied steps plus the
+    carry equal the sum of u at every step, and once u falls below lr the carry drains to exactly
+    0: the whole uncapped displacement arrives.  "transient" caps the same steps and loses the excess."""
+    lr, eps, (beta1, beta2) = 1e-2, 1e-8, (0.9, 0.999)
+    totals = {}
+    for floor_variance in ("carry", "transient"):
+        parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
+                                        refresh="none", floor_variance=floor_variance)
+        optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+        for step in range(2):
+            parameter.grad = torch.ones(2, dtype=torch.float64)
+            optimizer.step()
+        m, start = optimizer.state[parameter]["exp_avg"].clone(), parameter.detach().clone()
+        uncapped, carried_steps = torch.zeros(2, dtype=torch.float64), 0
+        for step in range(2, 100):
+            step_lr = lr if step < 30 else lr / 2
+            optimizer.param_groups[0]["lr"] = step_lr
+            grad = torch.tensor([30.0 if step == 2 else 0.0, 1.0], dtype=torch.float64)
+            parameter.grad = grad.clone()
+            before = parameter.detach().clone()
+            optimizer.step()
+            m = beta1 * m + (1 - beta1) * grad
+            u = -step_lr * (m / (1 - beta1 ** (step + 1))) / (1 + eps)
+            uncapped += u
+            applied = parameter.detach() - before
+            assert float(applied.abs().max()) <= step_lr * (1 + 1e-12)  # no step exceeds this step's lr
+            if floor_variance == "carry":
+                carry = optimizer.state[parameter]["step_carry"]
+                torch.testing.assert_close(parameter.detach() - start + carry, uncapped, rtol=1e-12, atol=1e-15)
+                assert float(carry[1]) == 0.0 and float(applied[1]) == pytest.approx(float(u[1]), rel=1e-12)
+                carried_steps += float(carry[0]) != 0.0
+        totals[floor_variance] = parameter.detach() - start
+        if floor_variance == "carry":
+            assert carried_steps > 20 and float(optimizer.state[parameter]["step_carry"].abs().max()) == 0.0
+            torch.testing.assert_close(totals["carry"], uncapped, rtol=1e-12, atol=0)  # nothing lost
+    assert float(uncapped[0]) < -25 * lr  # the lump's displacement (~59 lr) arrives over ~90 steps
+    assert float(totals["transient"][0]) > float(uncapped[0]) + 30 * lr  # the transient cap dropped ~38 lr of it
+
+
 # ---------------------------------------------------------------------------- gloo ranks
 def matches_torch_before_the_freeze(rank, world_size):
     """Per step: parameters under threelc.optim.AdamW and under torch.optim.AdamW (same hook, compression off)."""
@@ -369,10 +414,13 @@ def test_floor_variance_keeps_v_above_the_momentum_and_replicas_identical(world_
         assert torch.isfinite(parameters).all() and torch.equal(parameters, results[0][1])
 
 
-def transient_floor_run(rank, world_size):
-    """Per compressed step, against the formula from the step's own inputs: the largest difference
-    of the parameters, whether v kept its value, and how many coordinates the cap bound."""
-    model, ddp, optimizer, state = _paired(floor_variance="transient")
+def bounded_step_run(rank, world_size, mode):
+    """Per compressed step, against ``mode``'s formula from the step's own inputs (``w`` the weights
+    after weight decay, ``u = -lr m_hat / (sqrt(v_hat) + eps)``): "transient" moves ``w`` by
+    ``-lr m_hat / max(sqrt(v_hat) + eps, |m_hat|)``; "carry" by ``clamp(c + u, -lr, lr)`` and keeps
+    ``c + u`` minus that as the carry ``c``.  Returns the largest differences of the parameters
+    (and carries), whether v kept its value, and how many plain steps were over 2 lr (the bound bound)."""
+    model, ddp, optimizer, state = _paired(floor_variance=mode)
     differences, kept, capped = [], [], 0
     for step in range(STEPS):
         compressed = not optimizer.full_precision()
@@ -394,17 +442,24 @@ def transient_floor_run(rank, world_size):
                 weights, moments, variance_step = before[parameter]
                 m_hat = moments["exp_avg"].lerp(parameter.grad, 1 - beta1) / (1 - beta1 ** (int(moments["step"]) + 1))
                 denominator = (moments["exp_avg_sq"] / (1 - beta2 ** variance_step)).sqrt() + eps
-                expected = weights * (1 - lr * group["weight_decay"]) - lr * m_hat / torch.maximum(denominator,
-                                                                                                   m_hat.abs())
+                decayed = weights * (1 - lr * group["weight_decay"])
+                if mode == "transient":
+                    expected = decayed - lr * m_hat / torch.maximum(denominator, m_hat.abs())
+                else:
+                    total = moments.get("step_carry", torch.zeros_like(weights)) - lr * m_hat / denominator
+                    expected = decayed + total.clamp(-lr, lr)
+                    carry = optimizer.state[parameter]["step_carry"]
+                    differences.append(float((total - total.clamp(-lr, lr) - carry).abs().max()))
                 differences.append(float((expected - parameter.detach()).abs().max()))
                 kept.append(torch.equal(optimizer.state[parameter]["exp_avg_sq"], moments["exp_avg_sq"]))
                 capped += int((m_hat.abs() > 2 * denominator).sum())  # the plain step would be over 2 lr
     return differences, kept, capped, _flat(model)
 
 
+@pytest.mark.parametrize("mode", ["transient", "carry"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_transient_floor_follows_its_formula_and_replicas_identical(world_size):
-    results = run_ranks(transient_floor_run, world_size, timeout_s=300)
+def test_step_bounds_follow_their_formula_and_replicas_identical(world_size, mode):
+    results = run_ranks(bounded_step_run, world_size, mode, timeout_s=300)
     for differences, kept, capped, parameters in results:
         assert differences and max(differences) < 1e-6  # float32 rounding of lr * (a ratio <= 1)
         assert all(kept)  # v is never raised
@@ -519,9 +574,12 @@ def resume(rank, world_size, folder, options):
 
 
 @pytest.mark.parametrize("options", [{}, {"floor_variance": True, "block_sizes": {"first.weight": 100}},
-                                     {"floor_variance": "transient"}])
+                                     {"floor_variance": "transient"}, {"floor_variance": "carry"}])
 def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, options):
     references = run_ranks(first_half_and_uninterrupted, 2, str(tmp_path), options, timeout_s=300)
+    if options.get("floor_variance") == "carry":  # the checkpoint holds a carry that the resumed run must use
+        saved = torch.load(tmp_path / "rank0.pt", weights_only=False)["optimizer"]["state"].values()
+        assert any(bool(entry["step_carry"].any()) for entry in saved if "step_carry" in entry)
     resumed = run_ranks(resume, 2, str(tmp_path), options, timeout_s=300)
     for rank in range(2):
         assert torch.equal(resumed[rank], references[rank])

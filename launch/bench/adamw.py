@@ -73,6 +73,8 @@ VARIANTS = {
     # The same bound on each compressed step's size, v untouched (floor_variance="transient").
     "ours-f20-doubling-tfloor": (*_ours(20), "--floor-variance", "transient"),
     "ours-f20-doubling-tfloor-rows-conv1d": (*_ours(20, embedding="row", conv1d=True), "--floor-variance", "transient"),
+    # The same cap, the part of a step above it carried to the next compressed steps (floor_variance="carry").
+    "ours-f20-doubling-carry": (*_ours(20), "--floor-variance", "carry"),
     # Finer scales only where a one-off look at the gradients found the longest lag: one per 256
     # values (two rows) of GPT-2's tied embedding, one per 128 of the fused query/key/value bias,
     # Conv1D weights compressed transposed.

@@ -167,18 +167,19 @@ def _add_arguments(group):
                        help="threelc-adamw: compress Hugging Face Conv1D weight gradients transposed (default: the "
                             "optimizer's)")
     group.add_argument("--floor-variance", nargs="?", const=True, default=None, type=_floor_variance,
-                       metavar="transient",
+                       metavar="transient|carry",
                        help="threelc-adamw: on compressed steps no coordinate steps more than lr: alone, by raising "
-                            "the stored v; 'transient': by capping each step, v untouched (default: the optimizer's)")
+                            "the stored v; 'transient': by capping each step, v untouched; 'carry': by capping each "
+                            "step and carrying the excess to the next ones (default: the optimizer's)")
     group.add_argument("--block-sizes", nargs="+", type=_block_size, default=None, metavar="PATTERN=VALUES",
                        help="threelc-adamw: values per 3LC scale for the parameters whose names match PATTERN "
                             "(fnmatch, e.g. '*.c_attn.weight=256'); the hook's block size elsewhere")
 
 
 def _floor_variance(text: str) -> str:
-    """The value of ``--floor-variance MODE`` (only "transient"; the flag alone is True)."""
-    if text != "transient":
-        raise argparse.ArgumentTypeError(f"expected 'transient' (or the flag alone), got {text!r}")
+    """The value of ``--floor-variance MODE`` ("transient" or "carry"; the flag alone is True)."""
+    if text not in ("transient", "carry"):
+        raise argparse.ArgumentTypeError(f"expected 'transient' or 'carry' (or the flag alone), got {text!r}")
     return text
 
 

@@ -157,8 +157,9 @@ def test_interrupted_job_leaves_no_namespaces_or_processes(tmp_path, how):
 @pytest.mark.slow
 def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_path):
     require_emulation()
-    common = ["-m", "threelc.launch.examples.train_digits", "--width", "16", "--steps", "12", "--warmup-steps", "3",
-              "--eval-every", "12", "--no-progress"]
+    # (24 steps: 3 of warm-up, the hook's probe and a possible trial of its header modes, 13, then steady ones)
+    common = ["-m", "threelc.launch.examples.train_digits", "--width", "16", "--steps", "24", "--warmup-steps", "3",
+              "--eval-every", "24", "--no-progress"]
     steady = {}
     for hook in ("allreduce", "threelc"):
         result, out = _emulate(tmp_path, hook, [*common, "--hook", hook])

@@ -76,7 +76,7 @@ from . import collectives
 
 __all__ = ["Plan", "Trial", "Slots", "LinkEstimate", "HEADER_CHOICES", "step_seconds", "modelled_steps", "cheapest", "choose", "configured",
            "collective_option", "decide", "probe_sizes", "fit_transfer", "PROBE_CAP", "TRIAL_MARGIN", "TRIAL_STEPS",
-           "SLOT_HISTORY", "SLOT_MARGIN", "SLOT_MARGIN_MAX", "SLOT_MARGIN_DECAY", "INLINE_PADDING"]
+           "SLOT_HISTORY", "SLOT_MARGIN", "SLOT_MARGIN_MAX", "SLOT_MARGIN_DECAY", "INLINE_PADDING", "INLINE_TIE"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ SLOT_MARGIN_MAX = 1.0
 SLOT_MARGIN_DECAY = 0.9
 #: The padding the cost model charges inline headers, as a share of the payload bytes.
 INLINE_PADDING = 0.25
+#: A trial keeps inline headers only if their step beats separate headers' by more than this share
+#: (their padding cost 30-40% more bytes in the delay sweep; docs/LAUNCH.md).
+INLINE_TIE = 0.05
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
 HEADER_CHOICES = ("separate", "inline")
@@ -268,8 +271,15 @@ class Trial:
         return [float(np.median(times)) for times in self.seconds]
 
     def outcome(self, slowest: list) -> Plan:
-        """The final plan from every candidate's slowest-rank median (the same on every rank)."""
+        """The final plan from every candidate's slowest-rank median (the same on every rank): the
+        fastest, except that inline headers must beat the fastest separate-header candidate by
+        :data:`INLINE_TIE`, since their padding costs bytes that a tie does not pay back."""
         best = min(range(len(self.candidates)), key=lambda i: (slowest[i], i))
+        separate = [i for i, (_, header) in enumerate(self.candidates) if header == "separate"]
+        if self.candidates[best][1] == "inline" and separate:
+            runner_up = min(separate, key=lambda i: (slowest[i], i))
+            if slowest[runner_up] <= (1 + INLINE_TIE) * slowest[best]:
+                best = runner_up
         measured = ", ".join(f"{_name(*candidate)} {1e3 * t:.2f} ms" for candidate, t in zip(self.candidates, slowest))
         collective, header = self.candidates[best]
         return Plan(collective=collective, coalesce=self.coalesce, header=header,

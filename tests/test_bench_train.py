@@ -173,8 +173,9 @@ def test_bench_train_end_to_end_tiny(tmp_path):
     # step; the wire adds headers.  3LC's payloads are a few hundred bytes: far fewer even with headers.
     assert 59_176 <= fp32["wire_tx_per_step_node"] < 59_176 * 1.2
     assert compressed["wire_tx_per_step_node"] < fp32["wire_tx_per_step_node"] / 10
-    # 2 warm-up steps of allreduce excluded, and the first compressed step (the plan's one-time probe)
-    assert compressed["steady_first_step"] == 4
+    # 2 warm-up steps of allreduce excluded, and the first compressed step (the plan's one-time probe),
+    # and a measured trial of the two header modes (12 steps) if the plan's call was close
+    assert compressed["steady_first_step"] in (4, 16)
     text = doc.read_text()
     assert "```\nthreelc bench train --examples digits" in text and "## Targets (digits, 2 nodes" in text
     assert (doc.parent / "bench" / "step_time_digits.png").exists()

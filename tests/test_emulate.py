@@ -172,8 +172,10 @@ def test_wire_bytes_threelc_far_below_allreduce_and_above_hook_accounting(tmp_pa
             assert node["hook_sent_bytes"] <= node["tx_bytes"] < 2 * node["hook_sent_bytes"] + 20_000
             assert node["hook_received_bytes"] <= node["rx_bytes"]
     # Steady state: threelc (3LC-compressed from iteration 3, steady from 4: iteration 3 carries the
-    # exchange plan's one-time probe) against fp32 allreduce (from iteration 1).
-    assert [node["first_iteration"] for node in steady["threelc"]] == [4, 4]
+    # exchange plan's one-time probe; from 16 if the plan's call between header modes was close and
+    # it measured both for 12 steps) against fp32 allreduce (from iteration 1).
+    firsts = {node["first_iteration"] for node in steady["threelc"]}
+    assert firsts in ({4}, {16}), firsts
     for fp32, compressed in zip(steady["allreduce"], steady["threelc"]):
         assert compressed["tx_bytes_per_step"] * 10 < fp32["tx_bytes_per_step"]
         assert abs(fp32["tx_overhead"]) < 0.15  # headers (~4.6%) + ACKs; big messages

@@ -119,6 +119,13 @@ def test_a_trial_of_more_candidates_takes_them_in_turn_and_back():
     outcome = trial.outcome([0.3, 0.2, 0.25])
     assert (outcome.collective, outcome.header) == ("allgather", "separate")
     assert "allgather+inline 300.00 ms, allgather 200.00 ms, scatter_reduce+inline 250.00 ms" in outcome.reason
+    # Inline headers cost bytes: they are kept only when they beat separate ones by more than INLINE_TIE.
+    assert trial.outcome([0.195, 0.2, 0.25]).header == "separate"  # 2.5% faster: a tie
+    clear_win = trial.outcome([0.18, 0.2, 0.25])  # 10% faster
+    assert (clear_win.collective, clear_win.header) == ("allgather", "inline")
+    only_inline = plan.Trial(candidates=(("allgather", "inline"), ("scatter_reduce", "inline")), coalesce=True,
+                             modelled="m")
+    assert only_inline.outcome([0.2, 0.199]).collective == "scatter_reduce"  # nothing separate to prefer
     # A trial saved before header modes existed loads as a trial of collectives with separate headers.
     old = {"collectives": ["scatter_reduce", "allgather"], "coalesce": True, "modelled": "m", "seconds": [[1.0], []],
            "steps_done": 2, "steps": 6}

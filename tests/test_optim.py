@@ -211,6 +211,19 @@ def test_floor_variance_bounds_each_step_by_lr():
     assert largest["transient"] <= 1e-3 * (1 + 1e-5)
 
 
+def _frozen_after_warmup(floor_variance, lr: float, eps: float) -> tuple:
+    """A float64 parameter of 2 values and its optimizer (driven alone), after a 2-step warm-up of
+    gradient 1 that freezes v there (v_hat = 1)."""
+    parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
+                                    refresh="none", floor_variance=floor_variance)
+    optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
+    for step in range(2):
+        parameter.grad = torch.ones(2, dtype=torch.float64)
+        optimizer.step()
+    return parameter, optimizer
+
+
 def test_transient_floor_caps_the_step_and_leaves_v_alone():
     """Crafted: v frozen at the warm-up's gradient 1; after the freeze coordinate 0 gets 100 (the
     cap binds), coordinate 1 gets 1 (it does not).  Each compressed step is
@@ -218,13 +231,7 @@ def test_transient_floor_caps_the_step_and_leaves_v_alone():
     lr, eps, (beta1, beta2) = 1e-2, 1e-8, (0.9, 0.999)
     stored = {}
     for floor_variance in ("transient", True):
-        parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-        optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
-                                        refresh="none", floor_variance=floor_variance)
-        optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
-        for step in range(2):
-            parameter.grad = torch.ones(2, dtype=torch.float64)
-            optimizer.step()
+        parameter, optimizer = _frozen_after_warmup(floor_variance, lr, eps)
         frozen = optimizer.state[parameter]["exp_avg_sq"].clone()
         m = optimizer.state[parameter]["exp_avg"].clone()
         for step in range(2, 6):
@@ -256,13 +263,7 @@ def test_carry_caps_each_step_at_lr_and_loses_nothing():
     lr, eps, (beta1, beta2) = 1e-2, 1e-8, (0.9, 0.999)
     totals = {}
     for floor_variance in ("carry", "transient"):
-        parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-        optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
-                                        refresh="none", floor_variance=floor_variance)
-        optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
-        for step in range(2):
-            parameter.grad = torch.ones(2, dtype=torch.float64)
-            optimizer.step()
+        parameter, optimizer = _frozen_after_warmup(floor_variance, lr, eps)
         m, start = optimizer.state[parameter]["exp_avg"].clone(), parameter.detach().clone()
         uncapped, carried_steps = torch.zeros(2, dtype=torch.float64), 0
         for step in range(2, 100):

@@ -206,6 +206,15 @@ def _pack_zero_runs(digits, n_groups, coded):
 
 
 @_jit
+def _piece_at(unit_starts, unit, position, stop):
+    """The unit that holds ``position`` (searching on from ``unit``, past empty units) and the end
+    of the piece of constant scale that starts there: the unit's end, or ``stop``."""
+    while unit_starts[unit + 1] <= position:
+        unit += 1
+    return unit, min(stop, unit_starts[unit + 1])
+
+
+@_jit
 def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, coded):
     """Quantize, pack and zero-run encode ``x[start:stop]`` (one chunk) into ``coded``; return the
     length.  Updates ``residual[start:stop]`` in place when ``has_residual``."""
@@ -215,9 +224,7 @@ def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, c
     unit = np.searchsorted(unit_starts, start, side="right") - 1
     position = start
     while position < stop:
-        while unit_starts[unit + 1] <= position:
-            unit += 1
-        end = min(stop, unit_starts[unit + 1])
+        unit, end = _piece_at(unit_starts, unit, position, stop)
         if has_residual:
             _quantize_with_residual(x[position:end], residual[position:end],
                                     digits[position - start : end - start], scales[unit])
@@ -275,9 +282,7 @@ def encode_chunks_fused(x, unit_starts, sparsity, scales, chunk, coded, chunk_le
         unit = np.searchsorted(unit_starts, start, side="right") - 1
         position = start
         while position < stop:
-            while unit_starts[unit + 1] <= position:
-                unit += 1
-            end = min(stop, unit_starts[unit + 1])
+            unit, end = _piece_at(unit_starts, unit, position, stop)
             if unit_starts[unit] >= start and end == unit_starts[unit + 1]:  # the whole unit is in this chunk
                 peak = _peak_bits(x[position:end], x, False)
                 finite[c] = finite[c] and peak < _FINITE_BITS

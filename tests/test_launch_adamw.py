@@ -128,6 +128,17 @@ def test_bench_adamw_counts_warm_up_bytes_in_the_whole_run(tmp_path):
     assert "| ours-f20-doubling | 0 | 2.0200 | +1.00% | 1 |" in bench_adamw.markdown({"text": rows})
 
 
+def test_bench_adamw_pins_the_exchange_plan_of_every_threelc_row():
+    """The table compares the codec's bytes: a link-dependent plan (allgather's double bytes, inline
+    headers' slot padding, both picks of the hook's measured trial) would change them between machines."""
+    threelc_rows = {name: args for name, args in bench_adamw.VARIANTS.items() if "threelc" in args}
+    assert "ours-f20-doubling" in threelc_rows and "3lc+torch-adamw" in threelc_rows
+    for name, args in threelc_rows.items():
+        options = [(args[i], args[i + 1]) for i in range(len(args) - 1)]
+        assert ("--collective", "scatter_reduce") in options, name
+        assert ("--header", "separate") in options, name
+
+
 def test_bench_adamw_replaces_only_its_section(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{bench_adamw.MARKER_BEGIN}\nold\n{bench_adamw.MARKER_END}\nafter\n")

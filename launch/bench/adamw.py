@@ -39,9 +39,11 @@ from ..runs.runlog import load_run
 __all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
 
 ADAMW = ("--optimizer", "adamw")
-#: The 3LC hook with the collective every 3LC row of the table used: since the hook's "auto" plan
-#: measures the link (and may choose allgather, about twice the bytes), it is pinned.
-THREELC = ("--hook", "threelc", "--collective", "scatter_reduce")
+#: The 3LC hook with the collective and header mode every 3LC row of the table used: the hook's
+#: "auto" plan measures the link, and may choose allgather (about twice the bytes) or inline headers
+#: (slot padding: on 4 ranks over loopback a trial kept them, and GPT-2's default row sent 147 MB
+#: per rank instead of 119), so both are pinned; neither changes the arithmetic.
+THREELC = ("--hook", "threelc", "--collective", "scatter_reduce", "--header", "separate")
 
 
 def _ours(freeze: int, refresh: str = "doubling", compress: str = "gradient", embedding: str = "block",

@@ -11,6 +11,7 @@ Each rank uses one torch thread and one numba thread: the CI machine has 2 cores
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import gc
 import os
 import socket
@@ -35,6 +36,10 @@ def _entry(rank, fn, world_size, port, folder, collective_timeout_s, args):
     import numba
     import torch.distributed as dist
 
+    # A rank killed by a signal (SIGABRT at exit, SIGSEGV) leaves no traceback of its own; this
+    # file gets every thread's Python stack at that moment, and run_ranks reports it.
+    fault_file = open(os.path.join(folder, f"rank{rank}.fault"), "w")
+    faulthandler.enable(file=fault_file, all_threads=True)
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -75,7 +80,9 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_tim
         except ProcessException as error:
             errors = [open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))
                       if name.endswith(".err")]
-            raise AssertionError("\n".join(errors) or str(error)) from None
+            faults = [f"{name}:\n{text}" for name in sorted(os.listdir(folder)) if name.endswith(".fault")
+                      for text in [open(os.path.join(folder, name)).read()] if text.strip()]
+            raise AssertionError("\n".join([*errors, *faults]) or str(error)) from None
         finally:
             for process in context.processes:
                 if process.is_alive():

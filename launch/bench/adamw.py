@@ -67,6 +67,14 @@ VARIANTS = {
     # Finer 3LC scales (the hook's default is one per 8192 values of a tensor).
     "ours-f20-doubling-b1024": (*_ours(20), "--block-size", "1024"),
     "ours-f20-doubling-b256": (*_ours(20), "--block-size", "256"),
+    # Momentum compression (smooth, so sparse payloads) with the finer scales that cut gradient
+    # compression's lag: whether the bytes momentum saves pay for the finer blocks.
+    "ours-f20-momentum-b1024": (*_ours(20, "doubling", "momentum"), "--block-size", "1024"),
+    "ours-f20-momentum-b512": (*_ours(20, "doubling", "momentum"), "--block-size", "512"),
+    "ours-f20-momentum-b256": (*_ours(20, "doubling", "momentum"), "--block-size", "256"),
+    # The same with the sparsity multiplier s = 1.3: a value is sent once it reaches 0.65 of its
+    # block's largest instead of 0.5, so fewer values are sent per step.
+    "ours-f20-momentum-b256-s1.3": (*_ours(20, "doubling", "momentum"), "--block-size", "256", "--sparsity", "1.3"),
     "ours-f20-doubling-rows": _ours(20, embedding="row"),
     "ours-f20-doubling-rows-conv1d": _ours(20, embedding="row", conv1d=True),
     # v raised on compressed steps to at least m_hat**2 (no coordinate steps more than lr).

@@ -78,10 +78,10 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 180, collective_tim
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout_s} s")
         except ProcessException as error:
-            errors = [open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))
-                      if name.endswith(".err")]
-            faults = [f"{name}:\n{text}" for name in sorted(os.listdir(folder)) if name.endswith(".fault")
-                      for text in [open(os.path.join(folder, name)).read()] if text.strip()]
+            reports = {name: open(os.path.join(folder, name)).read() for name in sorted(os.listdir(folder))
+                       if name.endswith((".err", ".fault"))}
+            errors = [text for name, text in reports.items() if name.endswith(".err")]
+            faults = [f"{name}:\n{text}" for name, text in reports.items() if name.endswith(".fault") and text.strip()]
             raise AssertionError("\n".join([*errors, *faults]) or str(error)) from None
         finally:
             for process in context.processes:

@@ -12,7 +12,7 @@ The schedule, a pure function of the optimizer's step count (identical on every 
 
     steps 0 .. freeze_step-1          full precision: plain allreduce, torch.optim.AdamW's update
     steps freeze_step*2**k (k >= 1)   full precision refresh of v (refresh="doubling" only)
-    every other step                  3LC-compressed gradient, v frozen
+    every other step                  3LC-compressed momentum (or gradient: ``compress``), v frozen
 
 Pairing: ``threelc.hooks.register(ddp_model, optimizer=opt)`` stores the optimizer on the hook's
 state; the hook asks :meth:`AdamW.full_precision` once per bucket.  A GradScaler step skipped
@@ -28,14 +28,14 @@ import math
 
 import torch
 
-__all__ = ["AdamW", "REFRESH", "COMPRESS", "EMBEDDING_SCALES", "FLOOR_VARIANCE", "UnpairedOptimizerError", "check_pairing", "pair", "unwrap"]
+__all__ = ["AdamW", "REFRESH", "COMPRESS", "MOMENTUM_BLOCK_SIZE", "EMBEDDING_SCALES", "FLOOR_VARIANCE", "UnpairedOptimizerError", "check_pairing", "pair", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
 #: ``refresh`` choices: no refresh after the freeze, or refreshes at freeze_step * 2**k.
 REFRESH = ("none", "doubling")
 #: ``compress`` choices: what the hook compresses after the freeze.
-COMPRESS = ("gradient", "momentum", "preconditioned")
+COMPRESS = ("gradient", "momentum", "preconditioned", "update")
 #: ``embedding_scale`` choices: one 3LC scale per row of each ``nn.Embedding`` weight, or the hook's blocks.
 EMBEDDING_SCALES = ("row", "block")
 #: ``floor_variance`` choices: off, raise the stored v (True, persistent), cap each step at lr ("transient"),
@@ -43,6 +43,10 @@ EMBEDDING_SCALES = ("row", "block")
 FLOOR_VARIANCE = (False, True, "transient", "carry")
 #: ``floor_variance`` modes given as strings (the others are False and True).
 FLOOR_MODES = ("transient", "carry")
+#: The paired hook's values per scale under compress="momentum" (or "update") when the hook's block_size is not
+#: given: a momentum is smooth, so its ternary payloads are sparse and finer scales pay for
+#: themselves (docs/benchmarks.md, "Eighth session": 512 was the best of 256, 512, 1024 and 8192).
+MOMENTUM_BLOCK_SIZE = 512
 #: Most values a ``block_sizes`` entry may give one scale (the hook's own block size is below 2**32).
 MAX_BLOCK = 2**32 - 1
 #: The least fraction of v a refresh keeps (see AdamW._frozen_group_step).
@@ -73,11 +77,12 @@ class AdamW(torch.optim.AdamW):
        as if the squared gradient had been this step's all along,
        ``v = d v + (1 - d) g**2`` with ``d = max(beta2**n, 1/2)`` (one minibatch never replaces
        more than half of ``v``), and the step is the usual AdamW step.
-    3. any other step: the hook sends 3LC-compressed gradients (error feedback keeps what was not
-       sent); ``m`` is updated as usual, ``v`` is not, and the step divides by ``sqrt(v_hat)``
-       with the bias correction of ``v``'s last update (so the preconditioner stays fixed).
-       With ``compress="momentum"`` (1-bit Adam's choice) the hook compresses each rank's
-       ``beta1 m + (1 - beta1) g`` instead, and the averaged result becomes ``m``.
+    3. any other step: the hook sends each rank's momentum ``beta1 m + (1 - beta1) g``
+       3LC-compressed (``compress="momentum"``, the default and 1-bit Adam's choice; error
+       feedback keeps what was not sent), and the averaged result becomes ``m``; ``v`` is not
+       updated, and the step divides by ``sqrt(v_hat)`` with the bias correction of ``v``'s last
+       update (so the preconditioner stays fixed).  ``compress="gradient"`` sends the gradient
+       instead and updates ``m`` as usual.
 
     Parameters
     ----------
@@ -85,23 +90,29 @@ class AdamW(torch.optim.AdamW):
         As :class:`torch.optim.AdamW` (defaults ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
         weight_decay=1e-2``).  ``amsgrad``, ``capturable``, ``differentiable`` and ``fused``
         are not supported (ValueError).
-    freeze_step : int, default 100
+    freeze_step : int, default 20
         Full-precision steps before ``v`` freezes and compression starts; at least 2 (DDP
-        rebuilds its buckets after the first iteration).  docs/benchmarks.md measures 20 and 100
-        on 1,000-step runs: 20 met the char transformer's targets (loss within 1% of AdamW at 21x
-        fewer bytes); on a tiny GPT-2 both missed (+5.0% over 3 seeds and +3.1% on one).
+        rebuilds its buckets after the first iteration).  With the doubling refreshes a 1,000-step
+        run sends 25 steps at full precision (2.5%, against 1-bit Adam's 15-25% warm-up).
+        docs/benchmarks.md measures 10 to 200 on 1,000-step runs: 20 met the byte targets on
+        both transformers, 100 holds the whole run to ~8x fewer bytes than allreduce.
     refresh : {"doubling", "none"}, default "doubling"
         Refresh ``v`` at full precision on steps ``freeze_step * 2**k`` (0/1 Adam's schedule:
         ``log2(T / freeze_step)`` extra full-precision steps in a T-step run), or never.
-    compress : {"gradient", "momentum", "preconditioned"}, default "gradient"
-        What the hook compresses after the freeze (see step 3); ``"preconditioned"`` sends
-        ``g / (sqrt(v_hat) + eps)`` (exact to average while v is frozen) and multiplies the mean
-        back.  docs/benchmarks.md measures all three: with the hook's default 8192-value blocks
-        "gradient" was the best; ``"momentum"`` needs finer blocks (the hook's ``block_size``),
-        and with 512-value blocks it was the best measured setting on both transformers: the
-        tiny GPT-2 +1.8% of AdamW's loss over 3 seeds (the default pairing: +5.0%) at 21x fewer
-        bytes over the run and 44x per compressed step, the char transformer below AdamW's loss
-        at 20x / 41x (docs/benchmarks.md, "Eighth session").
+    compress : {"momentum", "gradient", "preconditioned", "update"}, default "momentum"
+        What the hook compresses after the freeze (see step 3): each rank's momentum
+        ``beta1 m + (1 - beta1) g`` (1-bit Adam's choice), its gradient, its gradient divided by
+        ``sqrt(v_hat) + eps`` (``"preconditioned"``), or its momentum so divided (``"update"``,
+        AdamW's update direction); the last two are exact to average while ``v`` is frozen, and
+        the mean is multiplied back.  Under ``"momentum"`` and ``"update"`` the paired hook uses
+        blocks of :data:`MOMENTUM_BLOCK_SIZE` (512) values per 3LC scale unless its own
+        ``block_size`` is given (:attr:`hook_block_size`); under the others the hook's default
+        (8192).  docs/benchmarks.md measures them on two transformers, 1,000 steps, 4 ranks:
+        momentum in 512-value blocks was the best within the byte targets on both (a tiny
+        GPT-2 +1.8% of AdamW's loss over 3 seeds at 21x fewer bytes over the run and 44x per
+        compressed step, where gradients in 8192-value blocks end +5.0%; a char transformer
+        2.6% below AdamW's loss at 20x / 41x); ``"update"`` in 512-value blocks ended above it on
+        GPT-2 (seed 0; "Ninth session").
     embedding_scale : {"block", "row"}, default "block"
         How the hook scales the gradient of every ``nn.Embedding`` weight of the paired model
         (a tied output embedding included) on compressed steps: one 3LC scale per row (token), or
@@ -190,7 +201,7 @@ class AdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 freeze_step: int = 100, refresh: str = "doubling", compress: str = "gradient",
+                 freeze_step: int = 20, refresh: str = "doubling", compress: str = "momentum",
                  embedding_scale: str = "block", transpose_conv1d: bool = False, floor_variance: bool | str = False,
                  block_sizes: dict | None = None,
                  amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None,
@@ -214,8 +225,6 @@ class AdamW(torch.optim.AdamW):
                              f"compressed step at lr, v untouched) or 'carry' (cap each compressed step at lr, the "
                              f"excess carried to the next ones), got {floor_variance!r}")
         block_sizes = _check_block_sizes(block_sizes)
-        if compress == "momentum" and maximize:
-            raise ValueError("compress='momentum' does not support maximize=True")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                          foreach=foreach)
         self.freeze_step = freeze_step
@@ -254,6 +263,12 @@ class AdamW(torch.optim.AdamW):
                 f"embedding_scale={self.embedding_scale} transpose_conv1d={self.transpose_conv1d}"
                 f"{f' floor_variance={self.floor_variance}' if self.floor_variance else ''}"
                 f"{f' block_sizes={self.block_sizes}' if self.block_sizes else ''})")
+
+    @property
+    def hook_block_size(self) -> int | None:
+        """Values per 3LC scale the paired hook uses when its own ``block_size`` is not given:
+        :data:`MOMENTUM_BLOCK_SIZE` under ``compress="momentum"`` or ``"update"``, else None (the hook's default)."""
+        return MOMENTUM_BLOCK_SIZE if self.compress in ("momentum", "update") else None
 
     def bind_module(self, module) -> None:
         """Learn which of ``module``'s parameters are embedding tables and Conv1D weights (pairing
@@ -341,9 +356,13 @@ class AdamW(torch.optim.AdamW):
             if "exp_avg" in state:
                 chunk = buffer[offset:offset + size]
                 group = group_of[id(parameter)]
-                if self.compress == "momentum":
-                    # lerp(g, m, beta1) = beta1 m + (1 - beta1) g, in float32 whatever the bucket's dtype.
-                    sent = torch.lerp(chunk.float(), state["exp_avg"].float().reshape(-1), group["betas"][0])
+                if self.compress in ("momentum", "update"):
+                    # lerp(g, m, beta1) = beta1 m + (1 - beta1) g, in float32 whatever the bucket's dtype;
+                    # under maximize m is the momentum of -g, as in the step.
+                    gradient = chunk.float().neg() if group["maximize"] else chunk.float()
+                    sent = torch.lerp(gradient, state["exp_avg"].float().reshape(-1), group["betas"][0])
+                    if self.compress == "update":
+                        sent.div_(_denominator(state, group).float().reshape(-1))
                 else:
                     sent = chunk.float() / _denominator(state, group).float().reshape(-1)
                 chunk.copy_(sent)
@@ -392,7 +411,9 @@ class AdamW(torch.optim.AdamW):
             state["step"] += 1
             parameter.mul_(1 - lr * weight_decay)
             if self.compress == "momentum" and not refresh_this:
-                state["exp_avg"].copy_(grad)  # the hook averaged beta1 m + (1 - beta1) g
+                state["exp_avg"].copy_(parameter.grad)  # the hook averaged beta1 m + (1 - beta1) g (g negated under maximize)
+            elif self.compress == "update" and not refresh_this:
+                state["exp_avg"].copy_(parameter.grad * _denominator(state, group))  # the hook averaged that / denominator
             else:
                 if self.compress == "preconditioned" and not refresh_this:
                     grad = grad * _denominator(state, group)  # the hook averaged g / denominator

@@ -18,13 +18,15 @@ from .plan import Plan, Slots, Trial, collective_option
 from .stats import HookStats
 from .worker import BucketWorker
 
-__all__ = ["ThreeLCState", "COLLECTIVES", "HEADERS", "SCALES", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts"]
+__all__ = ["ThreeLCState", "COLLECTIVES", "HEADERS", "SCALES", "DEFAULT_BLOCK_SIZE", "ConfigMismatchError", "StateOwnerError", "merge_state_dicts"]
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVES = ("auto", "allgather", "scatter_reduce")
 HEADERS = ("auto", "separate", "inline")
 SCALES = ("tensor", "bucket", "block")
+#: Values per scale under ``scale="block"`` when neither the state nor a paired optimizer says.
+DEFAULT_BLOCK_SIZE = 8192
 #: Version of the dictionary :meth:`ThreeLCState.state_dict` returns.  Version 2 added the
 #: ``owner`` record (rank and world size); version 1 dicts still load, unchecked, with a warning.
 STATE_DICT_VERSION = 2
@@ -143,8 +145,11 @@ class ThreeLCState:
         for the accuracy-per-byte measurements behind the default: on a 2M-parameter CNN with 4
         ranks, one scale per tensor lets a few outliers silence the rest of a large tensor and
         lost 5-10 points of accuracy, while blocks of 8192 kept allreduce's accuracy at ~50x.
-    block_size : int, default 8192
-        Values per scale with ``scale="block"``.
+    block_size : int, optional
+        Values per scale with ``scale="block"``.  Default: 8192, or the paired optimizer's
+        ``hook_block_size`` (512 for ``threelc.optim.AdamW``'s default ``compress="momentum"``:
+        a momentum is smooth, so its payloads are sparse and finer scales pay for themselves;
+        docs/benchmarks.md).  A value given here wins over the optimizer's.
     start_iter : int, default 10
         Iterations that use plain allreduce before compression starts; must be >= 2 because
         DDP rebuilds its buckets after the first iteration, which changes bucket sizes.
@@ -202,7 +207,7 @@ class ThreeLCState:
         coalesce: bool | str = "auto",
         header: str = "auto",
         scale: str = "block",
-        block_size: int = 8192,
+        block_size: int | None = None,
         start_iter: int = 10,
         min_numel: int = 1024,
         error_feedback: bool = True,
@@ -224,8 +229,8 @@ class ThreeLCState:
             raise ValueError(f"header must be one of {HEADERS}, got {header!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if not _is_int(block_size) or not 1 <= block_size < 2**32:
-            raise ValueError(f"block_size must be a positive integer below 2**32, got {block_size!r}")
+        if block_size is not None and (not _is_int(block_size) or not 1 <= block_size < 2**32):
+            raise ValueError(f"block_size must be a positive integer below 2**32 or None, got {block_size!r}")
         if not _is_int(start_iter) or start_iter < 2:
             # DDP rebuilds its buckets after the first iteration; residuals made for the first
             # layout would not fit the second.
@@ -257,7 +262,8 @@ class ThreeLCState:
         self.coalesce = coalesce
         self.header = header
         self.scale = scale
-        self.block_size = int(block_size)
+        #: As configured: None means DEFAULT_BLOCK_SIZE or the paired optimizer's (resolved_block_size).
+        self.block_size = None if block_size is None else int(block_size)
         self.start_iter = int(start_iter)
         self.min_numel = int(min_numel)
         self.error_feedback = error_feedback
@@ -344,7 +350,15 @@ class ThreeLCState:
 
     def codec_options(self) -> dict:
         """Keyword arguments of :func:`threelc.compress` for this configuration."""
-        return {"sparsity": self.sparsity, "block": self.block_size if self.scale == "block" else None}
+        return {"sparsity": self.sparsity, "block": self.resolved_block_size() if self.scale == "block" else None}
+
+    def resolved_block_size(self) -> int:
+        """Values per scale in use: ``block_size`` when given, else the paired optimizer's
+        ``hook_block_size`` when it has one, else :data:`DEFAULT_BLOCK_SIZE`."""
+        if self.block_size is not None:
+            return self.block_size
+        preferred = None if self.optimizer is None else self.optimizer.hook_block_size
+        return DEFAULT_BLOCK_SIZE if preferred is None else preferred
 
     def fingerprint_text(self, world_size: int, iteration: int) -> str:
         """What every rank must agree on before compressed steps: format, options, iteration."""
@@ -352,7 +366,7 @@ class ThreeLCState:
                 f"collective={self.resolved_collective(world_size)} coalesce={self.coalesce} header={self.header} "
                 f"plan={None if self._plan is None else (self._plan.collective, self._plan.coalesce, self._plan.header)} "
                 f"scale={self.scale} "
-                f"block_size={self.block_size} start_iter={self.start_iter} min_numel={self.min_numel} "
+                f"block_size={self.resolved_block_size()} start_iter={self.start_iter} min_numel={self.min_numel} "
                 f"error_feedback={self.error_feedback} world_size={world_size} iteration={iteration} "
                 f"optimizer={None if self.optimizer is None else self.optimizer.schedule_text()}")
 

@@ -42,7 +42,7 @@ def test_defaults_and_repr():
     state = ThreeLCState()
     assert state.config() == {"sparsity": 1.0, "collective": "auto", "coalesce": "auto", "header": "auto",
                               "scale": "block",
-                              "block_size": 8192,
+                              "block_size": None,
                               "start_iter": 10, "min_numel": 1024, "error_feedback": True, "stats_dir": None,
                               "stats_every": 1, "stats_max_bytes": None}
     assert repr(state).startswith("ThreeLCState(sparsity=1.0, collective='auto'")
@@ -50,6 +50,29 @@ def test_defaults_and_repr():
     assert state.resolved_collective(3) == "auto"  # decided at the first compressed bucket (threelc.hooks.plan)
     assert state.plan() is None
     assert ThreeLCState(collective="scatter_reduce").resolved_collective(2) == "scatter_reduce"
+    assert state.resolved_block_size() == 8192 and state.codec_options()["block"] == 8192
+
+
+def test_block_size_follows_a_paired_momentum_optimizer_unless_given():
+    """An unset block_size is the paired optimizer's hook_block_size (512 when it compresses
+    momentum); a block_size given to the state wins; with scale="tensor" there are no blocks."""
+    import threelc.optim
+    from threelc.hooks import codecs
+
+    def paired(state, **options):
+        state.optimizer = threelc.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], **options)
+        return state
+
+    assert paired(ThreeLCState(), compress="momentum").codec_options()["block"] == 512
+    assert paired(ThreeLCState(), compress="update").codec_options()["block"] == 512
+    assert paired(ThreeLCState(), compress="gradient").codec_options()["block"] == 8192
+    assert paired(ThreeLCState(block_size=4096), compress="momentum").codec_options()["block"] == 4096
+    assert paired(ThreeLCState(scale="tensor"), compress="momentum").codec_options()["block"] is None
+    assert "block_size=512 " in paired(ThreeLCState(), compress="momentum").fingerprint_text(2, 0)
+    for codec in ("numba", "torch"):  # what the hook's bucket codec is built with
+        state = paired(ThreeLCState(codec=codec), compress="momentum")
+        assert codecs.for_bucket(state, torch.zeros(8)).block == 512
+    assert ThreeLCState(**ThreeLCState().config()).block_size is None  # config() round-trips the unset value
 
 
 def test_stats_dir_from_environment(monkeypatch, tmp_path):

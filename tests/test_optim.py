@@ -90,7 +90,7 @@ def test_schedule_is_a_pure_function_of_the_step():
 @pytest.mark.parametrize("arguments, message", [
     ({"freeze_step": 1}, "freeze_step"), ({"freeze_step": 2.5}, "freeze_step"), ({"freeze_step": True}, "freeze_step"),
     ({"refresh": "sometimes"}, "refresh"), ({"compress": "weights"}, "compress"), ({"amsgrad": True}, "amsgrad"),
-    ({"fused": True}, "fused"), ({"compress": "momentum", "maximize": True}, "maximize"), ({"lr": -1.0}, "learning rate"),
+    ({"fused": True}, "fused"), ({"lr": -1.0}, "learning rate"),
     ({"betas": (0.9, 1.5)}, "beta"), ({"embedding_scale": "token"}, "embedding_scale"),
     ({"transpose_conv1d": 1}, "transpose_conv1d"), ({"floor_variance": 1}, "floor_variance"),
     ({"floor_variance": "persistent"}, "floor_variance"), ({"floor_variance": "Transient"}, "floor_variance"),
@@ -117,7 +117,9 @@ def test_unpaired_optimizer_refuses_to_step():
 def _frozen_rule_run(refresh_every_step):
     torch.manual_seed(0)
     model = Net()
-    ours = threelc.optim.AdamW(_groups(model), freeze_step=2)
+    # compress="gradient": the optimizer is driven alone with raw gradients (under "momentum" the
+    # hook would have turned them into each rank's momentum first).
+    ours = threelc.optim.AdamW(_groups(model), freeze_step=2, compress="gradient")
     ours.hook_state = "a stand-in: this test drives the optimizer alone"
     if refresh_every_step:
         ours.full_precision = lambda step=None: True
@@ -197,7 +199,7 @@ def test_floor_variance_bounds_each_step_by_lr():
     for floor_variance in (False, True, "transient"):
         parameter = nn.Parameter(torch.zeros(3))
         optimizer = threelc.optim.AdamW([parameter], lr=1e-3, weight_decay=0.0, freeze_step=2, refresh="none",
-                                        floor_variance=floor_variance)
+                                        floor_variance=floor_variance, compress="gradient")  # raw gradients
         optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
         steps = []
         for step in range(8):
@@ -216,7 +218,7 @@ def _frozen_after_warmup(floor_variance, lr: float, eps: float) -> tuple:
     gradient 1 that freezes v there (v_hat = 1)."""
     parameter = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     optimizer = threelc.optim.AdamW([parameter], lr=lr, eps=eps, weight_decay=0.0, freeze_step=2,
-                                    refresh="none", floor_variance=floor_variance)
+                                    refresh="none", floor_variance=floor_variance, compress="gradient")  # raw gradients
     optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
     for step in range(2):
         parameter.grad = torch.ones(2, dtype=torch.float64)
@@ -327,7 +329,7 @@ def test_bitwise_adamw_before_the_freeze_and_identical_replicas(world_size):
 def half_precision_and_momentum(rank, world_size):
     out = {}
     for dtype in (torch.bfloat16, torch.float16):
-        for compress in ("gradient", "momentum", "preconditioned"):
+        for compress in ("gradient", "momentum", "preconditioned", "update"):
             # eps 1e-8 is 0 in float16, and torch's own AdamW then turns float16 weights into NaN.
             model, ddp, optimizer, state = _paired(dtype, compress=compress, eps=1e-4)
             compressed = 0
@@ -351,7 +353,7 @@ def exact_exchange(rank, world_size):
     """Every bucket allreduced (min_numel above the model) on the optimizer's schedule: what each
     compress mode sends, averaged exactly, must give the same steps."""
     out = {}
-    for compress in ("gradient", "momentum", "preconditioned"):
+    for compress in ("gradient", "momentum", "preconditioned", "update"):
         torch.manual_seed(0)
         model = Net()
         ddp = DDP(model, find_unused_parameters=True)
@@ -365,8 +367,29 @@ def exact_exchange(rank, world_size):
 
 def test_compress_modes_agree_when_the_exchange_is_exact():
     results = run_ranks(exact_exchange, 2, timeout_s=300)
-    for compress in ("momentum", "preconditioned"):
+    for compress in ("momentum", "preconditioned", "update"):
         torch.testing.assert_close(results[0][compress], results[0]["gradient"], rtol=1e-5, atol=1e-6)
+
+
+def maximized_and_negated(rank, world_size, compress):
+    """The run with maximize=True on ``-loss`` and the run with maximize=False on ``loss``."""
+    out = []
+    for maximize in (True, False):
+        model, ddp, optimizer, state = _paired(compress=compress, maximize=maximize)
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            loss = ddp(_batch(rank, step)).pow(2).mean()
+            (-loss if maximize else loss).backward()
+            optimizer.step()
+        out.append((_flat(model), state.stats()["step"]["compressed"]))
+    return out
+
+
+@pytest.mark.parametrize("compress", ["momentum", "update", "gradient"])
+def test_maximize_is_minimizing_the_negated_loss_bit_for_bit(compress):
+    """Under momentum compression the hook sends each rank's momentum of -g when maximizing."""
+    for (maximized, compressed), (minimized, _) in run_ranks(maximized_and_negated, 2, compress, timeout_s=300):
+        assert compressed and torch.equal(maximized, minimized)
 
 
 def grad_scaler_skips(rank, world_size):
@@ -421,7 +444,8 @@ def bounded_step_run(rank, world_size, mode):
     ``-lr m_hat / max(sqrt(v_hat) + eps, |m_hat|)``; "carry" by ``clamp(c + u, -lr, lr)`` and keeps
     ``c + u`` minus that as the carry ``c``.  Returns the largest differences of the parameters
     (and carries), whether v kept its value, and how many plain steps were over 2 lr (the bound bound)."""
-    model, ddp, optimizer, state = _paired(floor_variance=mode)
+    # compress="gradient": the formula below updates m from the averaged gradient.
+    model, ddp, optimizer, state = _paired(floor_variance=mode, compress="gradient")
     differences, kept, capped = [], [], 0
     for step in range(STEPS):
         compressed = not optimizer.full_precision()
@@ -590,7 +614,8 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, opti
 def test_a_refresh_after_a_long_gap_keeps_half_of_v():
     """beta2**n -> 0 would let one minibatch replace v; a zero gradient then would zero it."""
     parameter = nn.Parameter(torch.zeros(3))
-    optimizer = threelc.optim.AdamW([parameter], betas=(0.9, 0.5), weight_decay=0.0, freeze_step=2)
+    optimizer = threelc.optim.AdamW([parameter], betas=(0.9, 0.5), weight_decay=0.0, freeze_step=2,
+                                    compress="gradient")  # driven alone with raw gradients
     optimizer.hook_state = "a stand-in: this test drives the optimizer alone"
     for step in range(5):  # full, full, compressed, compressed, refresh (step 4 = 2 * 2)
         if step == 4:

@@ -159,7 +159,7 @@ def _add_arguments(group):
                        help="threelc-adamw: full-precision steps before v freezes (default: the optimizer's)")
     group.add_argument("--refresh", choices=("doubling", "none"), default=None,
                        help="threelc-adamw: full-precision refreshes of v at freeze_step * 2**k (default: the optimizer's)")
-    group.add_argument("--adam-compress", choices=("gradient", "momentum", "preconditioned"), default=None,
+    group.add_argument("--adam-compress", choices=("gradient", "momentum", "preconditioned", "update"), default=None,
                        help="threelc-adamw: what the hook compresses after the freeze (default: the optimizer's)")
     group.add_argument("--embedding-scale", choices=("row", "block"), default=None,
                        help="threelc-adamw: one 3LC scale per embedding row, or the hook's blocks (default: the optimizer's)")

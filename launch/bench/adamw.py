@@ -58,8 +58,13 @@ VARIANTS = {
     "allreduce": ("--hook", "allreduce", *ADAMW),
     "3lc+torch-adamw": (*THREELC, *ADAMW),
     "ours-f20-doubling": _ours(20),
+    # threelc.optim.AdamW's defaults, nothing given: freeze_step=20, refresh="doubling",
+    # compress="momentum", and the hook's block size left to the optimizer (512): the same
+    # arguments as ours-f20-momentum-b512.
+    "ours-default": (*THREELC, "--optimizer", "threelc-adamw"),
     "ours-f20-none": _ours(20, "none"),
-    "ours-f20-momentum": _ours(20, "doubling", "momentum"),
+    # The 8192-value blocks the hook used for every variant before momentum got its own default (512).
+    "ours-f20-momentum": (*_ours(20, "doubling", "momentum"), "--block-size", "8192"),
     "ours-f20-precond": _ours(20, "doubling", "preconditioned"),
     # Ablation: the same schedule on exact gradients (every bucket allreduced), so the frozen v's
     # share of the gap is told apart from the compression's.
@@ -75,6 +80,13 @@ VARIANTS = {
     # The same with the sparsity multiplier s = 1.3: a value is sent once it reaches 0.65 of its
     # block's largest instead of 0.5, so fewer values are sent per step.
     "ours-f20-momentum-b256-s1.3": (*_ours(20, "doubling", "momentum"), "--block-size", "256", "--sparsity", "1.3"),
+    # The same at 512 with GPT-2's Conv1D weights compressed transposed, so that no block of the
+    # fused query/key/value weight mixes the three (each 512-value block holds 4 output columns).
+    "ours-f20-momentum-b512-conv1d": (*_ours(20, "doubling", "momentum", conv1d=True), "--block-size", "512"),
+    # Momentum divided by the frozen sqrt(v_hat) (compress="update": each rank's AdamW update
+    # direction), so a block's scale is set by step sizes, not by gradient sizes.
+    "ours-f20-update-b512": (*_ours(20, "doubling", "update"), "--block-size", "512"),
+    "ours-f20-update-b256": (*_ours(20, "doubling", "update"), "--block-size", "256"),
     "ours-f20-doubling-rows": _ours(20, embedding="row"),
     "ours-f20-doubling-rows-conv1d": _ours(20, embedding="row", conv1d=True),
     # v raised on compressed steps to at least m_hat**2 (no coordinate steps more than lr).
@@ -100,7 +112,7 @@ VARIANTS = {
     "powersgd-r4": ("--hook", "powersgd", "--powersgd-rank", "4", *ADAMW),
 }
 #: Run with every seed, in this order (the targets); then FRONTIER with the first seed.
-MAIN = ("allreduce", "ours-f20-doubling", "3lc+torch-adamw")
+MAIN = ("allreduce", "ours-f20-momentum-b512", "3lc+torch-adamw")
 FRONTIER = tuple(name for name in VARIANTS if name not in MAIN)
 TASKS = {"text": "threelc.launch.examples.train_text", "gpt2": "threelc.launch.examples.train_gpt2"}
 MARKER_BEGIN, MARKER_END = "<!-- bench_adamw:begin -->", "<!-- bench_adamw:end -->"

@@ -454,17 +454,29 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`'s result; a plain torch AdamW state dict starts the count
-        from the largest per-parameter step (schedule options stay as constructed)."""
+        from the largest per-parameter step (schedule options stay as constructed; other saved
+        options than these log a warning).  ValueError for a state saved after compressed steps
+        under another ``compress`` (the hook's residuals would be read in the wrong units)."""
         state_dict = dict(state_dict)
         entry = state_dict.pop("threelc", None)
+        if entry is not None:
+            if entry.get("version") != STATE_VERSION:
+                raise ValueError(f"unsupported threelc.optim.AdamW state version {entry.get('version')!r} "
+                                 f"(this version reads {STATE_VERSION})")
+            compressed = int(entry["steps"]) > int(entry.get("freeze_step", 0))
+            if compressed and entry.get("compress", self.compress) != self.compress:
+                # The hook's residuals hold what the saved mode still owes, in its units (a gradient
+                # owed enters m at 1 - beta1, a momentum owed whole): another mode would misread them.
+                raise ValueError(f"this state was saved by a run that compressed with compress="
+                                 f"{entry['compress']!r}, and this optimizer has compress={self.compress!r}: the "
+                                 f"hook's residuals are in the saved mode's units.  Construct the optimizer with "
+                                 f"compress={entry['compress']!r} to resume that run (the default changed from "
+                                 f"'gradient' to 'momentum'), or start a new one")
         super().load_state_dict(state_dict)
         if entry is None:
             steps = [int(state["step"]) for state in self.state.values() if "step" in state]
             self.steps = max(steps, default=0)
             return
-        if entry.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported threelc.optim.AdamW state version {entry.get('version')!r} "
-                             f"(this version reads {STATE_VERSION})")
         saved = {key: entry[key] for key in ("freeze_step", "refresh", "compress", "embedding_scale", "transpose_conv1d",
                                              "floor_variance", "block_sizes") if key in entry}
         changed = {key: (value, getattr(self, key)) for key, value in saved.items() if value != getattr(self, key)}

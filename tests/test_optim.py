@@ -611,6 +611,26 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, opti
     assert torch.equal(references[0], references[1])
 
 
+def test_loading_a_state_compressed_under_another_mode_raises():
+    """A state saved after compressed steps under compress="gradient" (the default before the
+    ninth session) must not resume under "momentum": the hook's residuals are gradient owed, which
+    momentum compression would feed back ten times over.  Before the freeze no residual exists."""
+    def saved(compress, steps):
+        optimizer = threelc.optim.AdamW([nn.Parameter(torch.zeros(3))], freeze_step=2, compress=compress)
+        optimizer.steps = steps
+        return optimizer.state_dict()
+
+    fresh = threelc.optim.AdamW([nn.Parameter(torch.zeros(3))], freeze_step=2)  # compress="momentum"
+    with pytest.raises(ValueError, match="compress='gradient' to resume"):
+        fresh.load_state_dict(saved("gradient", 5))
+    assert fresh.steps == 0 and not fresh.state  # refused before anything was loaded
+    fresh.load_state_dict(saved("gradient", 2))  # still in the warm-up: nothing compressed, nothing owed
+    assert fresh.steps == 2
+    same = threelc.optim.AdamW([nn.Parameter(torch.zeros(3))], freeze_step=2, compress="gradient")
+    same.load_state_dict(saved("gradient", 5))
+    assert same.steps == 5
+
+
 def test_a_refresh_after_a_long_gap_keeps_half_of_v():
     """beta2**n -> 0 would let one minibatch replace v; a zero gradient then would zero it."""
     parameter = nn.Parameter(torch.zeros(3))

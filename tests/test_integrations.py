@@ -152,6 +152,40 @@ def test_a_state_whose_hook_never_ran_warns_once_at_the_optimizer_step(fresh_wat
     del state
 
 
+def _adam_warnings(caplog, make_optimizer, paired=False, bound=True):
+    """The unpaired-Adam warnings of one optimizer step over a model a fresh state is bound to."""
+    import threelc.optim
+
+    model = torch.nn.Linear(3, 2)
+    state = ThreeLCState()
+    if bound:
+        state.bind_parameters(model)  # what register() does
+    if paired:
+        state.optimizer = threelc.optim.AdamW(model.parameters())
+    state._hook_called = True  # the never-called warning is another test's
+    optimizer = make_optimizer(model)
+    model(torch.ones(1, 3)).sum().backward()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, LOGGER):
+        optimizer.step()
+        optimizer.step()  # warns once
+    del state
+    return [record.getMessage() for record in caplog.records if "paired" in record.getMessage()]
+
+
+def test_torch_adam_over_the_compressed_model_warns_once_and_says_what_to_use(fresh_watch, caplog):
+    """The Hugging Face Trainer's default (torch's AdamW) with only the callback added: warned."""
+    for make in (lambda model: torch.optim.AdamW(model.parameters()), lambda model: torch.optim.Adam(model.parameters())):
+        warnings = _adam_warnings(caplog, make)
+        assert len(warnings) == 1 and "torch.optim" in warnings[0], warnings
+        assert "threelc.optim.AdamW" in warnings[0] and "register(ddp_model, optimizer=opt)" in warnings[0]
+    other = torch.nn.Linear(2, 2)  # an Adam over another model's parameters
+    assert _adam_warnings(caplog, lambda model: torch.optim.AdamW(other.parameters())) == []
+    assert _adam_warnings(caplog, lambda model: torch.optim.SGD(model.parameters(), lr=0.1)) == []
+    assert _adam_warnings(caplog, lambda model: torch.optim.AdamW(model.parameters()), paired=True) == []
+    assert _adam_warnings(caplog, lambda model: torch.optim.AdamW(model.parameters()), bound=False) == []
+
+
 def test_a_registered_state_never_called_warns_at_exit(fresh_watch, caplog):
     state = ThreeLCState()
     never_called.watch_registered(state)

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 REFRESH = ("none", "doubling")
 #: ``compress`` choices: what the hook compresses after the freeze.
 COMPRESS = ("gradient", "momentum", "preconditioned", "update")
+#: ``compress`` modes whose ranks send their momentum (divided by sqrt(v_hat) under "update"), so the
+#: hook averages a momentum and the step takes it as ``m``.
+MOMENTUM_MODES = ("momentum", "update")
 #: ``embedding_scale`` choices: one 3LC scale per row of each ``nn.Embedding`` weight, or the hook's blocks.
 EMBEDDING_SCALES = ("row", "block")
 #: ``floor_variance`` choices: off, raise the stored v (True, persistent), cap each step at lr ("transient"),
@@ -268,7 +271,7 @@ class AdamW(torch.optim.AdamW):
     def hook_block_size(self) -> int | None:
         """Values per 3LC scale the paired hook uses when its own ``block_size`` is not given:
         :data:`MOMENTUM_BLOCK_SIZE` under ``compress="momentum"`` or ``"update"``, else None (the hook's default)."""
-        return MOMENTUM_BLOCK_SIZE if self.compress in ("momentum", "update") else None
+        return MOMENTUM_BLOCK_SIZE if self.compress in MOMENTUM_MODES else None
 
     def bind_module(self, module) -> None:
         """Learn which of ``module``'s parameters are embedding tables and Conv1D weights (pairing
@@ -356,7 +359,7 @@ class AdamW(torch.optim.AdamW):
             if "exp_avg" in state:
                 chunk = buffer[offset:offset + size]
                 group = group_of[id(parameter)]
-                if self.compress in ("momentum", "update"):
+                if self.compress in MOMENTUM_MODES:
                     # lerp(g, m, beta1) = beta1 m + (1 - beta1) g, in float32 whatever the bucket's dtype;
                     # under maximize m is the momentum of -g, as in the step.
                     gradient = chunk.float().neg() if group["maximize"] else chunk.float()

@@ -325,7 +325,7 @@ def compress_tensor(x: torch.Tensor, *, sparsity=1.0, residual: torch.Tensor | N
     Parameters
     ----------
     x : torch.Tensor, float32, contiguous (any shape; read as flat), on any device
-    sparsity : float in [1, 2)
+    sparsity : float in (0, 2)
     residual : torch.Tensor, float32, x's size and device, optional
         Error feedback: read, and updated in place to ``v - decompress(payload)`` where
         ``v = x + residual``.  Left unchanged if ``v`` is not finite.

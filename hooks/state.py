@@ -113,7 +113,9 @@ class ThreeLCState:
     process_group : ProcessGroup, optional
         The group to average over; ``None`` means the default (world) group.
     sparsity : float, default 1.0
-        The sparsity multiplier s in [1, 2): larger s zeroes more values (smaller payloads).
+        The sparsity multiplier s in (0, 2): larger s zeroes more values (smaller payloads).
+        The paper's range is [1, 2); s < 1 sets the scale below each unit's largest value
+        (denser payloads, less delay in error feedback; see docs/HOOK.md).
     collective : {"auto", "allgather", "scatter_reduce"}, default "auto"
         ``"allgather"``: every rank sends its compressed bucket to every other rank and averages
         the N decoded payloads; bytes per rank ~ (N - 1) C.  ``"scatter_reduce"``: shard j of
@@ -219,8 +221,8 @@ class ThreeLCState:
     ):
         # Hyperparameters.
         sparsity32 = np.float32(sparsity) if isinstance(sparsity, (int, float, np.floating)) else None
-        if isinstance(sparsity, bool) or sparsity32 is None or not (np.isfinite(sparsity32) and 1.0 <= sparsity32 < 2.0):
-            raise ValueError(f"sparsity must be a number in [1, 2) (the paper's sparsity multiplier s), got {sparsity!r}")
+        if isinstance(sparsity, bool) or sparsity32 is None or not (np.isfinite(sparsity32) and 0.0 < sparsity32 < 2.0):
+            raise ValueError(f"sparsity must be a number in (0, 2) (the paper's sparsity multiplier s), got {sparsity!r}")
         if collective not in COLLECTIVES:
             raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
         if not (isinstance(coalesce, bool) or coalesce == "auto"):

@@ -24,11 +24,12 @@ def test_parse_hook_names():
     spec = parse_hook("threelc-s1.9-allgather")
     assert (spec.hook, spec.sparsity, spec.collective) == ("threelc", 1.9, "allgather")
     assert parse_hook("threelc-s1.5").collective == "auto"
+    assert parse_hook("threelc-s0.5").sparsity == 0.5  # below 1: the dense end of the quantizer
     assert parse_hook("threelc-s1.0").train_args() == ["--hook", "threelc", "--sparsity", "1.0", "--collective", "auto"]
     inline = parse_hook("threelc-s1.0-allgather-inline")
     assert (inline.collective, inline.header) == ("allgather", "inline")
     assert inline.train_args()[-2:] == ["--header", "inline"] and parse_hook("threelc-s1.0-separate").header == "separate"
-    for bad in ("powersgd", "threelc-s2.0", "zstd", "threelc-s1.0-inline-allgather", "allreduce-inline"):
+    for bad in ("powersgd", "threelc-s2.0", "threelc-s0.0", "zstd", "threelc-s1.0-inline-allgather", "allreduce-inline"):
         with pytest.raises(ValueError):
             parse_hook(bad)
     assert len(FULL_HOOKS) == 10 and set(QUICK_HOOKS) <= set(FULL_HOOKS) | {"threelc-s1.0", "threelc-s1.9"}

@@ -11,7 +11,7 @@ from threelc import kernels, reference
 
 from awkward import AWKWARD, AWKWARD_IDS, FLT_MAX
 
-SPARSITIES = [1.0, 1.5, 1.9]
+SPARSITIES = [0.3, 0.5, 1.0, 1.5, 1.9]  # below 1: the dense end (scale under the peak)
 
 
 def check_against_reference(x, segments, *, sparsity, block, chunk, residual_seed=None):
@@ -93,6 +93,21 @@ def test_largest_value_always_survives(sparsity):
     peak = np.argmax(np.abs(x))
     assert np.sign(decoded[peak]) == np.sign(x[peak])
     assert np.float32(abs(decoded[peak])) == np.float32(min(float(abs(x[peak])) * float(np.float32(sparsity)), FLT_MAX))
+
+
+def test_sparsity_below_one_sends_the_scale_and_feeds_back_the_excess():
+    """s < 1: the scale is under the peak; values of at least scale / 2 go out as +-scale, and the
+    residual keeps the rest, exactly for s >= 0.5 (Sterbenz: scale / 2 <= |v| <= 2 scale)."""
+    x = np.array([1.0, 0.6, 0.3, 0.2, -0.25, -0.7], np.float32)
+    residual = np.zeros(6, np.float32)
+    decoded = threelc.decompress(threelc.compress(x, sparsity=0.5, residual=residual))
+    assert decoded.tolist() == [0.5, 0.5, 0.5, 0.0, -0.5, -0.5]
+    assert np.array_equal(decoded + residual, x)
+    ramp = np.linspace(-1, 1, 10_000).astype(np.float32)
+    dense, sparse = (threelc.compress(ramp, sparsity=s) for s in (0.3, 1.0))
+    assert np.count_nonzero(threelc.decompress(dense)) == np.count_nonzero(np.abs(ramp) >= 0.15)  # 85%
+    assert np.count_nonzero(threelc.decompress(sparse)) == np.count_nonzero(np.abs(ramp) >= 0.5)  # 50%
+    assert dense.size > sparse.size
 
 
 def test_all_zeros_and_huge_values_give_finite_output():
@@ -232,7 +247,8 @@ def test_nonfinite_from_overflowing_residual():
     "kwargs,error,match",
     [
         (dict(sparsity=2.0), ValueError, "sparsity"),
-        (dict(sparsity=0.99), ValueError, "sparsity"),
+        (dict(sparsity=0.0), ValueError, "sparsity"),
+        (dict(sparsity=-0.5), ValueError, "sparsity"),
         (dict(sparsity=float("nan")), ValueError, "sparsity"),
         (dict(segments=[3, 3]), ValueError, "sum to 6"),
         (dict(segments=[11, -1]), ValueError, "non-negative"),

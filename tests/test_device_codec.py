@@ -31,7 +31,7 @@ from threelc.hooks.device_codec import (
 from awkward import AWKWARD, AWKWARD_IDS, FLT_MAX, TINY
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-SPARSITIES = [1.0, 1.5, 1.9]
+SPARSITIES = [0.3, 0.5, 1.0, 1.5, 1.9]
 
 
 def bits(array) -> bytes:

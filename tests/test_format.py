@@ -228,6 +228,23 @@ def test_property_residual_invariant(x, residual_scale, sparsity):
     assert np.array_equal(decoded + residual, target)
 
 
+@settings(max_examples=100, deadline=None)
+@given(x=float32_arrays, residual_scale=st.floats(0, 1e20), sparsity=st.floats(0.5, 0.99609375, width=32),
+       block=st.sampled_from([None, 1, 7, 64]))
+def test_property_below_one(x, residual_scale, sparsity, block):
+    """s in [0.5, 1): the reference's bytes, every sent value is +-its unit's scale with the sign of
+    v, and the residual keeps the rest exactly (s >= 0.5 keeps |v| within 2 scales of the scale)."""
+    residual = (np.linspace(-1, 1, x.size) * residual_scale).astype(np.float32)
+    residual_ref = residual.copy()
+    target = x + residual
+    payload = threelc.compress(x, sparsity=sparsity, residual=residual, block=block, chunk=25)
+    assert payload.tobytes() == reference.encode(x, sparsity=sparsity, residual=residual_ref, block=block or 0,
+                                                 chunk=25).tobytes()
+    decoded = threelc.decompress(payload)
+    assert np.all(np.sign(decoded) * np.sign(target) >= 0)
+    assert np.array_equal(decoded + residual, target)
+
+
 def test_kernels_run_without_jit():
     """The kernel bodies also run as plain Python (NUMBA_DISABLE_JIT=1), as coverage sees them."""
     script = (

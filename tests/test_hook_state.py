@@ -14,7 +14,8 @@ from threelc.hooks.stats import HookStats
 
 @pytest.mark.parametrize("options, words", [
     ({"sparsity": 2.0}, "sparsity"),
-    ({"sparsity": 0.5}, "sparsity"),
+    ({"sparsity": 0.0}, "sparsity"),
+    ({"sparsity": -1.0}, "sparsity"),
     ({"sparsity": float("nan")}, "sparsity"),
     ({"sparsity": "1"}, "sparsity"),
     ({"sparsity": True}, "sparsity"),

@@ -455,7 +455,7 @@ BAD_ARGUMENTS = [
     ({"outer": "fp32", "passes": 2}, r"passes=2 only applies to outer='3lc'"),
     ({"start_iter": 5}, "start_iter do not apply to LocalSteps"),
     ({"outer": "fp32", "sparsity": 1.5}, "sparsity only apply to outer='3lc'"),
-    ({"sparsity": 2.5}, r"sparsity must be a number in \[1, 2\)"),
+    ({"sparsity": 2.5}, r"sparsity must be a number in \(0, 2\)"),
 ]
 
 

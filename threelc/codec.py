@@ -49,10 +49,10 @@ def check_segments(segments, count: int) -> np.ndarray:
 
 
 def check_sparsity(sparsity) -> np.float32:
-    """``sparsity`` as the float32 the payload records, checked to be in [1, 2)."""
+    """``sparsity`` as the float32 the payload records, checked to be in (0, 2)."""
     sparsity32 = np.float32(sparsity)
-    if not (np.isfinite(sparsity32) and 1.0 <= sparsity32 < 2.0):
-        raise ValueError(f"sparsity must be in [1, 2) (as float32), got {sparsity!r}")
+    if not (np.isfinite(sparsity32) and 0.0 < sparsity32 < 2.0):
+        raise ValueError(f"sparsity must be in (0, 2) (as float32), got {sparsity!r}")
     return sparsity32
 
 
@@ -84,8 +84,10 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     Parameters
     ----------
     x : float32 array, C-contiguous (any shape; read as flat)
-    sparsity : float in [1, 2)
-        The sparsity multiplier s: larger s zeroes more values.
+    sparsity : float in (0, 2)
+        The sparsity multiplier s: larger s zeroes more values.  The paper's range is [1, 2);
+        below 1 the scale is under the unit's largest value, values above it are sent as +-scale
+        (error feedback keeps the excess), and payloads grow denser.
     residual : float32 array of x's size, optional
         Error feedback: read and updated in place to ``v - decompress(payload)``.
     segments : sequence of int, optional

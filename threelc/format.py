@@ -252,8 +252,8 @@ def parse(payload, *, computed_checksum: int | None = None) -> Layout:
             raise FormatError(f"payload is {payload.size} bytes, header declares {HEADER_SIZE + body_length}")
         return Layout(header, empty_i, np.zeros(0, np.float32), empty_i, np.zeros(1, np.int64),
                       payload[HEADER_SIZE:])
-    if not np.isfinite(sparsity) or not 1.0 <= sparsity < 2.0:
-        raise FormatError(f"sparsity {sparsity} at offset 40 is outside [1, 2)")
+    if not np.isfinite(sparsity) or not 0.0 < sparsity < 2.0:
+        raise FormatError(f"sparsity {sparsity} at offset 40 is outside (0, 2)")
     if block > count and block > MAX_CHUNK:
         raise FormatError(f"block size {block} at offset 20 is implausibly large")
     if chunk == 0 or chunk % 5 or chunk > MAX_CHUNK:

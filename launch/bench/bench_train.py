@@ -138,8 +138,8 @@ def parse_hook(name: str) -> HookSpec:
     if rank:
         return HookSpec(name, "powersgd", powersgd_rank=int(rank))
     value = float(sparsity)
-    if not 1.0 <= value < 2.0:
-        raise ValueError(f"hook {name!r}: the sparsity multiplier must be in [1, 2)")
+    if not 0.0 < value < 2.0:
+        raise ValueError(f"hook {name!r}: the sparsity multiplier must be in (0, 2)")
     return HookSpec(name, "threelc", sparsity=value, collective=collective or "auto", header=header)
 
 

@@ -71,7 +71,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every example takes (hook, steps, logging, seeds)."""
     group = parser.add_argument_group("communication")
     group.add_argument("--hook", choices=HOOKS, default="allreduce", help="gradient communication (default: %(default)s)")
-    group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in [1, 2) (default: %(default)s)")
+    group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in (0, 2) (default: %(default)s)")
     group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default="auto",
                        help="3LC collective (default: %(default)s)")
     group.add_argument("--header", choices=("auto", "separate", "inline"), default=None,

@@ -25,7 +25,7 @@ One round, on every rank::
 
 With ``passes=k`` (3LC only) one sync runs the 3LC average k times: first on the pseudo-gradients,
 then on zeros, so that each further pass sends what the residuals still hold (what the previous
-pass left unsent, below half its block's largest) at its own, finer scale, in the same sync instead
+pass left unsent, below s/2 of its block's largest) at its own, finer scale, in the same sync instead
 of in later rounds.  Error feedback delivers everything eventually either way; with a handful of
 rounds per run the delay is what costs, and k passes cost ~k times the bytes of one.
 
@@ -77,12 +77,38 @@ from . import collectives, hook, optim
 from .state import ConfigMismatchError, ThreeLCState, fingerprint
 from .stats import HookStats
 
-__all__ = ["LocalSteps", "OUTER", "local_hook"]
+__all__ = ["LocalSteps", "OUTER", "OUTER_SPARSITY", "SYNC_ALLGATHER_RANKS", "local_hook", "sync_exchange"]
 
 logger = logging.getLogger(__name__)
 
 #: How the pseudo-gradients are averaged: a plain allreduce, or 3LC with error feedback.
 OUTER = ("fp32", "3lc")
+#: The 3LC sparsity multiplier of the outer sync unless ``sparsity`` is given.  Below the hook's 1.0
+#: (the paper's range is [1, 2)): a scale of half each block's peak sends every value of at least a
+#: quarter of the peak.  What a sync leaves in the residual waits a whole round (H inner steps), not
+#: one step, so a denser payload pays; measured in docs/LOCAL.md (H = 50: s = 0.5 against 1.0).
+OUTER_SPARSITY = 0.5
+
+
+#: Up to this many ranks the 3LC sync uses allgather by default (see :func:`sync_exchange`).
+SYNC_ALLGATHER_RANKS = 4
+
+
+def sync_exchange(world_size: int) -> dict:
+    """The 3LC sync's exchange unless ``collective`` or ``coalesce`` is given: fixed, not the hook's
+    measured plan.  A close call makes that plan try each candidate for 6 exchanges, which at one
+    sync per round would take most of a run's syncs (20 in 1,000 steps at H = 50) and let the
+    timing of the moment pick which collective, so which arithmetic, a run gets.
+
+    Allgather up to :data:`SYNC_ALLGATHER_RANKS` ranks, scatter-reduce above.  Allgather quantizes
+    once; scatter-reduce quantizes the mean of each shard again, and that second residual, like the
+    first, waits a whole round.  Measured at 4 ranks (docs/LOCAL.md, H = 50, s = 0.5, 3 seeds):
+    allgather +6.3% against scatter-reduce's +11.1% (the exact sync: +5.5%), for twice the bytes.
+    Allgather sends (N - 1) payloads per rank against scatter-reduce's 2 (N - 1) / N, so up to 4
+    ranks at most twice as many; above, the bytes grow with N and scatter-reduce is the default.
+    """
+    collective = "allgather" if world_size <= SYNC_ALLGATHER_RANKS else "scatter_reduce"
+    return {"collective": collective, "coalesce": False}
 #: Version of the dictionary :meth:`LocalSteps.state_dict` returns (2 added ``"pending"``; 1 still loads).
 STATE_DICT_VERSION = 2
 #: ThreeLCState options that mean nothing here (the outer sync always compresses its one bucket).
@@ -138,7 +164,10 @@ class LocalSteps:
     **hook_options
         :class:`~threelc.hooks.ThreeLCState` options of the 3LC outer sync (``sparsity``,
         ``collective``, ``scale``, ``block_size``, ``error_feedback``, ``codec``,
-        ``codec_threads``, ``stats_every``, ``stats_max_bytes``).
+        ``codec_threads``, ``stats_every``, ``stats_max_bytes``).  Two defaults differ from the
+        per-step hook's: ``sparsity`` is :data:`OUTER_SPARSITY` (0.5, not 1.0), and the exchange
+        is fixed (:func:`sync_exchange`: allgather up to 4 ranks, scatter-reduce above; no coalescing)
+        instead of measured, so a run's arithmetic does not depend on the link's timing.
 
     Raises
     ------
@@ -156,6 +185,10 @@ class LocalSteps:
         ddp_model = hook._distributed_model(ddp_model)
         _check_arguments(sync_every, outer_lr, outer_momentum, nesterov, outer, passes, warmup_steps, overlap,
                          hook_options)
+        process_group = getattr(ddp_model, "process_group", None)
+        if outer == "3lc":
+            hook_options = {"sparsity": OUTER_SPARSITY, **sync_exchange(dist.get_world_size(process_group)),
+                            **hook_options}
         self.parameters = [parameter for parameter in ddp_model.module.parameters() if parameter.requires_grad]
         _check_inner(inner_optimizer, self.parameters)
         # Hyperparameters.
@@ -167,7 +200,6 @@ class LocalSteps:
         self.passes = int(passes)
         self.warmup_steps = int(warmup_steps)
         self.overlap = overlap
-        process_group = getattr(ddp_model, "process_group", None)
         #: The hook state of the outer sync: its options, residuals, statistics and collectives.
         #: ``state.iteration`` counts outer syncs.
         self.state = ThreeLCState(process_group=process_group, stats_dir=stats_dir, **hook_options)

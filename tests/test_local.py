@@ -104,6 +104,8 @@ def threelc_outer(rank, world_size, folder):
     start, records, local = _train(rank, 8, sync_every=4, outer="3lc", stats_dir=folder)
     stats = local.state.stats()["total"]
     memory = local.state.memory_bytes()
+    stats["plan"] = local.state.plan()
+    stats["sparsity"] = local.state.sparsity
     local.close()
     # hook.average on its own: the same tensor averaged 40 times; error feedback delivers its mass.
     state = ThreeLCState(None)
@@ -115,6 +117,16 @@ def threelc_outer(rank, world_size, folder):
         running_means.append(delivered / count)
     state.close()
     return records, stats, memory, values, running_means
+
+
+def test_sync_exchange_is_fixed_allgather_up_to_four_ranks():
+    """The 3LC sync never takes the hook's measured plan by default; allgather while it sends at
+    most twice scatter-reduce's bytes ((N - 1) against 2 (N - 1) / N payloads)."""
+    rule = {n: threelc.local.sync_exchange(n) for n in (1, 2, 3, 4, 5, 8, 64)}
+    assert {n: r["collective"] for n, r in rule.items()} == {
+        1: "allgather", 2: "allgather", 3: "allgather", 4: "allgather", 5: "scatter_reduce", 8: "scatter_reduce",
+        64: "scatter_reduce"}
+    assert all(r["coalesce"] is False for r in rule.values())
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -133,13 +145,17 @@ def test_3lc_outer_sync_leaves_identical_replicas(world_size, tmp_path):
     stats, memory = results[0][1], results[0][2]
     raw = results[0][0][0][1].numel() * 4
     assert stats["compressed"] and stats["raw_bytes"] == 2 * raw
-    # Far fewer bytes than a float32 ring allreduce of a sync would move.  On a model this small
-    # the first sync's one-time link probe (threelc.hooks.plan: real-size messages) is most of its
-    # bytes, so the claim is the second sync's; the first stays below one ring allreduce.
+    # LocalSteps' own defaults: s = OUTER_SPARSITY, and a fixed exchange (no probe, no trial of
+    # collectives spread over the syncs, so no timing decides a run's arithmetic).
+    assert stats["sparsity"] == threelc.local.OUTER_SPARSITY == 0.5
+    assert stats["plan"]["collective"] == "allgather"  # up to threelc.local.SYNC_ALLGATHER_RANKS = 4
+    assert stats["plan"]["reason"] == "configured" and stats["plan"]["coalesce"] is False
+    # Far fewer bytes than a float32 ring allreduce of a sync would move, from the first sync on.
     ring = 2 * (world_size - 1) * raw / world_size
     lines = [json.loads(line) for line in (tmp_path / "hook-rank0.jsonl").read_text().splitlines()]
     assert [line["sent_bytes"] > 0 for line in lines[1:]] == [step in (3, 7) for step in range(1, 8)]
-    assert lines[7]["sent_bytes"] < ring / 4 and lines[3]["sent_bytes"] < ring
+    assert lines[7]["sent_bytes"] < ring / 4 and lines[3]["sent_bytes"] < ring / 4
+    assert not any(line["planning"] for line in lines)
     assert memory >= raw  # the worker residuals (plus the server's with scatter-reduce)
     # The running mean of the compressed averages approaches the exact mean like 1/k: what a
     # round does not deliver waits in the residuals (bounded), none is lost.

@@ -8,6 +8,6 @@ torch side of the package; importing this module imports torch)::
     # per step: loss.backward(); inner.step(); inner.zero_grad(); local.step()
 """
 
-from threelc.hooks.local import OUTER, LocalSteps
+from threelc.hooks.local import OUTER, OUTER_SPARSITY, SYNC_ALLGATHER_RANKS, LocalSteps, sync_exchange
 
-__all__ = ["LocalSteps", "OUTER"]
+__all__ = ["LocalSteps", "OUTER", "OUTER_SPARSITY", "SYNC_ALLGATHER_RANKS", "sync_exchange"]

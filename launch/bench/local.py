@@ -52,8 +52,13 @@ SYNC_EVERY = (1, 10, 50, 100)
 OUTERS = ("3lc", "fp32")
 
 
-def _local(sync_every: int, outer: str) -> tuple:
-    return ("--optimizer", "adamw", "--local-steps", str(sync_every), "--outer", outer)
+def _local(sync_every: int, outer: str, sparsity: str = "1.0", collective: str = "scatter_reduce") -> tuple:
+    """The options of H = ``sync_every`` local steps; 3LC outer syncs at ``sparsity`` through
+    ``collective``, pinned: the variants made before LocalSteps' defaults (s =
+    :data:`threelc.local.OUTER_SPARSITY`, :func:`threelc.local.sync_exchange`) ran at s = 1.0 with
+    scatter-reduce on 4 ranks.  ``h{H}-3lc-default`` leaves both to LocalSteps."""
+    return ("--optimizer", "adamw", "--local-steps", str(sync_every), "--outer", outer,
+            *(("--sparsity", sparsity, "--collective", collective) if outer == "3lc" else ()))
 
 
 #: The AdamW benchmark's per-step runs this one compares against (same names, same options).
@@ -64,7 +69,7 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
             # Error feedback delivers a round's pseudo-gradient with less delay with finer scales, and
             # with allgather's one lossy stage instead of scatter-reduce's two (at twice the bytes).
             "h50-3lc-b1024": (*_local(50, "3lc"), "--block-size", "1024"),
-            "h50-3lc-allgather": (*_local(50, "3lc"), "--collective", "allgather"),
+            "h50-3lc-allgather": _local(50, "3lc", collective="allgather"),
             # SparseLoCo's outer settings for compressed syncs: no outer momentum, outer lr 1 (the
             # error-feedback residual carries what a round does not send, as a momentum would).
             **{f"h50-{outer}-lr1-m0": (*_local(50, outer), "--outer-lr", "1.0", "--outer-momentum", "0.0")
@@ -72,6 +77,14 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
             # Further 3LC passes per sync send what the residuals hold at finer scales (~k times the bytes).
             **{f"h{sync_every}-3lc-p{passes}": (*_local(sync_every, "3lc"), "--outer-passes", str(passes))
                for sync_every in (50, 100) for passes in (2, 3)},
+            # s < 1: the scale under each block's peak, a denser payload that error feedback delays
+            # less (what a sync leaves in the residual waits a whole round, not a step).
+            **{f"h{sync_every}-3lc-s{sparsity}": _local(sync_every, "3lc", sparsity)
+               for sync_every in (50, 100) for sparsity in ("0.5", "0.75")},
+            # ... and through allgather's one lossy stage (no server re-quantization), at twice the bytes.
+            "h50-3lc-s0.5-allgather": _local(50, "3lc", "0.5", "allgather"),
+            # LocalSteps' own defaults (on 4 ranks: s = 0.5 through allgather, as the row above).
+            "h50-3lc-default": ("--optimizer", "adamw", "--local-steps", "50", "--outer", "3lc"),
             # Overlap: each sync runs during the next round, its mean applied one round late.
             "h50-fp32-overlap": (*_local(50, "fp32"), "--outer-overlap"),
             "h50-3lc-p2-overlap": (*_local(50, "3lc"), "--outer-passes", "2", "--outer-overlap"),

@@ -244,8 +244,8 @@ def attach_hook(
 
 def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, outer_lr: float, outer_momentum: float,
                        passes: int = 1, warmup_steps: int | None = None, overlap: bool = False, stats_dir=None,
-                       sparsity: float = 1.0,
-                       collective: str = "auto", scale: str | None = None,
+                       sparsity: float | None = None,
+                       collective: str | None = None, scale: str | None = None,
                        block_size: int | None = None) -> HookHandle:
     """Train with :class:`threelc.local.LocalSteps` (``optimizer`` is its inner optimizer) instead of a
     per-step hook; the 3LC options apply to ``outer="3lc"``.  Its statistics log counts the warm-up
@@ -254,8 +254,8 @@ def attach_local_steps(ddp_model, optimizer, *, sync_every: int, outer: str, out
 
     options = {}
     if outer == "3lc":
-        options = {"sparsity": sparsity, "collective": collective}
-        options.update({key: value for key, value in (("scale", scale), ("block_size", block_size)) if value is not None})
+        options = {key: value for key, value in (("sparsity", sparsity), ("collective", collective), ("scale", scale),
+                                                 ("block_size", block_size)) if value is not None}
     local = LocalSteps(ddp_model, optimizer, sync_every=sync_every, outer=outer, outer_lr=outer_lr,
                        outer_momentum=outer_momentum, passes=passes, warmup_steps=warmup_steps or 0,
                        overlap=overlap, stats_dir=stats_dir, **options)

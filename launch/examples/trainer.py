@@ -71,9 +71,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every example takes (hook, steps, logging, seeds)."""
     group = parser.add_argument_group("communication")
     group.add_argument("--hook", choices=HOOKS, default="allreduce", help="gradient communication (default: %(default)s)")
-    group.add_argument("--sparsity", type=float, default=1.0, help="3LC sparsity multiplier s in (0, 2) (default: %(default)s)")
-    group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default="auto",
-                       help="3LC collective (default: %(default)s)")
+    group.add_argument("--sparsity", type=float, default=None,
+                       help="3LC sparsity multiplier s in (0, 2) (default: 1.0 for the per-step hook, "
+                            "threelc.local.OUTER_SPARSITY for --local-steps with --outer 3lc)")
+    group.add_argument("--collective", choices=("auto", "allgather", "scatter_reduce"), default=None,
+                       help="3LC collective (default: auto for the per-step hook; with --local-steps, "
+                            "threelc.local.sync_exchange's fixed one)")
     group.add_argument("--header", choices=("auto", "separate", "inline"), default=None,
                        help="3LC payload sizes: ahead of the payloads or inline with them (default: the hook's own, auto)")
     group.add_argument("--scale", choices=("tensor", "bucket", "block"), default=None,
@@ -216,6 +219,8 @@ def train(args, task: Task) -> dict:
                                         passes=args.outer_passes, warmup_steps=args.warmup_steps,
                                         overlap=args.outer_overlap, stats_dir=args.run_dir, sparsity=args.sparsity,
                                         collective=args.collective, scale=args.scale, block_size=args.block_size)
+            if args.outer == "3lc":
+                args.collective = handle.state.collective  # recorded in the run's config: what LocalSteps chose
         else:
             handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                                  stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
@@ -289,6 +294,11 @@ def main(argv, *, description: str, add_task_arguments: Callable, build_task: Ca
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.sparsity is None:  # resolved here, so that the run's config records it
+        from threelc.local import OUTER_SPARSITY
+        args.sparsity = OUTER_SPARSITY if (args.local_steps is not None and args.outer == "3lc") else 1.0
+    if args.collective is None and args.local_steps is None:
+        args.collective = "auto"
     if args.local_steps is not None and args.hook != "allreduce":
         parser.error("--local-steps replaces the per-step hook (its warm-up uses allreduce): drop --hook, and pick "
                      "the outer sync with --outer")

@@ -82,7 +82,8 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
             **{f"h{sync_every}-3lc-s{sparsity}": _local(sync_every, "3lc", sparsity)
                for sync_every in (50, 100) for sparsity in ("0.5", "0.75")},
             # ... and through allgather's one lossy stage (no server re-quantization), at twice the bytes.
-            "h50-3lc-s0.5-allgather": _local(50, "3lc", "0.5", "allgather"),
+            **{f"h{sync_every}-3lc-s0.5-allgather": _local(sync_every, "3lc", "0.5", "allgather")
+               for sync_every in (50, 100)},
             # LocalSteps' own defaults (on 4 ranks: s = 0.5 through allgather, as the row above).
             "h50-3lc-default": ("--optimizer", "adamw", "--local-steps", "50", "--outer", "3lc"),
             # Overlap: each sync runs during the next round, its mean applied one round late.

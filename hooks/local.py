@@ -9,8 +9,9 @@ own data without averaging gradients, then the ranks average the *pseudo-gradien
 and an *outer* Nesterov SGD step applies the mean to the start-of-round parameters (Douillard et
 al., "DiLoCo", arXiv:2311.08105: lr 0.7, momentum 0.9).  With ``outer="3lc"`` the mean travels
 through the 3LC hook's own bucket path (:func:`threelc.hooks.hook.average`: its codec, its
-collectives, worker and server error feedback), so H = 50 local steps and ~50-100x compression
-multiply into ~2,500-5,000x fewer bytes than per-step allreduce.
+collectives, worker and server error feedback), so the two savings multiply: measured on a small
+transformer at 4 ranks (docs/LOCAL.md), H = 50 with the defaults below (s = 0.5, allgather) sends
+567x fewer bytes than per-step allreduce, 11x fewer than the same rounds averaged in float32.
 
 One round, on every rank::
 

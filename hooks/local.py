@@ -89,10 +89,12 @@ OUTER = ("fp32", "3lc")
 #: quarter of the peak.  What a sync leaves in the residual waits a whole round (H inner steps), not
 #: one step, so a denser payload pays; measured in docs/LOCAL.md (H = 50: s = 0.5 against 1.0).
 OUTER_SPARSITY = 0.5
-
-
 #: Up to this many ranks the 3LC sync uses allgather by default (see :func:`sync_exchange`).
 SYNC_ALLGATHER_RANKS = 4
+#: Version of the dictionary :meth:`LocalSteps.state_dict` returns (2 added ``"pending"``; 1 still loads).
+STATE_DICT_VERSION = 2
+#: ThreeLCState options that mean nothing here (the outer sync always compresses its one bucket).
+_UNUSED_HOOK_OPTIONS = ("start_iter", "min_numel")
 
 
 def sync_exchange(world_size: int) -> dict:
@@ -110,10 +112,6 @@ def sync_exchange(world_size: int) -> dict:
     """
     collective = "allgather" if world_size <= SYNC_ALLGATHER_RANKS else "scatter_reduce"
     return {"collective": collective, "coalesce": False}
-#: Version of the dictionary :meth:`LocalSteps.state_dict` returns (2 added ``"pending"``; 1 still loads).
-STATE_DICT_VERSION = 2
-#: ThreeLCState options that mean nothing here (the outer sync always compresses its one bucket).
-_UNUSED_HOOK_OPTIONS = ("start_iter", "min_numel")
 
 
 class LocalSteps:

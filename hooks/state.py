@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from threelc import format as payload_format
+from threelc.codec import check_sparsity
 
 from . import never_called
 from .codecs import CODECS
@@ -220,9 +221,7 @@ class ThreeLCState:
         codec: str = "auto",
     ):
         # Hyperparameters.
-        sparsity32 = np.float32(sparsity) if isinstance(sparsity, (int, float, np.floating)) else None
-        if isinstance(sparsity, bool) or sparsity32 is None or not (np.isfinite(sparsity32) and 0.0 < sparsity32 < 2.0):
-            raise ValueError(f"sparsity must be a number in (0, 2) (the paper's sparsity multiplier s), got {sparsity!r}")
+        sparsity32 = check_sparsity(sparsity)
         if collective not in COLLECTIVES:
             raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
         if not (isinstance(coalesce, bool) or coalesce == "auto"):

@@ -32,6 +32,8 @@ def test_parse_hook_names():
     for bad in ("powersgd", "threelc-s2.0", "threelc-s0.0", "zstd", "threelc-s1.0-inline-allgather", "allreduce-inline"):
         with pytest.raises(ValueError):
             parse_hook(bad)
+    with pytest.raises(ValueError, match=r"hook 'threelc-s2\.0': sparsity must be a number in \(0, 2\)"):
+        parse_hook("threelc-s2.0")  # the codec's own check, named after the hook
     assert len(FULL_HOOKS) == 10 and set(QUICK_HOOKS) <= set(FULL_HOOKS) | {"threelc-s1.0", "threelc-s1.9"}
 
 

@@ -250,6 +250,9 @@ def test_nonfinite_from_overflowing_residual():
         (dict(sparsity=0.0), ValueError, "sparsity"),
         (dict(sparsity=-0.5), ValueError, "sparsity"),
         (dict(sparsity=float("nan")), ValueError, "sparsity"),
+        (dict(sparsity="1.0"), ValueError, r"sparsity must be a number in \(0, 2\)"),  # not parsed from text
+        (dict(sparsity=True), ValueError, "sparsity"),
+        (dict(sparsity=1.99999999), ValueError, "sparsity"),  # 2.0 once rounded to float32
         (dict(segments=[3, 3]), ValueError, "sum to 6"),
         (dict(segments=[11, -1]), ValueError, "non-negative"),
         (dict(segments=[[10]]), ValueError, "1-D"),

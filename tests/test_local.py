@@ -561,7 +561,10 @@ def test_train_text_with_local_steps_counts_the_outer_bytes(tmp_path):
     sent = [line["sent_bytes"] for line in lines]
     assert sent[0] > sent[4] > 0 and sent[2] == sent[3] == sent[5] == 0  # warm-up allreduce, then one sync
     assert lines[4]["raw_bytes"] == 2 * lines[0]["raw_bytes"]  # the model's bytes, once per 3LC pass
-    assert json.loads((tmp_path / "config.json").read_text())["hook"] == "local-3lc"
+    config = json.loads((tmp_path / "config.json").read_text())
+    # No --sparsity/--collective: the config records what LocalSteps chose, not the per-step hook's defaults.
+    assert (config["hook"], config["sparsity"], config["collective"]) == (
+        "local-3lc", threelc.local.OUTER_SPARSITY, threelc.local.sync_exchange(2)["collective"])
 
 
 def test_train_text_with_overlap_finishes_the_last_sync(tmp_path):
@@ -575,6 +578,8 @@ def test_train_text_with_overlap_finishes_the_last_sync(tmp_path):
     assert [line["raw_bytes"] for line in lines] == [0, 0, 0, raw, raw] and raw > 0
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert ["sync_s" in record for record in metrics] == [False, True, False, True]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["hook"], config["sparsity"], config["collective"]) == ("local-fp32", None, None)  # no 3LC
 
 
 def test_local_steps_refuse_a_per_step_hook(tmp_path):

@@ -49,10 +49,13 @@ def check_segments(segments, count: int) -> np.ndarray:
 
 
 def check_sparsity(sparsity) -> np.float32:
-    """``sparsity`` as the float32 the payload records, checked to be in (0, 2)."""
-    sparsity32 = np.float32(sparsity)
+    """``sparsity`` as the float32 the payload records; ``ValueError`` unless it is a real number
+    (not a bool or a string) in (0, 2) as float32.  The one check of s: the hook's state, the
+    device codec and the benchmarks call it (the payload parser checks the same range on the wire)."""
+    real = isinstance(sparsity, (int, float, np.integer, np.floating)) and not isinstance(sparsity, (bool, np.bool_))
+    sparsity32 = np.float32(sparsity) if real else np.float32("nan")
     if not (np.isfinite(sparsity32) and 0.0 < sparsity32 < 2.0):
-        raise ValueError(f"sparsity must be in (0, 2) (as float32), got {sparsity!r}")
+        raise ValueError(f"sparsity must be a number in (0, 2) (as float32), got {sparsity!r}")
     return sparsity32
 
 

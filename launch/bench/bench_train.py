@@ -52,6 +52,8 @@ import sys
 import time
 from pathlib import Path
 
+from threelc.codec import check_sparsity
+
 __all__ = [
     "HookSpec",
     "Example",
@@ -137,10 +139,11 @@ def parse_hook(name: str) -> HookSpec:
         return HookSpec(name, plain)
     if rank:
         return HookSpec(name, "powersgd", powersgd_rank=int(rank))
-    value = float(sparsity)
-    if not 0.0 < value < 2.0:
-        raise ValueError(f"hook {name!r}: the sparsity multiplier must be in (0, 2)")
-    return HookSpec(name, "threelc", sparsity=value, collective=collective or "auto", header=header)
+    try:
+        check_sparsity(float(sparsity))
+    except ValueError as error:
+        raise ValueError(f"hook {name!r}: {error}") from None
+    return HookSpec(name, "threelc", sparsity=float(sparsity), collective=collective or "auto", header=header)
 
 
 #: The issue's matrix: fp32 allreduce, fp16, PowerSGD rank 1 and 4, 3LC at three s with each collective.

@@ -52,13 +52,14 @@ SYNC_EVERY = (1, 10, 50, 100)
 OUTERS = ("3lc", "fp32")
 
 
-def _local(sync_every: int, outer: str, sparsity: str = "1.0", collective: str = "scatter_reduce") -> tuple:
+def _local(sync_every: int, outer: str, sparsity: str | None = "1.0", collective: str | None = "scatter_reduce") -> tuple:
     """The options of H = ``sync_every`` local steps; 3LC outer syncs at ``sparsity`` through
     ``collective``, pinned: the variants made before LocalSteps' defaults (s =
     :data:`threelc.local.OUTER_SPARSITY`, :func:`threelc.local.sync_exchange`) ran at s = 1.0 with
-    scatter-reduce on 4 ranks.  ``h{H}-3lc-default`` leaves both to LocalSteps."""
+    scatter-reduce on 4 ranks.  None leaves that option to LocalSteps (``h{H}-3lc-default``)."""
+    pinned = (("--sparsity", sparsity), ("--collective", collective)) if outer == "3lc" else ()
     return ("--optimizer", "adamw", "--local-steps", str(sync_every), "--outer", outer,
-            *(("--sparsity", sparsity, "--collective", collective) if outer == "3lc" else ()))
+            *(part for option, value in pinned if value is not None for part in (option, value)))
 
 
 #: The AdamW benchmark's per-step runs this one compares against (same names, same options).
@@ -85,7 +86,7 @@ VARIANTS = {**{variant: ADAMW_VARIANTS[variant] for variant in PER_STEP},
             **{f"h{sync_every}-3lc-s0.5-allgather": _local(sync_every, "3lc", "0.5", "allgather")
                for sync_every in (50, 100)},
             # LocalSteps' own defaults (on 4 ranks: s = 0.5 through allgather, as the row above).
-            "h50-3lc-default": ("--optimizer", "adamw", "--local-steps", "50", "--outer", "3lc"),
+            "h50-3lc-default": _local(50, "3lc", sparsity=None, collective=None),
             # Overlap: each sync runs during the next round, its mean applied one round late.
             "h50-fp32-overlap": (*_local(50, "fp32"), "--outer-overlap"),
             "h50-3lc-p2-overlap": (*_local(50, "3lc"), "--outer-passes", "2", "--outer-overlap"),

@@ -219,8 +219,8 @@ def train(args, task: Task) -> dict:
                                         passes=args.outer_passes, warmup_steps=args.warmup_steps,
                                         overlap=args.outer_overlap, stats_dir=args.run_dir, sparsity=args.sparsity,
                                         collective=args.collective, scale=args.scale, block_size=args.block_size)
-            if args.outer == "3lc":
-                args.collective = handle.state.collective  # recorded in the run's config: what LocalSteps chose
+            if args.outer == "3lc":  # recorded in the run's config: what LocalSteps chose
+                args.sparsity, args.collective = handle.state.sparsity, handle.state.collective
         else:
             handle = attach_hook(ddp_model, args.hook, sparsity=args.sparsity, collective=args.collective,
                                  stats_dir=args.run_dir, powersgd_rank=args.powersgd_rank,
@@ -294,11 +294,9 @@ def main(argv, *, description: str, add_task_arguments: Callable, build_task: Ca
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    if args.sparsity is None:  # resolved here, so that the run's config records it
-        from threelc.local import OUTER_SPARSITY
-        args.sparsity = OUTER_SPARSITY if (args.local_steps is not None and args.outer == "3lc") else 1.0
-    if args.collective is None and args.local_steps is None:
-        args.collective = "auto"
+    if args.local_steps is None:  # the per-step hook's defaults (LocalSteps resolves its own), recorded in the config
+        args.sparsity = 1.0 if args.sparsity is None else args.sparsity
+        args.collective = "auto" if args.collective is None else args.collective
     if args.local_steps is not None and args.hook != "allreduce":
         parser.error("--local-steps replaces the per-step hook (its warm-up uses allreduce): drop --hook, and pick "
                      "the outer sync with --outer")

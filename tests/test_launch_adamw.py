@@ -106,7 +106,8 @@ def test_threelc_adamw_without_the_threelc_hook_refuses_to_train(tmp_path):
 
 def _fake_run(folder, val_loss, per_step, compressed):
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"eval_metric": "val_loss", "world_size": 2}))
+    (folder / "config.json").write_text(json.dumps({"eval_metric": "val_loss", "world_size": 2,
+                                                             "steps": len(per_step)}))
     (folder / "final.json").write_text("{}")
     for step, (sent, flag) in enumerate(zip(per_step, compressed)):
         append_jsonl(folder / "metrics.jsonl", {"step": step + 1, "loss": 1.0, "time": 0.0, "step_s": 0.0,
@@ -126,6 +127,9 @@ def test_bench_adamw_counts_warm_up_bytes_in_the_whole_run(tmp_path):
     assert ours["whole_ratio"] == pytest.approx(400 / 108) and ours["steady_ratio"] == pytest.approx(100 / (8 / 3))
     assert ours["loss_vs_allreduce"] == pytest.approx(0.01)
     assert "| ours-f20-doubling | 0 | 2.0200 | +1.00% | 1 |" in bench_adamw.markdown({"text": rows})
+    _fake_run(bench_adamw.run_folder(tmp_path, "text", "allreduce", 1), 2.0, [100] * 6, [False] * 6)
+    with pytest.raises(SystemExit, match=r"mix step counts \[4, 6\]"):  # never one table, one ratio
+        bench_adamw.summarize(tmp_path, ["text"], [0, 1])
 
 
 def test_bench_adamw_pins_the_exchange_plan_of_every_threelc_row():

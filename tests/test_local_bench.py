@@ -50,3 +50,18 @@ def test_emulated_runs_report_inner_step_and_sync_seconds(tmp_path):
     header, _, first = bench.markdown(rows, "100mbit").splitlines()[:3]
     assert header.endswith("| wall s @ 100mbit | inner step s | s per sync |")
     assert first.endswith("| 12 | 0.350 | |")
+
+
+def test_a_run_of_another_length_is_not_reused_or_mixed(tmp_path):
+    folder = tmp_path / "text-allreduce-seed0"
+    assert not bench.finished(folder, 3000)  # nothing there yet: train it
+    folder.mkdir()
+    (folder / "config.json").write_text('{"steps": 1000}')
+    assert not bench.finished(folder, 1000)  # no final.json: an unfinished run is rerun
+    (folder / "final.json").write_text("{}")
+    assert bench.finished(folder, 1000)
+    with pytest.raises(SystemExit, match="holds a 1000-step run, not 3000 steps"):
+        bench.finished(folder, 3000)  # a 1,000-step baseline under 3,000-step variants would skew every ratio
+    assert bench.run_length([{"steps": 3000}, {"steps": 3000}]) == 3000 and bench.run_length([]) == 0
+    with pytest.raises(SystemExit, match=r"mix step counts \[1000, 3000\]"):
+        bench.run_length([{"steps": 1000}, {"steps": 3000}])

@@ -122,10 +122,30 @@ def run_folder(out: Path, task: str, variant: str, seed: int) -> Path:
     return out / f"{task}-{variant}-seed{seed}"
 
 
+def finished(folder: Path, steps: int) -> bool:
+    """Whether ``folder`` holds a finished run of ``steps`` steps, to be reused rather than rerun.
+    ``SystemExit`` if it holds a run of another length: reusing it would compare runs of different
+    lengths (e.g. a 1,000-step allreduce against 3,000-step variants) under one table."""
+    if not (folder / "final.json").exists():
+        return False
+    held = json.loads((folder / "config.json").read_text())["steps"]
+    if held != steps:
+        raise SystemExit(f"{folder} holds a {held}-step run, not {steps} steps: give another --out")
+    return True
+
+
+def run_length(runs) -> int:
+    """The one step count of ``runs`` (``measure``'s records); ``SystemExit`` if they mix lengths."""
+    lengths = {run["steps"] for run in runs}
+    if len(lengths) > 1:
+        raise SystemExit(f"the runs mix step counts {sorted(lengths)}: keep each length in its own --out")
+    return lengths.pop() if lengths else 0
+
+
 def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int) -> Path:
-    """One training run (skipped when its folder already holds final.json)."""
+    """One training run (skipped when its folder already holds a finished run of ``steps`` steps)."""
     folder = run_folder(out, task, variant, seed)
-    if (folder / "final.json").exists():
+    if finished(folder, steps):
         return folder
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     port = port or _free_port()
@@ -154,7 +174,7 @@ def measure(folder: Path) -> dict:
     evaluated = [record for record in run.metrics if "val_loss" in record]
     return {"val_loss": evaluated[-1]["val_loss"], "whole_bytes": whole,
             "steady_bytes": statistics.mean(compressed or every), "full_precision_steps": full_steps,
-            "steps": len(run.metrics)}
+            "steps": run.config["steps"]}
 
 
 def summarize(out: Path, tasks, seeds) -> dict:
@@ -169,6 +189,7 @@ def summarize(out: Path, tasks, seeds) -> dict:
                 rows[variant] = {"seeds": sorted(runs), "runs": runs,
                                  **{key: statistics.mean(run[key] for run in runs.values())
                                     for key in ("val_loss", "whole_bytes", "steady_bytes", "full_precision_steps")}}
+        run_length(run for row in rows.values() for run in row["runs"].values())
         base = rows.get("allreduce")
         for row in rows.values():
             if base:

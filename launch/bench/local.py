@@ -44,7 +44,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, measure, run_folder, TASKS, update_section
+from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, finished, measure, run_folder, run_length, TASKS, update_section
 
 __all__ = ["VARIANTS", "PLAN", "main"]
 
@@ -114,10 +114,10 @@ def _command(variant: str, seed: int, steps: int) -> list:
 
 
 def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_rate: str | None = None) -> Path:
-    """One training run (skipped when its folder already holds final.json); under ``emulate_rate``
-    on ``nproc`` emulated nodes linked at that rate."""
+    """One training run (skipped when its folder already holds a finished run of ``steps`` steps);
+    under ``emulate_rate`` on ``nproc`` emulated nodes linked at that rate."""
     folder = run_folder(out, TASK, variant, seed)
-    if (folder / "final.json").exists():
+    if finished(folder, steps):
         return folder
     command = _command(variant, seed, steps)
     print(variant, "seed", seed, " ".join(command), flush=True)
@@ -146,6 +146,7 @@ def summarize(out: Path) -> dict:
             rows[variant] = {"seeds": sorted(runs), "runs": runs,
                              **{key: statistics.mean(run[key] for run in runs.values())
                                 for key in ("val_loss", "whole_bytes", "steady_bytes")}}
+    run_length(run for row in rows.values() for run in row["runs"].values())  # one length per table
     base = rows.get("allreduce")
     for row in rows.values():
         row["link_s"] = {name: row["whole_bytes"] * 8 / rate for name, rate in LINK_RATES.items()}
@@ -247,7 +248,8 @@ def plot(rows: dict, path: Path) -> None:
                           color="tab:green", alpha=0.12, label="target: <= +2% loss at >= 1,000x fewer bytes")
     axis.set_ylim(min(row["val_loss"] for row in rows.values()) - 0.05, top)
     axis.set_xlabel("MB sent per rank, whole run (log)")
-    axis.set_ylabel("validation loss after 1,000 steps (nats/byte)")
+    steps = run_length(run for row in rows.values() for run in row["runs"].values())
+    axis.set_ylabel(f"validation loss after {steps:,} steps (nats/byte)" if steps else "validation loss (nats/byte)")
     axis.set_title("char transformer, AdamW, 4 ranks: local steps against per-step compression", fontsize=10)
     axis.grid(alpha=0.3)
     # Below the axes: inside, it hid the labels of the runs drawn at the top edge.

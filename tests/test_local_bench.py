@@ -65,3 +65,18 @@ def test_a_run_of_another_length_is_not_reused_or_mixed(tmp_path):
     assert bench.run_length([{"steps": 3000}, {"steps": 3000}]) == 3000 and bench.run_length([]) == 0
     with pytest.raises(SystemExit, match=r"mix step counts \[1000, 3000\]"):
         bench.run_length([{"steps": 1000}, {"steps": 3000}])
+
+
+def test_the_gap_along_the_run_is_reported_per_seed_against_allreduce():
+    def row(curves):
+        return {"seeds": sorted(curves), "runs": {seed: {"steps": 2000, "curve": curve} for seed, curve in curves.items()}}
+
+    rows = {"allreduce": row({0: {1000: 2.0, 2000: 1.5}, 1: {1000: 1.0, 2000: 1.0}}),
+            "h50-fp32": row({0: {1000: 2.2, 2000: 1.53}, 1: {1000: 1.0, 2000: 1.01}})}
+    header, _, base, local = bench.curve_markdown(rows).splitlines()
+    assert header == "| variant | seeds | val loss @ 1,000 | vs allreduce | val loss @ 2,000 | vs allreduce |"
+    assert base == "| allreduce | 0,1 | 1.5000 | +0.00% | 1.2500 | +0.00% |"
+    assert local == "| h50-fp32 | 0,1 | 1.6000 | +5.00% | 1.2700 | +1.50% |"  # (+10% + 0%) / 2, (+2% + 1%) / 2
+    for run in (*rows["allreduce"]["runs"].values(), *rows["h50-fp32"]["runs"].values()):
+        run["steps"] = 1000
+    assert bench.curve_markdown(rows) == ""  # one mark: the main table already says it

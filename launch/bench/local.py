@@ -140,7 +140,7 @@ def summarize(out: Path) -> dict:
     rows = {}
     for variant in VARIANTS:
         folders = sorted(out.glob(f"{TASK}-{variant}-seed*"))
-        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), **_times(folder)}
+        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), **_times(folder), "curve": _curve(folder)}
                 for folder in folders if (folder / "final.json").exists()}
         if runs:
             rows[variant] = {"seeds": sorted(runs), "runs": runs,
@@ -171,6 +171,37 @@ def _times(folder: Path) -> dict:
     syncs = [record["sync_s"] for record in metrics if "sync_s" in record]
     return {"wall_s": final.get("wall_s"), "inner_step_s": statistics.median(steps) if steps else None,
             "sync_s": statistics.mean(syncs) if syncs else None}
+
+
+def _curve(folder: Path) -> dict:
+    """Validation loss at each evaluation of one run: {step: loss}."""
+    records = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return {record["step"]: record["val_loss"] for record in records if "val_loss" in record}
+
+
+def curve_markdown(rows: dict, every: int = 1000) -> str:
+    """Validation loss every ``every`` steps (mean over seeds) and its mean per-seed ratio to
+    allreduce at that step: how the gap moves with the run's length.  Empty for runs shorter than
+    two marks."""
+    steps = run_length(run for row in rows.values() for run in row["runs"].values())
+    marks = list(range(every, steps + 1, every))
+    base = rows.get("allreduce")
+    if len(marks) < 2 or not base:
+        return ""
+    lines = ["| variant | seeds | " + " | ".join(f"val loss @ {mark:,} | vs allreduce" for mark in marks) + " |",
+             "|---|---|" + "---|---|" * len(marks)]
+    for variant, row in rows.items():
+        common = [seed for seed in row["seeds"] if seed in base["seeds"]]
+        cells = []
+        for mark in marks:
+            losses = [row["runs"][seed]["curve"].get(mark) for seed in row["seeds"]]
+            ratios = [row["runs"][seed]["curve"].get(mark, float("nan")) / base["runs"][seed]["curve"][mark] - 1
+                      for seed in common if mark in base["runs"][seed]["curve"]]
+            mean = statistics.mean(losses) if None not in losses else None
+            cells.append(("" if mean is None else f"{mean:.4f}") + " | " +
+                         (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
+        lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def by_bytes(rows: dict) -> dict:
@@ -286,14 +317,15 @@ def main(argv=None) -> int:
     rows = summarize(out)
     (out / "local.json").write_text(json.dumps(rows, indent=1, default=str))
     text = markdown(rows, args.emulate)
-    (out / "local.md").write_text(text)
+    curve = curve_markdown(rows)
+    (out / "local.md").write_text(text + (f"\nValidation loss along the run:\n\n{curve}" if curve else ""))
     plot(rows, out / "local_frontier.png")
     if args.docs:
         docs = Path(args.docs)
         update_section(docs / "LOCAL.md", "bench_local", text)
         update_section(docs / "benchmarks.md", "bench_local_frontier", markdown(by_bytes(rows), args.emulate))
         plot(rows, docs / "bench" / "local_frontier.png")
-    print(text)
+    print(text + (f"\n{curve}" if curve else ""))
     return 0
 
 

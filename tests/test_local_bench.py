@@ -54,14 +54,17 @@ def test_emulated_runs_report_inner_step_and_sync_seconds(tmp_path):
 
 def test_a_run_of_another_length_is_not_reused_or_mixed(tmp_path):
     folder = tmp_path / "text-allreduce-seed0"
-    assert not bench.finished(folder, 3000)  # nothing there yet: train it
+    assert not bench.finished(folder, steps=3000)  # nothing there yet: train it
     folder.mkdir()
-    (folder / "config.json").write_text('{"steps": 1000}')
-    assert not bench.finished(folder, 1000)  # no final.json: an unfinished run is rerun
+    (folder / "config.json").write_text('{"steps": 1000, "args": {"steps": 1000, "corpus_chars": 1000000}}')
+    assert not bench.finished(folder, steps=1000)  # no final.json: an unfinished run is rerun
     (folder / "final.json").write_text("{}")
-    assert bench.finished(folder, 1000)
-    with pytest.raises(SystemExit, match="holds a 1000-step run, not 3000 steps"):
-        bench.finished(folder, 3000)  # a 1,000-step baseline under 3,000-step variants would skew every ratio
+    assert bench.finished(folder, steps=1000, corpus_chars=1_000_000)
+    with pytest.raises(SystemExit, match=r"holds a run with \{'steps': 1000\}, not \{'steps': 3000"):
+        bench.finished(folder, steps=3000)  # a 1,000-step baseline under 3,000-step variants would skew every ratio
+    with pytest.raises(SystemExit, match="'corpus_chars': 1000000"):
+        bench.finished(folder, steps=1000, corpus_chars=4_000_000)  # nor one trained on another corpus
+    assert "--corpus-chars" in bench._command("h50-fp32", 0, 1000)  # recorded in every run's config
     assert bench.run_length([{"steps": 3000}, {"steps": 3000}]) == 3000 and bench.run_length([]) == 0
     with pytest.raises(SystemExit, match=r"mix step counts \[1000, 3000\]"):
         bench.run_length([{"steps": 1000}, {"steps": 3000}])

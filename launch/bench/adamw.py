@@ -122,15 +122,17 @@ def run_folder(out: Path, task: str, variant: str, seed: int) -> Path:
     return out / f"{task}-{variant}-seed{seed}"
 
 
-def finished(folder: Path, steps: int) -> bool:
-    """Whether ``folder`` holds a finished run of ``steps`` steps, to be reused rather than rerun.
-    ``SystemExit`` if it holds a run of another length: reusing it would compare runs of different
-    lengths (e.g. a 1,000-step allreduce against 3,000-step variants) under one table."""
+def finished(folder: Path, **expected) -> bool:
+    """Whether ``folder`` holds a finished run made with the training options ``expected`` (names
+    as in its config's ``args``, e.g. ``steps=3000``), to be reused rather than rerun.
+    ``SystemExit`` if it holds one made with other values: reusing it would put, say, a 1,000-step
+    allreduce under 3,000-step variants in one table and skew every ratio."""
     if not (folder / "final.json").exists():
         return False
-    held = json.loads((folder / "config.json").read_text())["steps"]
-    if held != steps:
-        raise SystemExit(f"{folder} holds a {held}-step run, not {steps} steps: give another --out")
+    held = json.loads((folder / "config.json").read_text())["args"]
+    other = {key: held.get(key) for key, value in expected.items() if held.get(key) != value}
+    if other:
+        raise SystemExit(f"{folder} holds a run with {other}, not {expected}: give another --out")
     return True
 
 
@@ -145,7 +147,7 @@ def run_length(runs) -> int:
 def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int) -> Path:
     """One training run (skipped when its folder already holds a finished run of ``steps`` steps)."""
     folder = run_folder(out, task, variant, seed)
-    if finished(folder, steps):
+    if finished(folder, steps=steps):
         return folder
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     port = port or _free_port()

@@ -108,18 +108,23 @@ TASK = "text"
 LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}
 
 
-def _command(variant: str, seed: int, steps: int) -> list:
+#: The text example's corpus size (its ``--corpus-chars`` default): 1 MB of the standard library.
+CORPUS_CHARS = 1_000_000
+
+
+def _command(variant: str, seed: int, steps: int, corpus_chars: int = CORPUS_CHARS) -> list:
     return ["-m", TASKS[TASK], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed), "--eval-every", "100",
-            "--no-progress"]
+            "--corpus-chars", str(corpus_chars), "--no-progress"]
 
 
-def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_rate: str | None = None) -> Path:
-    """One training run (skipped when its folder already holds a finished run of ``steps`` steps);
-    under ``emulate_rate`` on ``nproc`` emulated nodes linked at that rate."""
+def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_rate: str | None = None,
+          corpus_chars: int = CORPUS_CHARS) -> Path:
+    """One training run (skipped when its folder already holds a finished run of ``steps`` steps on
+    the same corpus); under ``emulate_rate`` on ``nproc`` emulated nodes linked at that rate."""
     folder = run_folder(out, TASK, variant, seed)
-    if finished(folder, steps):
+    if finished(folder, steps=steps, corpus_chars=corpus_chars):
         return folder
-    command = _command(variant, seed, steps)
+    command = _command(variant, seed, steps, corpus_chars)
     print(variant, "seed", seed, " ".join(command), flush=True)
     if emulate_rate is not None:
         from ..cluster.emulate import emulate
@@ -297,6 +302,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds PLAN's indices name")
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
                         help="run only these, with every seed (default: PLAN, in its order)")
+    parser.add_argument("--corpus-chars", type=int, default=CORPUS_CHARS,
+                        help="the text example's corpus size in bytes (default: %(default)s; the standard library "
+                             "holds ~4.7 MB): a larger one is fewer passes over the training text in a long run")
     parser.add_argument("--nproc", type=int, default=4, help="ranks, or emulated nodes (default: %(default)s)")
     parser.add_argument("--emulate", default=None, metavar="RATE",
                         help="run on emulated nodes linked at RATE (tc syntax, e.g. 100mbit; root), into "
@@ -313,7 +321,7 @@ def main(argv=None) -> int:
         plan = ([(variant, seed) for variant in args.variants for seed in args.seeds] if args.variants else
                 [(variant, args.seeds[index]) for variant, index in PLAN if index < len(args.seeds)])
         for variant, seed in plan:
-            train(out, variant, seed, args.steps, args.nproc, args.emulate)
+            train(out, variant, seed, args.steps, args.nproc, args.emulate, args.corpus_chars)
     rows = summarize(out)
     (out / "local.json").write_text(json.dumps(rows, indent=1, default=str))
     text = markdown(rows, args.emulate)

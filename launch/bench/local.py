@@ -186,15 +186,17 @@ def _curve(folder: Path) -> dict:
 
 def curve_markdown(rows: dict, every: int = 1000) -> str:
     """Validation loss every ``every`` steps (mean over seeds) and its mean per-seed ratio to
-    allreduce at that step: how the gap moves with the run's length.  Empty for runs shorter than
-    two marks."""
+    allreduce at that step: how the gap moves with the run's length; last, each run's best
+    evaluation against allreduce's best (of the same seed), so that a baseline whose validation
+    loss has turned up by the end does not flatter the others.  Empty for runs shorter than two
+    marks."""
     steps = run_length(run for row in rows.values() for run in row["runs"].values())
     marks = list(range(every, steps + 1, every))
     base = rows.get("allreduce")
     if len(marks) < 2 or not base:
         return ""
-    lines = ["| variant | seeds | " + " | ".join(f"val loss @ {mark:,} | vs allreduce" for mark in marks) + " |",
-             "|---|---|" + "---|---|" * len(marks)]
+    lines = ["| variant | seeds | " + " | ".join(f"val loss @ {mark:,} | vs allreduce" for mark in marks) +
+             " | best val loss | vs allreduce's best |", "|---|---|" + "---|---|" * (len(marks) + 1)]
     for variant, row in rows.items():
         common = [seed for seed in row["seeds"] if seed in base["seeds"]]
         cells = []
@@ -205,6 +207,10 @@ def curve_markdown(rows: dict, every: int = 1000) -> str:
             mean = statistics.mean(losses) if None not in losses else None
             cells.append(("" if mean is None else f"{mean:.4f}") + " | " +
                          (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
+        best = {seed: min(row["runs"][seed]["curve"].values()) for seed in row["seeds"]}
+        ratios = [best[seed] / min(base["runs"][seed]["curve"].values()) - 1 for seed in common]
+        cells.append(f"{statistics.mean(best.values()):.4f} | " +
+                     (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
         lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,8 @@ seed, the others (:data:`FRONTIER`) with the first seed only.  Per run:
   :mod:`threelc.launch.examples.comm`), mean over ranks;
 * steady-state bytes: the mean per compressed step.
 
-Ratios are allreduce's bytes (same task, same seed set) divided by the variant's.  Writes
+Runs of 2,000 steps or more add a table of the validation loss every 1,000 steps, and of each run's
+best evaluation, against allreduce (:func:`.runfolders.curve_markdown`).  Ratios are allreduce's bytes (same task, same seed set) divided by the variant's.  Writes
 ``{out}/adamw.json``, ``{out}/adamw.md`` (the table) and ``{out}/adamw_frontier.png``; with
 ``--doc`` the table replaces the text between the ``<!-- bench_adamw -->`` markers of that file
 and the plot goes to ``docs/bench/adamw_frontier.png``.
@@ -28,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from ..runs.runlog import load_run
+from .runfolders import curve_markdown, finished, free_port, measure, run_folder, table_length, update_section
 
 __all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
 
@@ -118,65 +118,25 @@ TASKS = {"text": "threelc.launch.examples.train_text", "gpt2": "threelc.launch.e
 MARKER_BEGIN, MARKER_END = "<!-- bench_adamw:begin -->", "<!-- bench_adamw:end -->"
 
 
-def run_folder(out: Path, task: str, variant: str, seed: int) -> Path:
-    return out / f"{task}-{variant}-seed{seed}"
+#: Both examples' corpus size (their ``--corpus-chars`` default): 1 MB of the standard library.
+CORPUS_CHARS = 1_000_000
 
 
-def finished(folder: Path, **expected) -> bool:
-    """Whether ``folder`` holds a finished run made with the training options ``expected`` (names
-    as in its config's ``args``, e.g. ``steps=3000``), to be reused rather than rerun.
-    ``SystemExit`` if it holds one made with other values: reusing it would put, say, a 1,000-step
-    allreduce under 3,000-step variants in one table and skew every ratio."""
-    if not (folder / "final.json").exists():
-        return False
-    held = json.loads((folder / "config.json").read_text())["args"]
-    other = {key: held.get(key) for key, value in expected.items() if held.get(key) != value}
-    if other:
-        raise SystemExit(f"{folder} holds a run with {other}, not {expected}: give another --out")
-    return True
-
-
-def run_length(runs) -> int:
-    """The one step count of ``runs`` (``measure``'s records); ``SystemExit`` if they mix lengths."""
-    lengths = {run["steps"] for run in runs}
-    if len(lengths) > 1:
-        raise SystemExit(f"the runs mix step counts {sorted(lengths)}: keep each length in its own --out")
-    return lengths.pop() if lengths else 0
-
-
-def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int) -> Path:
-    """One training run (skipped when its folder already holds a finished run of ``steps`` steps)."""
+def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int,
+          corpus_chars: int = CORPUS_CHARS) -> Path:
+    """One training run (skipped when its folder already holds a finished run of ``steps`` steps on
+    the same corpus)."""
     folder = run_folder(out, task, variant, seed)
-    if finished(folder, steps=steps):
+    if finished(folder, steps=steps, corpus_chars=corpus_chars):
         return folder
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    port = port or _free_port()
+    port = port or free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(port), "-m", TASKS[task], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed),
-               "--eval-every", "100", "--no-progress", "--run-dir", str(folder)]
+               "--eval-every", "100", "--corpus-chars", str(corpus_chars), "--no-progress", "--run-dir", str(folder)]
     print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, env=env)
     return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def measure(folder: Path) -> dict:
-    """Final validation loss and bytes of one finished run folder."""
-    run = load_run(folder)
-    ranks = list(run.hook.values())
-    whole = statistics.mean(sum(line["sent_bytes"] for line in lines) for lines in ranks)
-    compressed = [line["sent_bytes"] for lines in ranks for line in lines if line["compressed"]]
-    every = [line["sent_bytes"] for lines in ranks for line in lines]
-    full_steps = sum(not line["compressed"] for line in ranks[0])
-    evaluated = [record for record in run.metrics if "val_loss" in record]
-    return {"val_loss": evaluated[-1]["val_loss"], "whole_bytes": whole,
-            "steady_bytes": statistics.mean(compressed or every), "full_precision_steps": full_steps,
-            "steps": run.config["steps"]}
 
 
 def summarize(out: Path, tasks, seeds) -> dict:
@@ -191,7 +151,7 @@ def summarize(out: Path, tasks, seeds) -> dict:
                 rows[variant] = {"seeds": sorted(runs), "runs": runs,
                                  **{key: statistics.mean(run[key] for run in runs.values())
                                     for key in ("val_loss", "whole_bytes", "steady_bytes", "full_precision_steps")}}
-        run_length(run for row in rows.values() for run in row["runs"].values())
+        table_length(rows)  # one length per table
         base = rows.get("allreduce")
         for row in rows.values():
             if base:
@@ -220,6 +180,10 @@ def markdown(table: dict) -> str:
                          f"{row.get('whole_ratio', 0):.1f} | {row.get('steady_ratio', 0):.1f} | "
                          f"{' '.join(f'{value * 100:+.2f}%' for value in row.get('per_seed_vs_allreduce', {}).values())} |")
         lines.append("")
+        curve = curve_markdown(rows)
+        if curve:  # runs of 2,000 steps or more: how the gap moved along the run
+            lines += [f"**{task}**, validation loss along the run (mean over seeds; gaps: mean of per-seed ratios)", "",
+                      curve]
     return "\n".join(lines)
 
 
@@ -244,18 +208,6 @@ def plot(table: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def update_section(doc: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in ``doc``
-    (each marker on its own line; the rest of the file stays byte for byte)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    content = doc.read_text()
-    if begin not in content or end not in content:
-        raise SystemExit(f"{doc} has no {begin} ... {end} section")
-    head, rest = content.split(begin, 1)
-    body = text if text.endswith("\n") else text + "\n"
-    doc.write_text(f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}")
-
-
 def update_doc(doc: Path, text: str) -> None:
     """Replace this benchmark's section (between :data:`MARKER_BEGIN` and :data:`MARKER_END`)."""
     update_section(doc, "bench_adamw", text)
@@ -269,6 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=None,
                         help="run only these (all seeds); default: MAIN with every seed, then FRONTIER with the first")
+    parser.add_argument("--corpus-chars", type=int, default=CORPUS_CHARS,
+                        help="the examples' corpus size in bytes (default: %(default)s; the standard library holds "
+                             "~4.7 MB): a larger one is fewer passes over the training text in a long run")
     parser.add_argument("--nproc", type=int, default=4, help="ranks (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="torchrun master port (default: a free one per run)")
     parser.add_argument("--report-only", action="store_true", help="only summarize the folders that exist")
@@ -282,7 +237,7 @@ def main(argv=None) -> int:
                 [(variant, args.seeds[0]) for variant in FRONTIER])
         for task in args.tasks:
             for variant, seed in plan:
-                train(out, task, variant, seed, args.steps, args.nproc, args.port)
+                train(out, task, variant, seed, args.steps, args.nproc, args.port, args.corpus_chars)
     table = summarize(out, args.tasks, args.seeds)
     (out / "adamw.json").write_text(json.dumps(table, indent=1, default=str))
     text = markdown(table)

@@ -13,7 +13,7 @@ folders (:data:`PER_STEP`: ``text-allreduce-seed*``, ``text-ours-f20-doubling-se
 ``text-powersgd-r1-seed*``, ``text-powersgd-r4-seed*``) can be copied in and are read as they
 are; missing baselines are trained.  A folder that holds ``final.json`` is reused.
 Loss and bytes are measured exactly as the AdamW benchmark measures them
-(:func:`threelc.launch.bench.adamw.measure`: every rank's ``hook-rank*.jsonl`` summed over the
+(:func:`threelc.launch.bench.runfolders.measure`: every rank's ``hook-rank*.jsonl`` summed over the
 run, warm-up allreduces and outer syncs included, mean over ranks).
 
 The ``link s`` columns are the whole-run bytes of one rank divided by a link rate: the time the
@@ -44,7 +44,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .adamw import VARIANTS as ADAMW_VARIANTS, _free_port, finished, measure, run_folder, run_length, TASKS, update_section
+from .adamw import VARIANTS as ADAMW_VARIANTS, TASKS
+from .runfolders import curve_markdown, finished, free_port, measure, run_folder, table_length, update_section
 
 __all__ = ["VARIANTS", "PLAN", "main"]
 
@@ -136,7 +137,7 @@ def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_ra
         return folder
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-                    str(_free_port()), *command, "--run-dir", str(folder)], check=True, env=env)
+                    str(free_port()), *command, "--run-dir", str(folder)], check=True, env=env)
     return folder
 
 
@@ -145,13 +146,13 @@ def summarize(out: Path) -> dict:
     rows = {}
     for variant in VARIANTS:
         folders = sorted(out.glob(f"{TASK}-{variant}-seed*"))
-        runs = {int(folder.name.rsplit("seed", 1)[1]): {**measure(folder), **_times(folder), "curve": _curve(folder)}
+        runs = {int(folder.name.rsplit("seed", 1)[1]): measure(folder)
                 for folder in folders if (folder / "final.json").exists()}
         if runs:
             rows[variant] = {"seeds": sorted(runs), "runs": runs,
                              **{key: statistics.mean(run[key] for run in runs.values())
                                 for key in ("val_loss", "whole_bytes", "steady_bytes")}}
-    run_length(run for row in rows.values() for run in row["runs"].values())  # one length per table
+    table_length(rows)  # one length per table
     base = rows.get("allreduce")
     for row in rows.values():
         row["link_s"] = {name: row["whole_bytes"] * 8 / rate for name, rate in LINK_RATES.items()}
@@ -165,54 +166,6 @@ def summarize(out: Path) -> dict:
             row["loss_vs_allreduce"] = (statistics.mean(row["per_seed_vs_allreduce"].values()) if common else None)
             row["whole_ratio"] = base["whole_bytes"] / row["whole_bytes"]
     return rows
-
-
-def _times(folder: Path) -> dict:
-    """Rank 0's wall time, median inner step and mean outer sync on the training thread (None
-    where the run did not record them)."""
-    final = json.loads((folder / "final.json").read_text())
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [record["step_s"] for record in metrics if "step_s" in record]
-    syncs = [record["sync_s"] for record in metrics if "sync_s" in record]
-    return {"wall_s": final.get("wall_s"), "inner_step_s": statistics.median(steps) if steps else None,
-            "sync_s": statistics.mean(syncs) if syncs else None}
-
-
-def _curve(folder: Path) -> dict:
-    """Validation loss at each evaluation of one run: {step: loss}."""
-    records = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
-    return {record["step"]: record["val_loss"] for record in records if "val_loss" in record}
-
-
-def curve_markdown(rows: dict, every: int = 1000) -> str:
-    """Validation loss every ``every`` steps (mean over seeds) and its mean per-seed ratio to
-    allreduce at that step: how the gap moves with the run's length; last, each run's best
-    evaluation against allreduce's best (of the same seed), so that a baseline whose validation
-    loss has turned up by the end does not flatter the others.  Empty for runs shorter than two
-    marks."""
-    steps = run_length(run for row in rows.values() for run in row["runs"].values())
-    marks = list(range(every, steps + 1, every))
-    base = rows.get("allreduce")
-    if len(marks) < 2 or not base:
-        return ""
-    lines = ["| variant | seeds | " + " | ".join(f"val loss @ {mark:,} | vs allreduce" for mark in marks) +
-             " | best val loss | vs allreduce's best |", "|---|---|" + "---|---|" * (len(marks) + 1)]
-    for variant, row in rows.items():
-        common = [seed for seed in row["seeds"] if seed in base["seeds"]]
-        cells = []
-        for mark in marks:
-            losses = [row["runs"][seed]["curve"].get(mark) for seed in row["seeds"]]
-            ratios = [row["runs"][seed]["curve"].get(mark, float("nan")) / base["runs"][seed]["curve"][mark] - 1
-                      for seed in common if mark in base["runs"][seed]["curve"]]
-            mean = statistics.mean(losses) if None not in losses else None
-            cells.append(("" if mean is None else f"{mean:.4f}") + " | " +
-                         (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
-        best = {seed: min(row["runs"][seed]["curve"].values()) for seed in row["seeds"]}
-        ratios = [best[seed] / min(base["runs"][seed]["curve"].values()) - 1 for seed in common]
-        cells.append(f"{statistics.mean(best.values()):.4f} | " +
-                     (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
-        lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def by_bytes(rows: dict) -> dict:
@@ -290,7 +243,7 @@ def plot(rows: dict, path: Path) -> None:
                           color="tab:green", alpha=0.12, label="target: <= +2% loss at >= 1,000x fewer bytes")
     axis.set_ylim(min(row["val_loss"] for row in rows.values()) - 0.05, top)
     axis.set_xlabel("MB sent per rank, whole run (log)")
-    steps = run_length(run for row in rows.values() for run in row["runs"].values())
+    steps = table_length(rows)
     axis.set_ylabel(f"validation loss after {steps:,} steps (nats/byte)" if steps else "validation loss (nats/byte)")
     axis.set_title("char transformer, AdamW, 4 ranks: local steps against per-step compression", fontsize=10)
     axis.grid(alpha=0.3)

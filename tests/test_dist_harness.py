@@ -29,3 +29,27 @@ def _ranks_return(rank, world_size):
 
 def test_ranks_that_finish_return_their_results_in_rank_order():
     assert run_ranks(_ranks_return, 2) == [0, 10]
+
+
+def _rank_aborts_in_teardown(rank, world_size):
+    import atexit
+
+    atexit.register(os.abort)  # stands in for gloo's occasional abort in interpreter teardown
+    return rank
+
+
+def test_a_passing_rank_leaves_without_the_interpreter_teardown():
+    """A rank whose test passed (result saved, process group destroyed) exits before interpreter
+    teardown, where gloo's threads aborted now and then under heavy oversubscription."""
+    assert run_ranks(_rank_aborts_in_teardown, 2) == [0, 1]
+
+
+def _rank_one_raises(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank 1's check failed")
+    return rank
+
+
+def test_a_rank_that_raises_is_reported_with_its_traceback():
+    with pytest.raises(AssertionError, match="rank 1's check failed"):
+        run_ranks(_rank_one_raises, 2, timeout_s=120)

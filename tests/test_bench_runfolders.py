@@ -66,14 +66,15 @@ def test_the_gap_along_the_run_is_reported_per_seed_against_allreduce():
     def row(curves):
         return {"seeds": sorted(curves), "runs": {seed: {"steps": 2000, "curve": curve} for seed, curve in curves.items()}}
 
-    rows = {"allreduce": row({0: {1000: 2.0, 2000: 1.5}, 1: {1000: 1.0, 2000: 1.0}}),
-            "h50-fp32": row({0: {1000: 2.2, 2000: 1.53}, 1: {1000: 1.0, 2000: 1.01}})}
+    rows = {"allreduce": row({0: {1000: 2.0, 1400: 1.6, 1500: 1.6, 2000: 1.5}, 1: {1000: 1.0, 1500: 1.0, 2000: 1.0}}),
+            "h50-fp32": row({0: {1000: 2.2, 1400: 1.0, 1500: 1.67, 2000: 1.53}, 1: {1000: 1.0, 1500: 1.0, 2000: 1.01}})}
     header, _, base, local = runfolders.curve_markdown(rows).splitlines()
     assert header == ("| variant | seeds | val loss @ 1,000 | vs allreduce | val loss @ 2,000 | vs allreduce | "
-                      "best val loss | vs allreduce's best |")
-    assert base == "| allreduce | 0,1 | 1.5000 | +0.00% | 1.2500 | +0.00% | 1.2500 | +0.00% |"
-    # (+10% + 0%) / 2, (+2% + 1%) / 2; the best: seed 0's 1.53 against 1.5, seed 1's 1.0 (step 1,000) against 1.0
-    assert local == "| h50-fp32 | 0,1 | 1.6000 | +5.00% | 1.2700 | +1.50% | 1.2650 | +1.00% |"
+                      "mean val loss, last 500 steps | vs allreduce | best val loss | vs allreduce's best |")
+    assert base == "| allreduce | 0,1 | 1.5000 | +0.00% | 1.2500 | +0.00% | 1.2750 | +0.00% | 1.2500 | +0.00% |"
+    # (+10% + 0%) / 2, (+2% + 1%) / 2; the last 500 steps (1,500 and 2,000; not 1,400): seed 0's 1.6 against
+    # 1.55, seed 1's 1.005 against 1.0; the best: seed 0's 1.0 (step 1,400) against 1.5, seed 1's 1.0 against 1.0
+    assert local == ("| h50-fp32 | 0,1 | 1.6000 | +5.00% | 1.2700 | +1.50% | 1.3025 | +1.86% | 1.0000 | -16.67% |")
     for run in (*rows["allreduce"]["runs"].values(), *rows["h50-fp32"]["runs"].values()):
         run["steps"] = 1000
     assert runfolders.curve_markdown(rows) == ""  # one mark: the main table already says it

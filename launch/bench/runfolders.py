@@ -84,17 +84,26 @@ def _times(run: Run) -> dict:
 
 def curve_markdown(rows: dict, every: int = 1000) -> str:
     """Validation loss every ``every`` steps (mean over seeds) and its mean per-seed ratio to
-    allreduce at that step: how the gap moves with the run's length; last, each run's best
-    evaluation against allreduce's best (of the same seed), so that a baseline whose validation
-    loss has turned up by the end does not flatter the others.  ``rows``: variant -> ``{"seeds",
-    "runs": {seed: measure(...)}}``, allreduce among them.  Empty for runs shorter than two marks."""
+    allreduce at that step: how the gap moves with the run's length.  Then two summaries less
+    noisy than one final evaluation: each run's mean over its evaluations in the last ``every / 2``
+    steps (the last one included), against allreduce's same mean; and each run's best evaluation
+    against allreduce's best (of the same seed), so that a baseline whose validation loss has turned
+    up by the end does not flatter the others.  ``rows``: variant -> ``{"seeds", "runs": {seed:
+    measure(...)}}``, allreduce among them.  Empty for runs shorter than two marks."""
     steps = table_length(rows)
     marks = list(range(every, steps + 1, every))
     base = rows.get("allreduce")
     if len(marks) < 2 or not base:
         return ""
+    tail = f"last {every // 2:,} steps"
     lines = ["| variant | seeds | " + " | ".join(f"val loss @ {mark:,} | vs allreduce" for mark in marks) +
-             " | best val loss | vs allreduce's best |", "|---|---|" + "---|---|" * (len(marks) + 1)]
+             f" | mean val loss, {tail} | vs allreduce | best val loss | vs allreduce's best |",
+             "|---|---|" + "---|---|" * (len(marks) + 2)]
+
+    def late(curve):
+        return statistics.mean(loss for step, loss in curve.items() if step >= steps - every // 2)
+
+    summaries = (late, lambda curve: min(curve.values()))
     for variant, row in rows.items():
         common = [seed for seed in row["seeds"] if seed in base["seeds"]]
         cells = []
@@ -103,14 +112,17 @@ def curve_markdown(rows: dict, every: int = 1000) -> str:
             ratios = [row["runs"][seed]["curve"].get(mark, float("nan")) / base["runs"][seed]["curve"][mark] - 1
                       for seed in common if mark in base["runs"][seed]["curve"]]
             mean = statistics.mean(losses) if None not in losses else None
-            cells.append(("" if mean is None else f"{mean:.4f}") + " | " +
-                         (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
-        best = {seed: min(row["runs"][seed]["curve"].values()) for seed in row["seeds"]}
-        ratios = [best[seed] / min(base["runs"][seed]["curve"].values()) - 1 for seed in common]
-        cells.append(f"{statistics.mean(best.values()):.4f} | " +
-                     (f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""))
+            cells.append(("" if mean is None else f"{mean:.4f}") + " | " + _percent(ratios))
+        for summary in summaries:
+            ratios = [summary(row["runs"][seed]["curve"]) / summary(base["runs"][seed]["curve"]) - 1 for seed in common]
+            cells.append(f"{statistics.mean(summary(row['runs'][seed]['curve']) for seed in row['seeds']):.4f} | " +
+                         _percent(ratios))
         lines.append(f"| {variant} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _percent(ratios) -> str:
+    return f"{statistics.mean(ratios) * 100:+.2f}%" if ratios else ""
 
 
 def update_section(doc: Path, name: str, text: str) -> None:

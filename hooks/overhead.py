@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import socket
@@ -85,6 +86,7 @@ def _rank_main(rank: int, world_size: int, port: int, args, queue) -> None:
         if rank == 0:
             queue.put(results)
     finally:
+        gc.collect()  # the measured DDP models' reference cycles hold gloo's threads (see launch/examples/trainer.py)
         dist.destroy_process_group()
 
 

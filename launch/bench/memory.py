@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import resource
@@ -60,6 +61,11 @@ def _rank(rank, world_size, port, config, params, steps, folder):
         json.dump(result, out)
     if state is not None:
         state.close()
+    # As launch/examples/trainer.py does: DDP's reducer keeps gloo's threads alive past
+    # destroy_process_group(), and left to interpreter shutdown they were torn down unjoined now
+    # and then (SIGABRT, "terminate called without an active exception", after a complete run).
+    model = ddp = state = optimizer = None
+    gc.collect()
     dist.destroy_process_group()
 
 

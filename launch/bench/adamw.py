@@ -17,8 +17,10 @@ seed, the others (:data:`FRONTIER`) with the first seed only.  Per run:
   :mod:`threelc.launch.examples.comm`), mean over ranks;
 * steady-state bytes: the mean per compressed step.
 
-Runs of 2,000 steps or more add a table of the validation loss every 1,000 steps, and of each run's
-best evaluation, against allreduce (:func:`.runfolders.curve_markdown`).  Ratios are allreduce's bytes (same task, same seed set) divided by the variant's.  Writes
+Runs of 2,000 steps or more add a table of the validation loss every 1,000 steps, of each run's
+mean over its last 500 steps' evaluations and of its best evaluation, against allreduce
+(:func:`.runfolders.curve_markdown`).  Ratios are allreduce's bytes (same task, same seed set)
+divided by the variant's.  Writes
 ``{out}/adamw.json``, ``{out}/adamw.md`` (the table) and ``{out}/adamw_frontier.png``; with
 ``--doc`` the table replaces the text between the ``<!-- bench_adamw -->`` markers of that file
 and the plot goes to ``docs/bench/adamw_frontier.png``.
@@ -28,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from .runfolders import curve_markdown, finished, free_port, measure, run_folder, table_length, update_section
+from .runfolders import (CORPUS_CHARS, curve_markdown, finished, measure, run_folder, table_length, torchrun,
+                         update_section)
 
 __all__ = ["VARIANTS", "MAIN", "FRONTIER", "main"]
 
@@ -118,10 +119,6 @@ TASKS = {"text": "threelc.launch.examples.train_text", "gpt2": "threelc.launch.e
 MARKER_BEGIN, MARKER_END = "<!-- bench_adamw:begin -->", "<!-- bench_adamw:end -->"
 
 
-#: Both examples' corpus size (their ``--corpus-chars`` default): 1 MB of the standard library.
-CORPUS_CHARS = 1_000_000
-
-
 def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int, port: int,
           corpus_chars: int = CORPUS_CHARS) -> Path:
     """One training run (skipped when its folder already holds a finished run of ``steps`` steps on
@@ -129,13 +126,10 @@ def train(out: Path, task: str, variant: str, seed: int, steps: int, nproc: int,
     folder = run_folder(out, task, variant, seed)
     if finished(folder, steps=steps, corpus_chars=corpus_chars):
         return folder
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    port = port or free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(port), "-m", TASKS[task], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed),
-               "--eval-every", "100", "--corpus-chars", str(corpus_chars), "--no-progress", "--run-dir", str(folder)]
-    print(" ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, env=env)
+    command = ["-m", TASKS[task], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed), "--eval-every",
+               "100", "--corpus-chars", str(corpus_chars), "--no-progress"]
+    print(" ".join(command), "--run-dir", folder, flush=True)
+    torchrun(command, folder, nproc, port)
     return folder
 
 

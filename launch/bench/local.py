@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from .adamw import VARIANTS as ADAMW_VARIANTS, TASKS
-from .runfolders import curve_markdown, finished, free_port, measure, run_folder, table_length, update_section
+from .runfolders import (CORPUS_CHARS, curve_markdown, finished, measure, run_folder, table_length, torchrun,
+                         update_section)
 
 __all__ = ["VARIANTS", "PLAN", "main"]
 
@@ -109,10 +108,6 @@ TASK = "text"
 LINK_RATES = {"100mbit": 100e6, "10mbit": 10e6}
 
 
-#: The text example's corpus size (its ``--corpus-chars`` default): 1 MB of the standard library.
-CORPUS_CHARS = 1_000_000
-
-
 def _command(variant: str, seed: int, steps: int, corpus_chars: int = CORPUS_CHARS) -> list:
     return ["-m", TASKS[TASK], *VARIANTS[variant], "--steps", str(steps), "--seed", str(seed), "--eval-every", "100",
             "--corpus-chars", str(corpus_chars), "--no-progress"]
@@ -135,9 +130,7 @@ def train(out: Path, variant: str, seed: int, steps: int, nproc: int, emulate_ra
         if any(code != 0 for code in record["exit_codes"]):
             raise SystemExit(f"{folder}: exit codes {record['exit_codes']} (see its node*.log)")
         return folder
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-                    str(free_port()), *command, "--run-dir", str(folder)], check=True, env=env)
+    torchrun(command, folder, nproc)
     return folder
 
 

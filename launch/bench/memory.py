@@ -17,13 +17,14 @@ import gc
 import json
 import os
 import resource
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .runfolders import free_port
 
 __all__ = ["measure", "main"]
 
@@ -73,10 +74,7 @@ def measure(params: int, world_size: int, steps: int, folder: str) -> dict:
     """Run every configuration; return ``{config: [per-rank results]}``."""
     results = {}
     for config in CONFIGS:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.start_processes(_rank, args=(world_size, port, config, params, steps, folder), nprocs=world_size,
+        mp.start_processes(_rank, args=(world_size, free_port(), config, params, steps, folder), nprocs=world_size,
                            start_method="spawn")
         results[config] = [json.load(open(os.path.join(folder, f"{config}-rank{rank}.json")))
                            for rank in range(world_size)]

@@ -10,13 +10,20 @@ lengths (:func:`run_length`).  :func:`measure` reads a folder once (:func:`three
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from ..runs.runlog import Run, load_run
 
-__all__ = ["run_folder", "finished", "run_length", "table_length", "measure", "curve_markdown", "update_section", "free_port"]
+__all__ = ["CORPUS_CHARS", "run_folder", "finished", "torchrun", "run_length", "table_length", "measure", "curve_markdown", "update_section", "free_port"]
+
+
+#: The examples' corpus size (their ``--corpus-chars`` default): 1 MB of the standard library.
+CORPUS_CHARS = 1_000_000
 
 
 def run_folder(out: Path, task: str, variant: str, seed: int) -> Path:
@@ -35,6 +42,15 @@ def finished(folder: Path, **expected) -> bool:
     if other:
         raise SystemExit(f"{folder} holds a run with {other}, not {expected}: give another --out")
     return True
+
+
+def torchrun(command: list, folder: Path, nproc: int, port: int = 0) -> None:
+    """Train ``command`` (``["-m", module, *options]``) on ``nproc`` local ranks into ``folder``,
+    one numba and one OpenMP thread per rank (the ranks share this machine's cores); master port
+    ``port``, or a free one."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+                    str(port or free_port()), *command, "--run-dir", str(folder)], check=True, env=env)
 
 
 def run_length(runs) -> int:

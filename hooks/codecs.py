@@ -113,6 +113,10 @@ class NumbaCodec(_Codec):
     def decompress_add(self, payload, out) -> None:
         threelc.decompress_add(payload, out)
 
+    def feedback(self, values, payload, residual) -> None:
+        """``residual = values - decompress(payload)`` in one pass over memory (the same bits)."""
+        threelc.decompress_residual(payload, values, residual)
+
     @staticmethod
     def nbytes(payload) -> int:
         return int(payload.size)

@@ -177,6 +177,95 @@ def test_decompress_add_skips_zeros_so_a_negative_zero_stays():
     assert out.tobytes() == expected.tobytes()
 
 
+def _residual_the_long_way(payload, values):
+    return np.subtract(values, reference.decode(payload).reshape(values.shape))
+
+
+@pytest.mark.parametrize("name,x,segments", AWKWARD, ids=AWKWARD_IDS)
+def test_decompress_residual_is_values_minus_decoded_bit_for_bit(name, x, segments):
+    rng = np.random.default_rng(11)
+    for block in (None, 3, 1024):
+        for chunk in (5, 10, fmt.DEFAULT_CHUNK):
+            if not np.all(np.isfinite(x)):
+                continue
+            payload = threelc.compress(x, segments=segments, block=block, chunk=chunk)
+            values = x.reshape(-1).copy()
+            out = rng.standard_normal(values.size).astype(np.float32)  # garbage: every value is written
+            assert threelc.decompress_residual(payload, values, out) is out
+            assert out.tobytes() == _residual_the_long_way(payload, values).tobytes(), (name, block, chunk)
+            assert values.tobytes() == x.reshape(-1).tobytes(), "values are read only"
+
+
+def test_decompress_residual_in_place_and_on_other_values():
+    rng = np.random.default_rng(12)
+    x = (rng.standard_t(3, 100_003) * 1e-3).astype(np.float32)
+    payload = threelc.compress(x, block=512, chunk=1000)
+    # The hook's case: values are what was compressed; any values of the same size work alike.
+    other = rng.standard_normal(x.size).astype(np.float32)
+    for values in (x, other):
+        expected = _residual_the_long_way(payload, values)
+        in_place = values.copy()
+        threelc.decompress_residual(payload, in_place, in_place)
+        assert in_place.tobytes() == expected.tobytes()
+        shaped = np.empty((1, x.size), np.float32)  # out of any shape with the count, like decompress's
+        threelc.decompress_residual(payload, values, shaped)
+        assert shaped.ravel().tobytes() == expected.tobytes()
+
+
+def test_decompress_residual_keeps_negative_zero_and_signs():
+    x = np.zeros(40, np.float32)
+    x[[3, 17]] = [1.0, -1.0]
+    payload = threelc.compress(x)
+    values = np.full(40, -0.0, np.float32)
+    values[[3, 5, 17]] = [0.25, 2.5, -0.25]
+    out = np.empty(40, np.float32)
+    threelc.decompress_residual(payload, values, out)
+    # -0.0 - 0.0 is -0.0, in zero runs (copied) and in packed groups (subtracted) alike.
+    assert out.tobytes() == _residual_the_long_way(payload, values).tobytes()
+    assert np.signbit(out[0]) and np.signbit(out[39])
+    assert out[[3, 5, 17]].tolist() == [-0.75, 2.5, 0.75]
+
+
+def test_decompress_residual_of_raw_and_nonfinite_payloads():
+    values = np.array([1.5, -0.0, np.float32(3e-41), 7.0], np.float32)
+    raw = threelc.compress_raw(values * 2)
+    out = np.empty(4, np.float32)
+    threelc.decompress_residual(raw, values, out)
+    assert out.tobytes() == (values - values * 2).tobytes()
+    bad = np.ones(12, np.float32)
+    bad[4] = np.nan
+    flagged = threelc.compress(bad, nonfinite="flag")
+    out = np.zeros(12, np.float32)
+    threelc.decompress_residual(flagged, np.ones(12, np.float32), out)
+    assert np.all(np.isnan(out))
+
+
+def test_decompress_residual_refuses_bad_arguments():
+    payload = threelc.compress(np.arange(20, dtype=np.float32))
+    values = np.arange(20, dtype=np.float32)
+    with pytest.raises(TypeError, match="values must be a float32"):
+        threelc.decompress_residual(payload, values.astype(np.float64), np.empty(20, np.float32))
+    with pytest.raises(TypeError, match="values must be a float32"):
+        threelc.decompress_residual(payload, list(values), np.empty(20, np.float32))
+    with pytest.raises(TypeError, match="out must be a float32"):
+        threelc.decompress_residual(payload, values, np.empty(20, np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        threelc.decompress_residual(payload, np.arange(40, dtype=np.float32)[::2], np.empty(20, np.float32))
+    with pytest.raises(ValueError, match="values has 19 values, out has 20"):
+        threelc.decompress_residual(payload, values[:19], np.empty(20, np.float32))
+    with pytest.raises(ValueError, match="payload holds 20"):
+        threelc.decompress_residual(payload, np.zeros(21, np.float32), np.empty(21, np.float32))
+    shared = np.zeros(25, np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        threelc.decompress_residual(payload, shared[:20], shared[5:])
+    corrupt = payload.copy()
+    corrupt[-1] ^= 0xFF  # unsealed damage: the checksum catches it before out is written
+    out = np.full(20, 9.0, np.float32)
+    with pytest.raises(threelc.FormatError):
+        threelc.decompress_residual(corrupt, values, out)
+    assert np.all(out == 9.0)
+
+
 def test_raw_payload_round_trip():
     x = np.array([1.5, -0.0, np.float32(3e-41), 7.0], np.float32)
     payload = threelc.compress_raw(x)

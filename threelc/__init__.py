@@ -8,7 +8,7 @@ The codec (this package's top level) needs only numpy and numba::
 The DDP communication hook lives in :mod:`threelc.hooks`; launch tools in :mod:`threelc.launch`.
 """
 
-from .codec import NonFiniteError, compress, compress_raw, decompress, decompress_add, payload_info
+from .codec import NonFiniteError, compress, compress_raw, decompress, decompress_add, decompress_residual, payload_info
 from .format import DEFAULT_CHUNK, FormatError, Header
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "compress_raw",
     "decompress",
     "decompress_add",
+    "decompress_residual",
     "payload_info",
     "FormatError",
     "NonFiniteError",

@@ -20,6 +20,7 @@ __all__ = [
     "compress_raw",
     "decompress",
     "decompress_add",
+    "decompress_residual",
     "payload_info",
     "NonFiniteError",
     "check_sparsity",
@@ -186,7 +187,7 @@ def payload_info(payload) -> fmt.Header:
     return fmt.parse(payload).header
 
 
-def _decode_into(payload, out, accumulate: bool) -> np.ndarray:
+def _decode_into(payload, out, mode: int, minuend=None) -> np.ndarray:
     layout = fmt.parse(payload)
     header = layout.header
     if out.size != header.count:
@@ -197,14 +198,16 @@ def _decode_into(payload, out, accumulate: bool) -> np.ndarray:
         return out
     if header.encoding == fmt.ENCODING_RAW:
         values = layout.body.view("<f4")
-        if accumulate:
+        if mode == kernels.ADD:
             flat += values
+        elif mode == kernels.SUBTRACT:
+            np.subtract(minuend, values, out=flat)
         else:
             flat[...] = values
         return out
     unit_starts = fmt.unit_starts(layout.segment_sizes, header.block)
     bad_chunk = kernels.decode_chunks(layout.body, layout.chunk_offsets, header.chunk, header.count,
-                                      unit_starts, layout.scales, flat, accumulate)
+                                      unit_starts, layout.scales, flat, mode, flat if minuend is None else minuend)
     if bad_chunk >= 0:
         raise fmt.FormatError(f"chunk {bad_chunk}: coded bytes do not decode to exactly its values "
                               "(corrupt body or non-zero tail padding)")
@@ -229,7 +232,7 @@ def decompress(payload, out=None) -> np.ndarray:
         out = np.empty(fmt.parse(payload).header.count, dtype=np.float32)
     else:
         out = _checked_out(out)
-    return _decode_into(payload, out, accumulate=False)
+    return _decode_into(payload, out, kernels.DECODE)
 
 
 def decompress_add(payload, out) -> np.ndarray:
@@ -241,7 +244,32 @@ def decompress_add(payload, out) -> np.ndarray:
     ``out + decoded``).  A
     non-finite payload turns ``out`` into all NaN.  On FormatError, ``out`` may hold partial sums.
     """
-    return _decode_into(payload, _checked_out(out), accumulate=True)
+    return _decode_into(payload, _checked_out(out), kernels.ADD)
+
+
+def decompress_residual(payload, values, out) -> np.ndarray:
+    """Error feedback's update: ``out = values - decompress(payload)``; returns ``out``.
+
+    ``values`` is what was compressed (gradient plus the old residual), ``out`` the residual to
+    write (float32, C-contiguous, the payload's element count; it may be ``values`` itself, but
+    no other array that overlaps it).  Bit for bit what ``np.subtract(values,
+    decompress(payload), out=out)`` gives, with half its memory traffic: ``values`` is copied
+    into ``out`` and the decoder subtracts the payload's non-zero groups in place, skipping its
+    zero runs (``x - 0.0`` is ``x``), so no decoded array is written and read back.  A non-finite
+    payload turns ``out`` into all NaN.  On FormatError (checked before ``out`` is written, but
+    for a corrupt coded body), ``out`` may be partly written.
+    """
+    out = _checked_out(out)
+    if not isinstance(values, np.ndarray) or values.dtype != np.float32:
+        raise TypeError("values must be a float32 numpy array")
+    if not values.flags.c_contiguous:
+        raise ValueError("values must be C-contiguous")
+    if values.size != out.size:
+        raise ValueError(f"values has {values.size} values, out has {out.size}")
+    same = values.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+    if not same and np.shares_memory(values, out):
+        raise ValueError("values and out overlap without being the same array")
+    return _decode_into(payload, out, kernels.SUBTRACT, values.reshape(-1))
 
 
 def _checked_out(out) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds"]
+__all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds",
+           "DECODE", "ADD", "SUBTRACT"]
 
 _FLT_MAX = np.float64(np.finfo(np.float32).max)
 _ZERO_GROUP = 121  # five zero digits: 81 + 27 + 9 + 3 + 1
@@ -42,6 +43,10 @@ _RUN_CODE = np.zeros(_MAX_RUN, dtype=np.uint8)
 _RUN_CODE[1] = _ZERO_GROUP
 _RUN_CODE[2:] = _RUN_BASE + np.arange(2, _MAX_RUN)
 _FINITE_BITS = 0x7F800000  # |v|'s bits are >= this exactly when v is Inf or NaN
+
+# What :func:`decode_chunks` does with the decoded values: write them into ``out``, add them into
+# it, or subtract them from it (error feedback: ``residual = v`` first, then ``residual -= decoded``).
+DECODE, ADD, SUBTRACT = 0, 1, 2
 
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
@@ -311,13 +316,15 @@ def gather_chunks(coded, stride, chunk_lengths, body):
 
 
 @_jit
-def _decode_chunk(coded, unit_starts, start, scales, out, accumulate):
-    """Decode one chunk's coded bytes into ``out``, the chunk's slice (added into it if ``accumulate``).
+def _decode_chunk(coded, unit_starts, start, scales, out, mode):
+    """Decode one chunk's coded bytes into ``out``, the chunk's slice: written (``mode`` DECODE),
+    added into it (ADD) or subtracted from it (SUBTRACT).
 
     Works from the coded bytes directly, so the work follows the payload, not the value count: a
-    run of zero groups is one fill of zeros, or nothing at all when accumulating (adding zero
-    changes nothing but the sign of a -0.0 in ``out``, which then stays -0.0); a packed group is five
-    table lookups with its unit's scale.  Returns False, with ``out`` partly written, unless the
+    run of zero groups is one fill of zeros, or nothing at all when accumulating or subtracting
+    (adding or subtracting zero changes nothing but the sign of a -0.0 in ``out`` under ADD, which
+    then stays -0.0; ``x - 0.0`` is ``x`` bit for bit); a packed group is five table lookups with its
+    unit's scale.  Returns False, with ``out`` partly written, unless the
     bytes stand for exactly the chunk's groups and the last group's padding digits are zeros: the
     bytes come from another machine, and these are the bounds checks numba does not do.
     """
@@ -335,7 +342,7 @@ def _decode_chunk(coded, unit_starts, start, scales, out, accumulate):
         o = 5 * g
         g += groups
         if byte == _ZERO_GROUP or byte >= 243:  # one zero group, or a run of them
-            if not accumulate:
+            if mode == DECODE:
                 out[o : min(5 * g, count)] = 0.0
             continue
         t = 5 * np.int64(byte)
@@ -347,9 +354,12 @@ def _decode_chunk(coded, unit_starts, start, scales, out, accumulate):
             unit_end = unit_starts[unit + 1] - start
             scale = scales[unit]
         if o + 5 <= unit_end and o + 5 <= count:  # nearly every group: one unit, five values
-            if accumulate:
+            if mode == ADD:
                 for j in range(5):
                     out[o + j] += _Q_TABLE[t + j] * scale
+            elif mode == SUBTRACT:
+                for j in range(5):
+                    out[o + j] -= _Q_TABLE[t + j] * scale
             else:
                 for j in range(5):
                     out[o + j] = _Q_TABLE[t + j] * scale
@@ -360,13 +370,21 @@ def _decode_chunk(coded, unit_starts, start, scales, out, accumulate):
                 unit_end = unit_starts[unit + 1] - start
                 scale = scales[unit]
             value = _Q_TABLE[t + i - o] * scale
-            out[i] = out[i] + value if accumulate else value
+            if mode == ADD:
+                out[i] = out[i] + value
+            elif mode == SUBTRACT:
+                out[i] = out[i] - value
+            else:
+                out[i] = value
     return g == n_groups
 
 
 @_jit_parallel
-def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, accumulate):
-    """Decode every chunk of a parsed payload into ``out`` (or add into it).
+def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, mode, minuend):
+    """Decode every chunk of a parsed payload into ``out``, or add into it (``mode``:
+    :func:`_decode_chunk`); SUBTRACT writes ``minuend - decoded``, copying each chunk of
+    ``minuend`` (an array of ``out``'s size that does not overlap it) into ``out`` just before
+    subtracting from it, while it is in cache.
 
     The body comes from another machine: each chunk's bytes must expand to exactly its number
     of 5-value groups, and the tail padding must be zeros.  Returns -1, or the index of the first
@@ -377,8 +395,10 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, a
     for c in numba.prange(n_chunks):
         start = c * chunk
         stop = min(count, start + chunk)
+        if mode == SUBTRACT:
+            out[start:stop] = minuend[start:stop]
         status[c] = not _decode_chunk(body[chunk_offsets[c] : chunk_offsets[c + 1]], unit_starts, start, scales,
-                                      out[start:stop], accumulate)
+                                      out[start:stop], mode)
     for c in range(n_chunks):
         if status[c]:
             return c

@@ -84,6 +84,13 @@ def bench_codec(numel: int, sparsities, repeats: int, block: int = 1024) -> dict
                     row["encode_hook_gbps_1t"] = gigabytes / hook_encode
                     add = _best_seconds(lambda: codec.decompress_add(payload, out), repeats)
                     row["decode_add_gbps_1t"] = gigabytes / add
+                    # Error feedback's update, residual = v - decoded: in one pass (the hook's),
+                    # and as decode-then-subtract, the way it was made before.
+                    feedback = _best_seconds(lambda: codec.decompress_residual(payload, x, out), repeats)
+                    row["feedback_gbps_1t"] = gigabytes / feedback
+                    two_pass = _best_seconds(lambda: np.subtract(x, codec.decompress(payload, out=out), out=out),
+                                             repeats)
+                    row["feedback_two_pass_gbps_1t"] = gigabytes / two_pass
                     checksum = _best_seconds(lambda: payload_format.checksum(payload), repeats)
                     row["checksum_share_encode_1t"] = checksum / encode
                     row["checksum_share_decode_1t"] = checksum / decode
@@ -183,19 +190,23 @@ def _print_table(results: dict) -> None:
     print("'add 1t': decompress_add, decoding into a sum (the hook's path), single thread")
     print("'hook 1t': encode without the residual argument (the hook adds its residual first; with blocks,")
     print("           one pass over memory), single thread")
+    print("'fb 1t': error feedback's update residual = v - decoded (decompress_residual, the hook's path);")
+    print("         '2-pass': the same as decompress, then np.subtract; single thread")
     header = ("s", "scales", "ratio", "enc 1t GB/s", "x", "enc all", "x", "hook 1t", "x", "dec 1t GB/s", "x",
-              "dec all", "x", "add 1t", "x", "cksum enc", "cksum dec")
-    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>9} {:>9}"
-          .format(*header))
+              "dec all", "x", "add 1t", "x", "fb 1t", "x", "2-pass", "x", "cksum enc", "cksum dec")
+    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>6} {:>5} "
+          "{:>6} {:>5} {:>9} {:>9}".format(*header))
     for row in results["rows"]:
         print("{:>4} {:>10} {:>6.1f}x {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>11.2f} {:>5.2f} "
-              "{:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>8.2%} {:>8.2%}".format(
+              "{:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>8.2%} {:>8.2%}".format(
                   row["sparsity"], row["scales"], row["ratio"],
                   row["encode_gbps_1t"], row["encode_gbps_1t"] / copy, row["encode_gbps_all"],
                   row["encode_gbps_all"] / copy, row["encode_hook_gbps_1t"], row["encode_hook_gbps_1t"] / copy,
                   row["decode_gbps_1t"], row["decode_gbps_1t"] / copy,
                   row["decode_gbps_all"], row["decode_gbps_all"] / copy, row["decode_add_gbps_1t"],
-                  row["decode_add_gbps_1t"] / copy, row["checksum_share_encode_1t"],
+                  row["decode_add_gbps_1t"] / copy, row["feedback_gbps_1t"], row["feedback_gbps_1t"] / copy,
+                  row["feedback_two_pass_gbps_1t"], row["feedback_two_pass_gbps_1t"] / copy,
+                  row["checksum_share_encode_1t"],
                   row["checksum_share_decode_1t"]))
 
 

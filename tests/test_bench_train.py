@@ -75,6 +75,55 @@ def test_plan_adds_delayed_timing_runs_after_each_shaped_rate():
     assert cells[4].folder == "digits/100mbit-delay20ms/allreduce"  # never the undelayed run's folder
 
 
+def test_repeats_run_the_compressing_hooks_timing_cells_in_rounds():
+    hooks = [parse_hook(name) for name in ("allreduce", "powersgd-r1", "threelc-s1.0")]
+    cells = plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10, timing_steps=5, quick=True,
+                       delays=["20ms"], repeats=3)
+    timing = [(cell.delay, cell.hook.name, cell.repeat) for cell in cells if cell.kind == "timing"]
+    # Per link: every hook once, then the compressing hooks again, round after round; fp32 allreduce once.
+    rounds = [("powersgd-r1", 1), ("threelc-s1.0", 1), ("powersgd-r1", 2), ("threelc-s1.0", 2)]
+    assert timing == [(delay, name, repeat) for delay in (None, "20ms")
+                      for name, repeat in [("allreduce", 0), ("powersgd-r1", 0), ("threelc-s1.0", 0), *rounds]]
+    folders = [cell.folder for cell in cells if cell.kind == "timing" and cell.delay is None]
+    assert folders[1:] == ["digits/100mbit/powersgd-r1", "digits/100mbit/threelc-s1.0",
+                           "digits/100mbit/powersgd-r1/repeat1", "digits/100mbit/threelc-s1.0/repeat1",
+                           "digits/100mbit/powersgd-r1/repeat2", "digits/100mbit/threelc-s1.0/repeat2"]
+    assert [cell.repeat for cell in cells if cell.kind == "accuracy"] == [0, 0, 0]  # accuracy runs are never repeated
+    once = plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10, timing_steps=5, quick=True)
+    assert once == plan_cells([EXAMPLES["digits"]], ["100mbit"], hooks, steps=None, warmup=10, timing_steps=5,
+                              quick=True, repeats=1)
+
+
+def test_repeated_runs_merge_into_their_median_and_get_a_table(tmp_path):
+    results = _results()
+    steps = {"powersgd-r1": [0.2, 0.3, 0.25], "threelc-s1.0": [0.11, 0.09, 0.13]}
+    for repeat in (1, 2):
+        for hook, wire in (("powersgd-r1", 1.3e6), ("threelc-s1.0", 0.35e6)):
+            row = _cell("100mbit", hook, steps[hook][repeat], wire + repeat)
+            row["profile"] = {"compress_s": 0.01 * repeat, "decompress_s": 0.01, "comm_s": 0.02}
+            results["cells"].append({**row, "repeat": repeat})
+    merged = {(row["rate"], row["hook"]): row for row in bench_doc.merge_repeats(results["cells"])}
+    assert len(merged) == len(_results()["cells"])  # one row per cell
+    ours = merged[("100mbit", "threelc-s1.0")]
+    assert ours["median_step_s"] == 0.11 and ours["repeat_steps_s"] == [0.11, 0.09, 0.13]
+    assert ours["wire_tx_per_step_node"] == 0.35e6 + 1  # the median of 0.25e6, 0.35e6 + 1, 0.35e6 + 2
+    assert ours["profile"]["compress_s"] == 0.01
+    assert merged[("100mbit", "powersgd-r1")]["median_step_s"] == 0.25
+    assert "repeat_steps_s" not in merged[("100mbit", "allreduce")]  # run once: untouched
+    analysis = bench_doc.analyze(results)["digits"]
+    assert analysis.value("100mbit", "powersgd-r1", "median_step_s") == 0.25  # the targets read the medians
+    table = bench_doc.repeats_table(analysis)
+    assert "| 100mbit | threelc-s1.0 | 3 | 110 ms | 90.0 ms | 130 ms | 36% | 110 ms, 90.0 ms, 130 ms |" in table
+    assert "allreduce" not in table and bench_doc.repeats_table(bench_doc.analyze(_results())["digits"]) == ""
+    results["settings"]["repeats"] = 3
+    assert "Repeated timing runs (`--repeats 3`" in bench_doc.write_doc(results, tmp_path / "b.md").read_text()
+    # One failed run fails the cell, named, rather than a median of the survivors.
+    results["cells"][-1] = {**results["cells"][-1], "error": "exit codes [1, 0, 0, 0]"}
+    failed = {(row["rate"], row["hook"]): row for row in bench_doc.merge_repeats(results["cells"])}
+    assert failed[("100mbit", "threelc-s1.0")]["error"] == "1 of 3 runs failed; first: exit codes [1, 0, 0, 0]"
+    assert bench_doc.analyze(results)["digits"].row("100mbit", "threelc-s1.0") is None
+
+
 def _cell(rate, hook, step_s, wire, *, final=None, curve=(), warmup=None):
     return {"example": "digits", "rate": rate, "hook": hook, "kind": "accuracy" if rate == "unshaped" else "timing",
             "nodes": 4, "warmup": warmup, "error": None, "median_step_s": step_s, "wire_tx_per_step_node": wire,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 
 from ..cluster.delayline import parse_delay
 from ..runs.report import format_bytes
 
-__all__ = ["Analysis", "analyze", "check_targets", "headline_text", "write_doc", "plot_bench"]
+__all__ = ["Analysis", "analyze", "merge_repeats", "check_targets", "headline_text", "write_doc", "plot_bench"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,42 @@ TARGET_RATE = "100mbit"
 SLOW_RATE = "10mbit"
 #: Evaluations averaged in the "mean of last evaluations" column.
 LAST_EVALS = 5
+#: Figures of repeated timing runs (``--repeats``) that the merged row holds as the median over the runs.
+REPEAT_MEDIANS = ("median_step_s", "wire_tx_per_step_node", "wire_rx_per_step_node", "wire_tx_mean_per_step_node",
+                  "hook_bytes_per_step", "wire_overhead")
+
+
+def merge_repeats(rows: list[dict]) -> list[dict]:
+    """One row per cell: the runs of a repeated timing cell (``--repeats``; rows with the same
+    example, rate, delay and hook) merged into the first run's row, with the median over the runs
+    of each of :data:`REPEAT_MEDIANS` and of the hook's profile, and ``repeat_steps_s``: every
+    run's median step, in the order they ran.  A cell whose runs did not all succeed keeps the
+    first failure's error: a median of the survivors could hide what made one fail.
+    """
+    groups: dict = {}
+    for row in rows:
+        key = (row["example"], row["rate"], row.get("delay"), row["hook"], row["kind"])
+        groups.setdefault(key, []).append(row)
+    merged = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            merged.append(runs[0])
+            continue
+        row = dict(runs[0])
+        failed = [run for run in runs if run.get("error")]
+        row["repeat_steps_s"] = [run.get("median_step_s") for run in runs]
+        if failed:
+            row["error"] = f"{len(failed)} of {len(runs)} runs failed; first: {failed[0]['error']}"
+            merged.append(row)
+            continue
+        for key in REPEAT_MEDIANS:
+            values = [run.get(key) for run in runs if run.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        profiles = [run.get("profile") or {} for run in runs]
+        row["profile"] = {key: statistics.median(values) if (values := [p[key] for p in profiles if p.get(key) is not None])
+                          else None for key in profiles[0]}
+        merged.append(row)
+    return merged
 
 
 def _rate_bits(rate: str) -> float | None:
@@ -58,7 +95,7 @@ class Analysis:
         self.info = results["examples"][example]
         self.higher_is_better = self.info["higher_is_better"]
         self.metric = self.info["metric"]
-        every = [row for row in results["cells"] if row["example"] == example]
+        every = merge_repeats([row for row in results["cells"] if row["example"] == example])
         cells = [row for row in every if not row.get("delay")]
         #: Timing rows of ``--delays``: (rate, delay, hook) -> row.
         self.delayed = {(row["rate"], row["delay"], row["hook"]): row for row in every if row.get("delay")}
@@ -615,10 +652,34 @@ def _example_section(results: dict, name: str, analysis: Analysis) -> list[str]:
         f"![step time](bench/step_time_{name}.png) ![{analysis.metric} against bytes](bench/accuracy_vs_bytes_{name}.png)",
         "",
     ]
+    repeats = repeats_table(analysis)
+    if repeats:
+        parts += [f"Repeated timing runs (`--repeats {settings.get('repeats')}`, in rounds: every hook once, then "
+                  "again): each run's median step, and the median of those, which the tables above use.  spread: "
+                  "(slowest - fastest) / median.", "", repeats, ""]
     failed = [row for row in results["cells"] if row["example"] == name and row.get("error")]
     if failed:
         parts += ["Failed runs: " + "; ".join(f"{row['rate']} {row['hook']}: {row['error']}" for row in failed), ""]
     return parts
+
+
+def repeats_table(analysis: Analysis) -> str:
+    """The repeated timing runs (``--repeats``): per link and hook, every run's median step in the
+    order they ran, their median (the figure the other tables use) and their spread; empty
+    without repeats."""
+    rows = []
+    repeated = [(rate, None, hook, row) for (rate, hook), row in analysis.cell.items()]
+    repeated += [(rate, delay, hook, row) for (rate, delay, hook), row in analysis.delayed.items()]
+    for rate, delay, hook, row in repeated:
+        steps = [step for step in row.get("repeat_steps_s") or [] if step is not None]
+        if len(steps) < 2 or row.get("error"):
+            continue
+        link = rate if delay is None else f"{rate} + {delay}"
+        rows.append([link, hook, str(len(steps)), _ms(statistics.median(steps)), _ms(min(steps)), _ms(max(steps)),
+                     f"{(max(steps) - min(steps)) / statistics.median(steps):.0%}", ", ".join(_ms(step) for step in steps)])
+    if not rows:
+        return ""
+    return _table(["link", "hook", "runs", "median", "fastest", "slowest", "spread", "each run (in order)"], rows)
 
 
 def delay_table(analysis: Analysis, rate: str) -> str:

@@ -63,6 +63,7 @@ __all__ = [
     "QUICK_HOOKS",
     "parse_hook",
     "plan_cells",
+    "repeated",
     "run_cell",
     "run_scaling",
     "scaling_rows",
@@ -198,11 +199,12 @@ class Cell:
     warmup: int  # --warmup-steps for hooks that have one
     delay: str | None = None  # one-way delay between nodes (timing runs of --delays)
     window: int | None = None  # timing runs: the median is over the last `window` steady steps
+    repeat: int = 0  # timing runs of --repeats: which run of the same cell (0: the first)
 
     @property
     def folder(self) -> str:
         link = self.rate if self.delay is None else f"{self.rate}-delay{self.delay}"
-        return f"{self.example.name}/{link}/{self.hook.name}"
+        return f"{self.example.name}/{link}/{self.hook.name}" + (f"/repeat{self.repeat}" if self.repeat else "")
 
 
 def normalize_rate(rate: str) -> str:
@@ -215,10 +217,20 @@ def normalize_rate(rate: str) -> str:
     return str(rate)
 
 
+def repeated(hook: HookSpec) -> bool:
+    """Whether ``--repeats`` runs the hook's timing cells again: the compressing hooks, whose steps
+    lie within a run's noise of each other (PowerSGD against 3LC at 100mbit: a few ms of ~75).
+    fp32 allreduce and fp16 are several times slower there, and one run ranks them."""
+    return hook.hook in ("powersgd", "threelc")
+
+
 def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing_steps: int, quick: bool,
-               delays=()) -> list[Cell]:
+               delays=(), repeats: int = 1) -> list[Cell]:
     """The runs, in order: per example, the unshaped accuracy runs first, then each rate's timing
-    runs, each shaped rate followed by its timing runs with each of ``delays``."""
+    runs, each shaped rate followed by its timing runs with each of ``delays``.  With ``repeats``
+    > 1 each link's timing runs of :func:`repeated` hooks run that many times, in rounds (every
+    hook once, then every hook again: ``ABCABC``), so that a drift of the host weighs on every
+    hook alike; the document reports the median of their medians (:func:`bench_doc.merge_repeats`)."""
     cells = []
     for example in examples:
         full = steps or (example.quick_steps if quick else example.steps)
@@ -227,8 +239,10 @@ def plan_cells(examples, rates, hooks, *, steps: int | None, warmup: int, timing
                 cells += [Cell(example, rate, hook, "accuracy", full, warmup) for hook in hooks]
                 continue
             for delay in (None, *delays):
-                cells += [Cell(example, rate, hook, "timing", 2 + _aligned_trial_steps(hook, hooks) + timing_steps, 2,
-                               delay, window=timing_steps) for hook in hooks]
+                for repeat in range(max(repeats, 1)):
+                    cells += [Cell(example, rate, hook, "timing", 2 + _aligned_trial_steps(hook, hooks) + timing_steps,
+                                   2, delay, window=timing_steps, repeat=repeat)
+                              for hook in hooks if repeat == 0 or repeated(hook)]
     return cells
 
 
@@ -368,6 +382,8 @@ def run_cell(cell: Cell, out: Path, *, nodes: int, timeout: float, batch_size: i
         row["delay"] = cell.delay
     if cell.window is not None:
         row["window"] = cell.window
+    if cell.repeat:
+        row["repeat"] = cell.repeat
     try:
         record = _emulated_run(command, run_dir, nodes=nodes, rate=cell.rate, timeout=timeout, delay=cell.delay)
         if any(code != 0 for code in record["exit_codes"]):
@@ -504,6 +520,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s, the threelc hook's own)")
     parser.add_argument("--timing-steps", type=int, default=None,
                         help="steady steps of each timing run on a shaped link (default: 8; --quick 5)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timing runs of PowerSGD and 3LC per link, in rounds; the document reports the median "
+                             "of their median steps and their range (default: %(default)s)")
     parser.add_argument("--scaling-nodes", type=int, nargs="*", default=None,
                         help="node counts of the scaling runs; none to skip (default: 2 4 8; --quick: 2 4)")
     parser.add_argument("--scaling-steps", type=int, default=4, help="steady steps of each scaling run (default: %(default)s)")
@@ -535,6 +554,7 @@ def _settings(args) -> dict:
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "timing_steps": args.timing_steps or (5 if quick else 8),
+        "repeats": args.repeats,
         "scaling_nodes": args.scaling_nodes if args.scaling_nodes is not None else ([2, 4] if quick else [2, 4, 8]),
         "scaling_steps": args.scaling_steps,
         "scaling_rate": normalize_rate(args.scaling_rate),
@@ -598,13 +618,17 @@ def run(args) -> int:
     if args.nodes < 2:
         print("threelc bench train: --nodes must be at least 2", file=sys.stderr)
         return 2
+    if args.repeats < 1:
+        print("threelc bench train: --repeats must be at least 1", file=sys.stderr)
+        return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/bench-train-{stamp}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     doc = _doc_path(args.doc, out)
     examples = [_sized(EXAMPLES[name], args) for name in settings["examples"]]
     cells = plan_cells(examples, settings["rates"], hooks, steps=settings["steps"], warmup=settings["warmup_steps"],
-                       timing_steps=settings["timing_steps"], quick=settings["quick"], delays=settings["delays"])
+                       timing_steps=settings["timing_steps"], quick=settings["quick"], delays=settings["delays"],
+                       repeats=settings["repeats"])
     if sys.argv[1:3] == ["bench", "train"]:
         command = "threelc bench train " + " ".join(shlex.quote(arg) for arg in sys.argv[3:])
     else:
@@ -631,7 +655,8 @@ def run(args) -> int:
                 if cell.kind == "accuracy" and row["final_eval"] is not None:
                     figures += f"  {cell.example.metric} {row['final_eval']:.4f}"
             link = cell.rate if cell.delay is None else f"{cell.rate}+{cell.delay}"
-            print(f"[{index}/{len(cells)}] {cell.example.name:6} {link:>9} {cell.hook.name:28} {figures}"
+            name = cell.hook.name + (f" #{cell.repeat + 1}" if settings["repeats"] > 1 and cell.kind == "timing" else "")
+            print(f"[{index}/{len(cells)}] {cell.example.name:6} {link:>9} {name:28} {figures}"
                   f"  ({time.perf_counter() - cell_start:.0f} s)", flush=True)
         if settings["scaling_nodes"]:
             print("scaling runs ...", flush=True)

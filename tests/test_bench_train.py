@@ -101,6 +101,7 @@ def test_repeated_runs_merge_into_their_median_and_get_a_table(tmp_path):
         for hook, wire in (("powersgd-r1", 1.3e6), ("threelc-s1.0", 0.35e6)):
             row = _cell("100mbit", hook, steps[hook][repeat], wire + repeat)
             row["profile"] = {"compress_s": 0.01 * repeat, "decompress_s": 0.01, "comm_s": 0.02}
+            row["cpu_per_step"] = {"main": 0.02 * repeat, "threelc-hook": 0.004, "gloo_tcp_loop": 0.001 * repeat}
             results["cells"].append({**row, "repeat": repeat})
     merged = {(row["rate"], row["hook"]): row for row in bench_doc.merge_repeats(results["cells"])}
     assert len(merged) == len(_results()["cells"])  # one row per cell
@@ -108,6 +109,14 @@ def test_repeated_runs_merge_into_their_median_and_get_a_table(tmp_path):
     assert ours["median_step_s"] == 0.11 and ours["repeat_steps_s"] == [0.11, 0.09, 0.13]
     assert ours["wire_tx_per_step_node"] == 0.35e6 + 1  # the median of 0.25e6, 0.35e6 + 1, 0.35e6 + 2
     assert ours["profile"]["compress_s"] == 0.01
+    # (the first run recorded no CPU: the median of the two that did)
+    assert ours["cpu_per_step"] == {"main": pytest.approx(0.03), "threelc-hook": 0.004, "gloo_tcp_loop": pytest.approx(0.0015)}
+    analysis = bench_doc.analyze(results)["digits"]
+    analysis.cpus = 2
+    cpu = bench_doc.cpu_table(analysis, "100mbit")
+    # 4 nodes x 35.5 ms of CPU per step over 2 cores x 110 ms: 65% of the cores' time.
+    assert "| threelc-s1.0 | 110 ms | 30.0 ms | 4.0 ms | 1.5 ms | 0.0 ms | 35.5 ms | 65% |" in cpu
+    assert "allreduce" not in cpu and bench_doc.cpu_table(analysis, "10mbit") == ""
     assert merged[("100mbit", "powersgd-r1")]["median_step_s"] == 0.25
     assert "repeat_steps_s" not in merged[("100mbit", "allreduce")]  # run once: untouched
     analysis = bench_doc.analyze(results)["digits"]
@@ -263,3 +272,29 @@ def test_scaling_rows_hold_the_default_to_the_collective_its_plan_chose():
                                     cell("threelc-s1.0", 300, {**auto, "collective": "allgather", "header": "inline"})])
     assert [row["model_bytes"] for row in old] == [300, 300]
     assert "threelc-s1.0 (plan: allgather + inline headers)" in bench_doc.scaling_table(old)
+
+
+def test_measure_run_reads_cpu_per_step_over_the_timing_window(tmp_path):
+    from threelc.launch.runs.runlog import append_jsonl
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"world_size": 2, "eval_metric": "test_accuracy"}))
+    for step in range(1, 41):  # hook iteration step - 1; compressed from iteration 2 on
+        append_jsonl(folder / "metrics.jsonl", {"step": step, "loss": 1.0, "time": step * 0.1, "step_s": 0.1})
+        for rank in range(2):
+            append_jsonl(folder / f"hook-rank{rank}.jsonl", {"step": step - 1, "rank": rank, "compressed": step > 2,
+                                                             "sent_bytes": 10, "raw_bytes": 100})
+    for rank, hook_cpu in ((0, 0.002), (1, 0.004)):  # rank r's worker: hook_cpu seconds per step
+        for step in range(0, 41, 10):
+            append_jsonl(folder / f"cpu-rank{rank}.jsonl",
+                         {"step": step, "cpu": {"main": 0.05 * step, "threelc-hook": hook_cpu * step}})
+    # The steady window starts at the second compressed iteration (3), metrics step 4; the samples
+    # inside it are steps 10..40.  Cut to the last 25 steps (16..40): samples 20..40.
+    whole, last = bench_train.measure_run(folder), bench_train.measure_run(folder, 25)
+    assert whole["cpu_steps"] == 30 and last["cpu_steps"] == 20
+    for row in (whole, last):
+        assert row["cpu_per_step"] == {"main": pytest.approx(0.05), "threelc-hook": pytest.approx(0.003)}
+    (folder / "cpu-rank0.jsonl").unlink()
+    (folder / "cpu-rank1.jsonl").unlink()
+    assert bench_train.measure_run(folder)["cpu_per_step"] is None  # runs from before CPU sampling

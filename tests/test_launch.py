@@ -104,6 +104,13 @@ def test_digits_with_threelc_hook_compresses_after_warmup(tmp_path):
     assert all(line["sent_bytes"] < raw / 10 for line in lines[4:])
     assert lines[3]["sent_bytes"] < 4 * raw / 10
     assert lines[3]["collectives"] > lines[4]["collectives"]
+    # Every rank samples its threads' CPU every 10 steps (and after the last): the training thread
+    # and the hook's worker by name (tests/test_cputime.py checks the arithmetic).
+    assert sorted(run.cpu) == [0, 1]
+    for records in run.cpu.values():
+        assert [record["step"] for record in records] == [0, steps]
+        assert records[1]["cpu"]["main"] > records[0]["cpu"]["main"] > 0
+        assert records[1]["cpu"]["threelc-hook"] > 0
 
 
 def test_text_optimizer_choice():

@@ -383,8 +383,8 @@ def _decode_chunk(coded, unit_starts, start, scales, out, mode):
 def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, mode, minuend):
     """Decode every chunk of a parsed payload into ``out``, or add into it (``mode``:
     :func:`_decode_chunk`); SUBTRACT writes ``minuend - decoded``, copying each chunk of
-    ``minuend`` (an array of ``out``'s size that does not overlap it) into ``out`` just before
-    subtracting from it, while it is in cache.
+    ``minuend`` (an array of ``out``'s size: ``out`` itself, or one that does not overlap it) into
+    ``out`` just before subtracting from it, while it is in cache.
 
     The body comes from another machine: each chunk's bytes must expand to exactly its number
     of 5-value groups, and the tail padding must be zeros.  Returns -1, or the index of the first

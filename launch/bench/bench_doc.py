@@ -66,9 +66,11 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
         for key in REPEAT_MEDIANS:
             values = [run.get(key) for run in runs if run.get(key) is not None]
             row[key] = statistics.median(values) if values else None
-        profiles = [run.get("profile") or {} for run in runs]
-        row["profile"] = {key: statistics.median(values) if (values := [p[key] for p in profiles if p.get(key) is not None])
-                          else None for key in profiles[0]}
+        for key in ("profile", "cpu_per_step"):  # by name: the median of the runs that have it
+            tables = [run.get(key) or {} for run in runs]
+            names = sorted({name for table in tables for name in table})
+            row[key] = {name: statistics.median(table[name] for table in tables if table.get(name) is not None)
+                        for name in names} or runs[0].get(key)
         merged.append(row)
     return merged
 
@@ -103,6 +105,7 @@ class Analysis:
         self.rates = sorted(dict.fromkeys(row["rate"] for row in cells), key=_rate_order)
         self.cell = {(row["rate"], row["hook"]): row for row in cells}
         self.nodes = cells[0]["nodes"] if cells else None
+        self.cpus = (results.get("machine") or {}).get("cpus")
         unshaped = {hook: self.value(UNSHAPED, hook, "median_step_s") for hook in self.hooks}
         unshaped = {hook: step for hook, step in unshaped.items() if step}
         #: (hook, seconds) of the compute floor (see the module docstring).
@@ -375,6 +378,31 @@ def profile_table(analysis: Analysis, rate: str) -> str:
     return _table(header, rows)
 
 
+#: Thread names of :func:`cpu_table`'s columns (:mod:`threelc.launch.runs.cputime`); other threads go to "other".
+CPU_COLUMNS = (("training thread", ("main",)), ("threelc-hook", ("threelc-hook",)),
+               ("gloo", ("gloo_tcp_loop", "pt_gloo_runloop")))
+
+
+def cpu_table(analysis: Analysis, rate: str) -> str:
+    """Markdown: CPU milliseconds per step per rank by thread (the ranks' mean) on ``rate``, for
+    the runs that recorded them; empty when none did.  The last column is every node's CPU per
+    step over what the host's cores offer in one step: near 100%, CPU sets the step, not the link."""
+    rows = []
+    for hook in analysis.hooks:
+        row = analysis.row(rate, hook) or {}
+        cpu, step = row.get("cpu_per_step"), row.get("median_step_s")
+        if not cpu:
+            continue
+        named = [sum(cpu.get(name, 0.0) for name in names) for _, names in CPU_COLUMNS]
+        total = sum(cpu.values())
+        busy = f"{total * analysis.nodes / (step * analysis.cpus):.0%}" if (step and analysis.cpus) else "-"
+        rows.append([hook, _ms(step), *(_ms(value) for value in named), _ms(total - sum(named)), _ms(total), busy])
+    if not rows:
+        return ""
+    return _table(["hook", "median step", *(title for title, _ in CPU_COLUMNS), "other", "CPU per step per rank",
+                   "nodes' CPU / cores' time"], rows)
+
+
 def scaling_table(rows: list[dict]) -> str:
     """Markdown: measured wire bytes per node against the byte model, per N and collective."""
     body = []
@@ -600,6 +628,11 @@ def _where_the_time_goes(analysis: Analysis, targets: list[dict]) -> list[str]:
              "for slower ranks).  PyTorch's hooks only report time in collectives."]
     for rate in analysis.rates:
         parts += ["", f"{rate}:", "", profile_table(analysis, rate)]
+        cpu = cpu_table(analysis, rate)
+        if cpu:
+            parts += ["", f"CPU per step per rank at {rate}, by thread (the ranks' mean over the timing window; "
+                      "*nodes' CPU / cores' time*: every node's CPU per step over the host's cores times the step: "
+                      "near 100%, the nodes' CPU, not the link, sets the step):", "", cpu]
     return parts
 
 

@@ -330,6 +330,7 @@ def measure_run(run_dir: Path, last: int | None = None) -> dict:
     ``last`` steps when given (timing runs: see :func:`_aligned_trial_steps`); metrics step ``k``
     is hook iteration ``k - 1``.
     """
+    from ..runs.cputime import per_step
     from ..runs.runlog import load_run
     from ..runs.summary import steady_window, summarize
 
@@ -342,6 +343,8 @@ def measure_run(run_dir: Path, last: int | None = None) -> dict:
     steady_hook = [line for line in hook_lines if window and window[0] <= line["step"] <= window[1]]
     nodes = [node.get("steady") for node in (run.emulate or {}).get("nodes", [])]
     tx_median, rx_median = _median_wire(run.links, window)
+    cpu = [per_step(records, min(steady_steps), max(steady_steps)) for records in run.cpu.values()] if steady_steps else []
+    cpu = [measured for measured in cpu if measured]
     metric = run.config.get("eval_metric")
     elapsed, curve = 0.0, []
     for record in run.metrics:
@@ -367,6 +370,11 @@ def measure_run(run_dir: Path, last: int | None = None) -> dict:
         "curve": curve,  # [step, metric, seconds of training steps so far]
         "wall_s": (run.emulate or {}).get("wall_s"),
         "plan": (run.final or {}).get("hook_totals_rank0", {}).get("plan"),  # threelc's exchange plan
+        # CPU seconds per step by thread name, the ranks' mean, over the samples inside the window
+        # (:mod:`threelc.launch.runs.cputime`): on a host whose cores the nodes share, the step's real cost.
+        "cpu_per_step": ({name: statistics.mean(seconds.get(name, 0.0) for seconds, _ in cpu)
+                          for name in sorted({name for seconds, _ in cpu for name in seconds})} if cpu else None),
+        "cpu_steps": min(steps for _, steps in cpu) if cpu else None,
     }
 
 

@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .comm import HOOKS, attach_hook, attach_local_steps
 from ..cluster.linkstats import interface_exists, read_counters
 from ..runs.progress import ProgressBar
-from ..runs.runlog import RunWriter, append_jsonl, default_run_dir, link_stats_path
+from ..runs import cputime
+from ..runs.runlog import RunWriter, append_jsonl, cpu_stats_path, default_run_dir, link_stats_path
 
 __all__ = ["Task", "add_common_arguments", "main", "train"]
 
@@ -168,6 +169,22 @@ def _link_logger(run_dir) -> Callable[[int], None] | None:
     return log
 
 
+def _cpu_logger(run_dir, rank: int) -> Callable[[int], None] | None:
+    """Every :data:`~threelc.launch.runs.cputime.EVERY` steps, this rank's CPU seconds per thread
+    name (the training thread, the hook's worker, the backend's threads), when the platform has them."""
+    if not run_dir or not cputime.sample():
+        return None
+    path = cpu_stats_path(run_dir, dist.get_rank())
+    if path.exists():
+        path.unlink()
+
+    def log(step: int, last: bool = False) -> None:
+        if step % cputime.EVERY == 0 or last:
+            append_jsonl(path, {"step": step, "cpu": cputime.sample()})
+
+    return log
+
+
 def _config(args, task: Task, world_size: int) -> dict:
     return {
         "task": task.name,
@@ -228,10 +245,13 @@ def train(args, task: Task) -> dict:
                                  min_numel=args.min_numel, optimizer=optimizer, header=args.header)
         writer = RunWriter(args.run_dir, _config(args, task, world_size)) if (rank == 0 and args.run_dir) else None
         log_link = _link_logger(args.run_dir)
+        log_cpu = _cpu_logger(args.run_dir, rank)
         batches = task.batches(rank, world_size)
         bar = ProgressBar(args.steps, label=f"{task.name} {args.hook}", enabled=(rank == 0 and not args.no_progress))
         if log_link:
             log_link(0)
+        if log_cpu:
+            log_cpu(0)
         dist.barrier()  # start the clock together
         start = time.perf_counter()
         step_times, record = [], {}
@@ -251,6 +271,8 @@ def train(args, task: Task) -> dict:
             sync_s = time.perf_counter() - done_start
             if log_link:
                 log_link(step)
+            if log_cpu:
+                log_cpu(step, last=step == args.steps)
             if rank != 0:
                 continue
             record = {"step": step, "loss": float(loss.detach()), "time": time.perf_counter() - start, "step_s": step_s}

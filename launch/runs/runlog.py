@@ -6,6 +6,7 @@ A run folder holds::
     metrics.jsonl          rank 0, one line per step: step, loss, time, step_s [, eval keys]
     hook-rank{R}.jsonl     one line per step per rank: the hook's byte accounting
     link-node{I}.jsonl     per step, a node's interface counters (only under ``threelc emulate``)
+    cpu-rank{R}.jsonl      every few steps, each rank's CPU seconds per thread name (Linux; :mod:`.cputime`)
     emulate.json           measured wire bytes per node (only under ``threelc emulate``)
 
 The writer and the reader live together so the format has one definition.
@@ -27,6 +28,7 @@ __all__ = [
     "load_run",
     "hook_stats_path",
     "link_stats_path",
+    "cpu_stats_path",
     "RUN_DIR_ENV",
     "default_run_dir",
 ]
@@ -45,6 +47,11 @@ def hook_stats_path(run_dir, rank: int) -> Path:
 def link_stats_path(run_dir, node_rank: int) -> Path:
     """Where node ``node_rank`` appends its per-step interface counters."""
     return Path(run_dir) / f"link-node{node_rank}.jsonl"
+
+
+def cpu_stats_path(run_dir, rank: int) -> Path:
+    """Where rank ``rank`` appends its threads' CPU seconds (:mod:`threelc.launch.runs.cputime`)."""
+    return Path(run_dir) / f"cpu-rank{rank}.jsonl"
 
 
 def append_jsonl(path, record: dict) -> None:
@@ -105,6 +112,7 @@ class Run:
     metrics: list[dict]
     hook: dict[int, list[dict]] = field(default_factory=dict)  # rank -> per-step records
     links: dict[int, list[dict]] = field(default_factory=dict)  # node rank -> per-step counters
+    cpu: dict[int, list[dict]] = field(default_factory=dict)  # rank -> CPU seconds per thread name, every few steps
     emulate: dict | None = None
     final: dict | None = None
 
@@ -141,6 +149,7 @@ def load_run(run_dir) -> Run:
         metrics=read_jsonl(run_dir / "metrics.jsonl"),
         hook=_numbered(run_dir, "hook-rank"),
         links=_numbered(run_dir, "link-node"),
+        cpu=_numbered(run_dir, "cpu-rank"),
         emulate=_read_json(run_dir / "emulate.json"),
         final=_read_json(run_dir / "final.json"),
     )

@@ -117,6 +117,9 @@ def test_repeated_runs_merge_into_their_median_and_get_a_table(tmp_path):
     # 4 nodes x 35.5 ms of CPU per step over 2 cores x 110 ms: 65% of the cores' time.
     assert "| threelc-s1.0 | 110 ms | 30.0 ms | 4.0 ms | 1.5 ms | 0.0 ms | 35.5 ms | 65% |" in cpu
     assert "allreduce" not in cpu and bench_doc.cpu_table(analysis, "10mbit") == ""
+    # Accuracy runs (unshaped) evaluate between their CPU samples: not tabled.
+    analysis.cell[("unshaped", "threelc-s1.0")]["cpu_per_step"] = {"main": 0.05}
+    assert bench_doc.cpu_table(analysis, "unshaped") == ""
     assert merged[("100mbit", "powersgd-r1")]["median_step_s"] == 0.25
     assert "repeat_steps_s" not in merged[("100mbit", "allreduce")]  # run once: untouched
     analysis = bench_doc.analyze(results)["digits"]

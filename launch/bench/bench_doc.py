@@ -385,13 +385,14 @@ CPU_COLUMNS = (("training thread", ("main",)), ("threelc-hook", ("threelc-hook",
 
 def cpu_table(analysis: Analysis, rate: str) -> str:
     """Markdown: CPU milliseconds per step per rank by thread (the ranks' mean) on ``rate``, for
-    the runs that recorded them; empty when none did.  The last column is every node's CPU per
-    step over what the host's cores offer in one step: near 100%, CPU sets the step, not the link."""
+    the timing runs that recorded them (an accuracy run's samples also hold its evaluations);
+    empty when none did.  The last column is every node's CPU per step over what the host's cores
+    offer in one step: near 100%, CPU sets the step, not the link."""
     rows = []
     for hook in analysis.hooks:
         row = analysis.row(rate, hook) or {}
         cpu, step = row.get("cpu_per_step"), row.get("median_step_s")
-        if not cpu:
+        if not cpu or row.get("kind") != "timing":
             continue
         named = [sum(cpu.get(name, 0.0) for name in names) for _, names in CPU_COLUMNS]
         total = sum(cpu.values())

@@ -108,6 +108,8 @@ def test_repeated_runs_merge_into_their_median_and_get_a_table(tmp_path):
     ours = merged[("100mbit", "threelc-s1.0")]
     assert ours["median_step_s"] == 0.11 and ours["repeat_steps_s"] == [0.11, 0.09, 0.13]
     assert ours["wire_tx_per_step_node"] == 0.35e6 + 1  # the median of 0.25e6, 0.35e6 + 1, 0.35e6 + 2
+    # The overhead of the median bytes (the rows' own 0.05 each), so that the row's columns agree.
+    assert ours["wire_overhead"] == 0.0 and ours["hook_bytes_per_step"] == 0.35e6 + 1
     assert ours["profile"]["compress_s"] == 0.01
     # (the first run recorded no CPU: the median of the two that did)
     assert ours["cpu_per_step"] == {"main": pytest.approx(0.03), "threelc-hook": 0.004, "gloo_tcp_loop": pytest.approx(0.0015)}

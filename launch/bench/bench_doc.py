@@ -26,7 +26,8 @@ from pathlib import Path
 from ..cluster.delayline import parse_delay
 from ..runs.report import format_bytes
 
-__all__ = ["Analysis", "analyze", "merge_repeats", "check_targets", "headline_text", "write_doc", "plot_bench"]
+__all__ = ["Analysis", "analyze", "merge_repeats", "wire_overhead", "check_targets", "headline_text", "write_doc",
+           "plot_bench"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,19 @@ SLOW_RATE = "10mbit"
 LAST_EVALS = 5
 #: Figures of repeated timing runs (``--repeats``) that the merged row holds as the median over the runs.
 REPEAT_MEDIANS = ("median_step_s", "wire_tx_per_step_node", "wire_rx_per_step_node", "wire_tx_mean_per_step_node",
-                  "hook_bytes_per_step", "wire_overhead")
+                  "hook_bytes_per_step")
+
+
+def wire_overhead(wire_tx: float | None, hook_bytes: float | None) -> float | None:
+    """What the wire carried beyond the hook's own count of bytes, as a share of that count."""
+    return (wire_tx / hook_bytes - 1) if (wire_tx and hook_bytes) else None
 
 
 def merge_repeats(rows: list[dict]) -> list[dict]:
     """One row per cell: the runs of a repeated timing cell (``--repeats``; rows with the same
     example, rate, delay and hook) merged into the first run's row, with the median over the runs
-    of each of :data:`REPEAT_MEDIANS` and of the hook's profile, and ``repeat_steps_s``: every
+    of each of :data:`REPEAT_MEDIANS` and of the hook's profile (the wire overhead is that of the
+    median bytes, so a row's columns agree), and ``repeat_steps_s``: every
     run's median step, in the order they ran.  A cell whose runs did not all succeed keeps the
     first failure's error: a median of the survivors could hide what made one fail.
     """
@@ -66,6 +73,7 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
         for key in REPEAT_MEDIANS:
             values = [run.get(key) for run in runs if run.get(key) is not None]
             row[key] = statistics.median(values) if values else None
+        row["wire_overhead"] = wire_overhead(row["wire_tx_per_step_node"], row["hook_bytes_per_step"])
         for key in ("profile", "cpu_per_step"):  # by name: the median of the runs that have it
             tables = [run.get(key) or {} for run in runs]
             names = sorted({name for table in tables for name in table})

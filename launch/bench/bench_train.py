@@ -332,6 +332,7 @@ def measure_run(run_dir: Path, last: int | None = None) -> dict:
     """
     from ..runs.cputime import per_step
     from ..runs.runlog import load_run
+    from .bench_doc import wire_overhead
     from ..runs.summary import steady_window, summarize
 
     run = load_run(run_dir)
@@ -364,7 +365,7 @@ def measure_run(run_dir: Path, last: int | None = None) -> dict:
         # Total over the steady window / steps, beside the median (wirebytes says why the median leads).
         "wire_tx_mean_per_step_node": (statistics.mean(node["tx_bytes_mean_per_step"] for node in nodes)
                                        if nodes and all(nodes) else None),
-        "wire_overhead": (tx_median / row["hook_bytes_per_step"] - 1) if (tx_median and row["hook_bytes_per_step"]) else None,
+        "wire_overhead": wire_overhead(tx_median, row["hook_bytes_per_step"]),
         "profile": {key: _median([line.get(key) for line in steady_hook]) for key in ("compress_s", "decompress_s", "comm_s")},
         "final_eval": row["final_eval"],
         "curve": curve,  # [step, metric, seconds of training steps so far]

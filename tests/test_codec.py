@@ -80,6 +80,24 @@ def test_stages_match_reference():
     assert reference.unpack(reference.zero_run_decode(expected), digits.size).tolist() == digits.tolist()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_runs_of_every_length_at_every_offset_match_reference(seed):
+    """Long zero stretches take the packer's eight-groups-at-once path: runs of 0..120 digits
+    between nonzero digits put run ends at every offset within and across its blocks, at every
+    run length modulo 14, and before the tail that the fast path leaves to single groups."""
+    rng = np.random.default_rng(seed)
+    for n_groups in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 299]:
+        digits = np.ones(5 * n_groups, dtype=np.uint8)
+        position = int(rng.integers(0, 120))
+        while position < digits.size:
+            digits[position] = rng.choice([0, 2])
+            position += 1 + int(rng.integers(0, 120))
+        coded = np.empty(max(n_groups, 1), dtype=np.uint8)
+        length = kernels._pack_zero_runs(digits, n_groups, coded)
+        expected = reference.zero_run_encode(reference.pack(digits)) if n_groups else []
+        assert coded[:length].tolist() == list(expected), n_groups
+
+
 def test_quantization_rule_exact_halves_round_away_from_zero():
     x = np.array([1.0, 0.5, -0.5, np.nextafter(np.float32(0.5), 0), 0.25], dtype=np.float32)
     assert threelc.decompress(threelc.compress(x)).tolist() == [1.0, 1.0, -1.0, 0.0, 0.0]
@@ -162,18 +180,22 @@ def test_decompress_add_accumulates_and_writes_into_out():
     assert out.ravel().tobytes() == reference.decode(payloads[0]).tobytes()
 
 
-def test_decompress_add_skips_zeros_so_a_negative_zero_stays():
-    x = np.zeros(40, np.float32)
+@pytest.mark.parametrize("size", [40, 4000])
+def test_decompress_add_skips_zeros_so_a_negative_zero_stays(size):
+    """Both ways the decoder treats zero codes (five neutral values in a chunk where they mix with
+    packed groups, 40 values; a skipped run in a chunk of nearly nothing but runs, 4000) leave ``out``
+    as it is, -0.0 included; zero digits of a packed group add +0.0."""
+    x = np.zeros(size, np.float32)
     x[[3, 17]] = [1.0, -1.0]
     payload = threelc.compress(x)  # zero runs, two packed groups
-    out = np.full(40, -0.0, np.float32)
-    out[5] = 2.5
+    out = np.full(size, -0.0, np.float32)
+    out[[5, size - 1]] = 2.5
     threelc.decompress_add(payload, out)
     # Groups of five zeros are skipped: their -0.0 stays (IEEE's -0.0 + 0.0 would be +0.0); the two
     # packed groups (values 0-4 and 15-19) are added, zeros included.
-    expected = np.full(40, -0.0, np.float32)
+    expected = np.full(size, -0.0, np.float32)
     expected[0:5] = expected[15:20] = 0.0
-    expected[[3, 5, 17]] = [1.0, 2.5, -1.0]
+    expected[[3, 5, 17, size - 1]] = [1.0, 2.5, -1.0, 2.5]
     assert out.tobytes() == expected.tobytes()
 
 

@@ -258,6 +258,8 @@ def test_kernels_run_without_jit():
         "    q = reference.encode(x, sparsity=1.5, residual=r2, block=8, chunk=20)\n"
         "    assert p.tobytes() == q.tobytes() and r1.tobytes() == r2.tobytes()\n"
         "    assert threelc.decompress(p).tobytes() == reference.decode(p).tobytes()\n"
+        "    p = threelc.compress(x, sparsity=1.5, chunk=200)  # 40 groups a chunk: the packer's 8-group path\n"
+        "    assert p.tobytes() == reference.encode(x, sparsity=1.5, chunk=200).tobytes()\n"
         "print('ok')\n"
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")

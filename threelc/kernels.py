@@ -33,6 +33,12 @@ for _byte in range(243):
         _Q_TABLE[5 * _byte + _j] = (_rest % 3) - 1
         _rest //= 3
 del _byte, _rest, _j
+# _Q_NEUTRAL: _Q_TABLE, but -0.0 for the zero codes (a zero group, 121, and the runs, 243..255).
+# x + -0.0 is x for every float, -0.0 included, so adding a zero code's five "values" changes
+# nothing, as skipping it would; zero digits inside a packed group still add +0.0, as they always did.
+_Q_NEUTRAL = _Q_TABLE.copy()
+_Q_NEUTRAL[5 * _ZERO_GROUP : 5 * _ZERO_GROUP + 5] = -0.0
+_Q_NEUTRAL[5 * 243 :] = -0.0
 
 # A coded byte stands for _GROUPS[byte] groups: one packed group (0..242), or a run of 2..14 zero
 # groups (243..255).
@@ -42,11 +48,16 @@ _GROUPS[243:] = np.arange(2, 15)
 _RUN_CODE = np.zeros(_MAX_RUN, dtype=np.uint8)
 _RUN_CODE[1] = _ZERO_GROUP
 _RUN_CODE[2:] = _RUN_BASE + np.arange(2, _MAX_RUN)
+_ZERO_DIGITS = np.uint64(0x0101010101010101)  # eight zero digits (digit = q + 1) as one 64-bit word
 _FINITE_BITS = 0x7F800000  # |v|'s bits are >= this exactly when v is Inf or NaN
+# A chunk coded in fewer bytes than its groups / _RUNS_CHUNK is nearly all runs of zero groups:
+# decoding it branches on runs (predictable there) and skips them (see _decode_chunk).
+_RUNS_CHUNK = 8
 
 # What :func:`decode_chunks` does with the decoded values: write them into ``out``, add them into
 # it, or subtract them from it (error feedback: ``residual = v`` first, then ``residual -= decoded``).
 DECODE, ADD, SUBTRACT = 0, 1, 2
+SPARSE_BYTES = 5
 
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
@@ -183,27 +194,55 @@ def _quantize(x, digits, scale):
 
 
 @_jit
+def _pack_group(digits, g, run, out, coded):
+    """Pack group ``g``'s five digits into a byte and zero-run encode it; return ``(run, out)``.
+
+    Branch-free on the data (a branch per group is unpredictable where zero and nonzero groups
+    mix): every step writes its candidate bytes and advances the output position only if they
+    count, in integer arithmetic that compiles to no jumps.  A zero group extends the run,
+    emitting 255 when it reaches 14; any other group ends the run (its code) and is written.
+    """
+    d = 5 * g
+    byte = (81 * np.int64(digits[d]) + 27 * np.int64(digits[d + 1]) + 9 * np.int64(digits[d + 2])
+            + 3 * np.int64(digits[d + 3]) + np.int64(digits[d + 4]))
+    zero = np.int64(byte == _ZERO_GROUP)
+    nonzero = 1 - zero
+    longer = run + 1
+    full = np.int64(longer == _MAX_RUN)
+    coded[out] = np.uint8(255 * zero + nonzero * np.int64(_RUN_CODE[run]))
+    out += (zero & full) | (nonzero & np.int64(run > 0))
+    coded[out] = np.uint8(byte)
+    out += nonzero
+    return zero * (longer - full * _MAX_RUN), out
+
+
+@_jit
 def _pack_zero_runs(digits, n_groups, coded):
     """Pack digits five to a byte and zero-run encode them into ``coded``; return the length.
 
-    Branch-free on the data (sparse gradients make a branch per group unpredictable): every
-    step writes its candidate byte and advances the output position only if the byte counts.
-    The writes stay inside ``coded[:n_groups]`` because the output never outruns the input.
+    Gradients are mostly zero digits, in long stretches: eight groups (40 digits, five 64-bit
+    words) that are all zeros extend the run at once, with no per-group work; the other groups
+    go through :func:`_pack_group`.  The writes stay inside ``coded[:n_groups]`` because the
+    output never outruns the input.
     """
     out = 0
     run = 0
-    for g in range(n_groups):
-        d = 5 * g
-        byte = (81 * np.int32(digits[d]) + 27 * np.int32(digits[d + 1]) + 9 * np.int32(digits[d + 2])
-                + 3 * np.int32(digits[d + 3]) + np.int32(digits[d + 4]))
-        zero = byte == _ZERO_GROUP
-        run_full = run + 1 == _MAX_RUN
-        # A zero group extends the run, emitting 255 when it reaches 14; any other group ends it.
-        coded[out] = 255 if zero else _RUN_CODE[run]
-        out += (1 if run_full else 0) if zero else (1 if run > 0 else 0)
-        coded[out] = byte
-        out += 0 if zero else 1
-        run = (0 if run_full else run + 1) if zero else 0
+    n_blocks = n_groups // 8
+    words = digits[: 40 * n_blocks].view(np.uint64)
+    for block in range(n_blocks):
+        w = 5 * block
+        if ((words[w] ^ _ZERO_DIGITS) | (words[w + 1] ^ _ZERO_DIGITS) | (words[w + 2] ^ _ZERO_DIGITS)
+                | (words[w + 3] ^ _ZERO_DIGITS) | (words[w + 4] ^ _ZERO_DIGITS)) == 0:
+            run += 8  # run was under 14, so it reaches 14 at most once
+            if run >= _MAX_RUN:
+                coded[out] = 255
+                out += 1
+                run -= _MAX_RUN
+            continue
+        for g in range(8 * block, 8 * block + 8):
+            run, out = _pack_group(digits, g, run, out, coded)
+    for g in range(8 * n_blocks, n_groups):
+        run, out = _pack_group(digits, g, run, out, coded)
     if run:
         coded[out] = _RUN_CODE[run]
         out += 1
@@ -317,22 +356,30 @@ def gather_chunks(coded, stride, chunk_lengths, body):
 
 @_jit
 def _decode_chunk(coded, unit_starts, start, scales, out, mode):
-    """Decode one chunk's coded bytes into ``out``, the chunk's slice: written (``mode`` DECODE),
-    added into it (ADD) or subtracted from it (SUBTRACT).
+    """Decode one chunk's coded bytes into ``out``, the chunk's slice: written (``mode`` DECODE;
+    ``out`` must hold zeros), added into it (ADD) or subtracted from it (SUBTRACT).
 
-    Works from the coded bytes directly, so the work follows the payload, not the value count: a
-    run of zero groups is one fill of zeros, or nothing at all when accumulating or subtracting
-    (adding or subtracting zero changes nothing but the sign of a -0.0 in ``out`` under ADD, which
-    then stays -0.0; ``x - 0.0`` is ``x`` bit for bit); a packed group is five table lookups with its
-    unit's scale.  Returns False, with ``out`` partly written, unless the
-    bytes stand for exactly the chunk's groups and the last group's padding digits are zeros: the
-    bytes come from another machine, and these are the bounds checks numba does not do.
+    Works from the coded bytes directly, so the work follows the payload, not the value count.
+    Nearly every byte applies five values of one unit at once, with no branch on what the byte
+    is (zero and nonzero groups mix unpredictably in gradients with error feedback): a packed
+    group's five ``digit * scale``, or, for a zero group or a run of them, five values that leave
+    ``out`` as it is: +0.0 written over zeros, -0.0 added (:data:`_Q_NEUTRAL`), +0.0 subtracted
+    (``x - 0.0`` is ``x`` bit for bit); a run then moves the position past all its groups.  In a
+    chunk of nearly nothing but runs (``_RUNS_CHUNK``) a branch on runs is predictable, and runs
+    are skipped without touching ``out``.  Either way zero codes never change ``out``, while zero
+    digits in a packed group add +0.0 (turning a -0.0 under ADD into +0.0).  Groups across a unit
+    border and the chunk's last partial group take a slower path with the same results.
+
+    Returns False, with ``out`` partly written, unless the bytes stand for exactly the chunk's
+    groups and the last group's padding digits are zeros: the bytes come from another machine,
+    and these are the bounds checks numba does not do.
     """
     count = out.shape[0]
     n_groups = (count + 4) // 5
     unit = np.searchsorted(unit_starts, start, side="right") - 1
     unit_end = unit_starts[unit + 1] - start
     scale = scales[unit]
+    runs_chunk = _RUNS_CHUNK * coded.shape[0] < n_groups
     g = 0
     for b in range(coded.shape[0]):
         byte = coded[b]
@@ -341,22 +388,17 @@ def _decode_chunk(coded, unit_starts, start, scales, out, mode):
             return False
         o = 5 * g
         g += groups
-        if byte == _ZERO_GROUP or byte >= 243:  # one zero group, or a run of them
-            if mode == DECODE:
-                out[o : min(5 * g, count)] = 0.0
+        if groups > 1 and runs_chunk:  # a run, in a chunk of runs: nothing of out to touch
             continue
-        t = 5 * np.int64(byte)
-        for j in range(count - o, 5):  # only in the last group: its padding must be zero digits
-            if _Q_TABLE[t + j] != 0.0:
-                return False
         while o >= unit_end:
             unit += 1
             unit_end = unit_starts[unit + 1] - start
             scale = scales[unit]
-        if o + 5 <= unit_end and o + 5 <= count:  # nearly every group: one unit, five values
+        t = 5 * np.int64(byte)
+        if o + 5 <= unit_end and o + 5 <= count:  # nearly every byte: one unit, five values
             if mode == ADD:
                 for j in range(5):
-                    out[o + j] += _Q_TABLE[t + j] * scale
+                    out[o + j] += _Q_NEUTRAL[t + j] * scale
             elif mode == SUBTRACT:
                 for j in range(5):
                     out[o + j] -= _Q_TABLE[t + j] * scale
@@ -364,6 +406,11 @@ def _decode_chunk(coded, unit_starts, start, scales, out, mode):
                 for j in range(5):
                     out[o + j] = _Q_TABLE[t + j] * scale
             continue
+        if byte == _ZERO_GROUP or byte >= 243:  # zero codes change nothing (DECODE's out holds zeros)
+            continue
+        for j in range(count - o, 5):  # only in the last group: its padding must be zero digits
+            if _Q_TABLE[t + j] != 0.0:
+                return False
         for i in range(o, min(o + 5, count)):  # a group across a unit border, or the partial last one
             while i >= unit_end:
                 unit += 1
@@ -384,7 +431,8 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, m
     """Decode every chunk of a parsed payload into ``out``, or add into it (``mode``:
     :func:`_decode_chunk`); SUBTRACT writes ``minuend - decoded``, copying each chunk of
     ``minuend`` (an array of ``out``'s size: ``out`` itself, or one that does not overlap it) into
-    ``out`` just before subtracting from it, while it is in cache.
+    ``out`` just before subtracting from it, while it is in cache; DECODE zeroes each chunk of
+    ``out`` just before decoding into it.
 
     The body comes from another machine: each chunk's bytes must expand to exactly its number
     of 5-value groups, and the tail padding must be zeros.  Returns -1, or the index of the first
@@ -397,6 +445,8 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, m
         stop = min(count, start + chunk)
         if mode == SUBTRACT:
             out[start:stop] = minuend[start:stop]
+        elif mode == DECODE:
+            out[start:stop] = 0.0
         status[c] = not _decode_chunk(body[chunk_offsets[c] : chunk_offsets[c + 1]], unit_starts, start, scales,
                                       out[start:stop], mode)
     for c in range(n_chunks):

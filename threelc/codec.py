@@ -39,7 +39,7 @@ def check_segments(segments, count: int) -> np.ndarray:
     if segments is None:
         return np.array([count], dtype=np.int64)
     sizes = np.asarray(segments)
-    if sizes.ndim != 1 or (sizes.size and not np.issubdtype(sizes.dtype, np.integer)):
+    if sizes.ndim != 1 or (sizes.size and sizes.dtype.kind not in "iu"):
         raise ValueError("segments must be a 1-D sequence of integer segment sizes")
     sizes = sizes.astype(np.int64)
     if np.any(sizes < 0):
@@ -140,7 +140,10 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     scales = np.zeros(len(unit_starts) - 1, dtype=np.float32)
     coded = np.empty(n_chunks * (chunk // 5), dtype=np.uint8)
     chunk_lengths = np.empty(n_chunks, dtype=np.int64)
-    if residual is None and (len(unit_starts) < 2 or int(np.diff(unit_starts).max()) <= chunk):
+    longest_unit = int(segment_sizes.max()) if segment_sizes.size else 0
+    if block:
+        longest_unit = min(longest_unit, int(block))
+    if residual is None and longest_unit <= chunk:
         # Blocks (the DDP hook's input, its residual already added): scales and bytes in one pass.
         finite = kernels.encode_chunks_fused(x, unit_starts, float(sparsity32), scales, chunk, coded, chunk_lengths)
     else:
@@ -205,9 +208,8 @@ def _decode_into(payload, out, mode: int, minuend=None) -> np.ndarray:
         else:
             flat[...] = values
         return out
-    unit_starts = fmt.unit_starts(layout.segment_sizes, header.block)
     bad_chunk = kernels.decode_chunks(layout.body, layout.chunk_offsets, header.chunk, header.count,
-                                      unit_starts, layout.scales, flat, mode, flat if minuend is None else minuend)
+                                      layout.unit_starts, layout.scales, flat, mode, flat if minuend is None else minuend)
     if bad_chunk >= 0:
         raise fmt.FormatError(f"chunk {bad_chunk}: coded bytes do not decode to exactly its values "
                               "(corrupt body or non-zero tail padding)")

@@ -42,6 +42,8 @@ import zlib
 
 import numpy as np
 
+from . import kernels
+
 __all__ = [
     "FormatError",
     "MAGIC",
@@ -118,6 +120,7 @@ class Layout:
     chunk_lengths: np.ndarray  # int64[chunk_count]
     chunk_offsets: np.ndarray  # int64[chunk_count + 1], offsets into body
     body: np.ndarray  # uint8[body_length]
+    unit_starts: np.ndarray  # int64[scale_count + 1]: where each scale's values start (unit_starts())
 
 
 def scale_count(segment_sizes: np.ndarray, block: int) -> int:
@@ -129,18 +132,7 @@ def scale_count(segment_sizes: np.ndarray, block: int) -> int:
 
 def unit_starts(segment_sizes: np.ndarray, block: int) -> np.ndarray:
     """Start offsets (int64, length units + 1) of the units: the runs of values that share one scale."""
-    if block == 0:
-        sizes = segment_sizes
-    else:
-        per_segment = (segment_sizes + block - 1) // block
-        sizes = np.full(int(per_segment.sum()), block, dtype=np.int64)
-        # The last block of each segment holds the remainder.
-        last = np.cumsum(per_segment) - 1
-        has_blocks = per_segment > 0
-        sizes[last[has_blocks]] = segment_sizes[has_blocks] - (per_segment[has_blocks] - 1) * block
-    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    return starts
+    return kernels.unit_starts(np.asarray(segment_sizes, dtype=np.int64), int(block))
 
 
 def chunk_count(count: int, chunk: int) -> int:
@@ -251,7 +243,7 @@ def parse(payload, *, computed_checksum: int | None = None) -> Layout:
         if payload.size != HEADER_SIZE + body_length:
             raise FormatError(f"payload is {payload.size} bytes, header declares {HEADER_SIZE + body_length}")
         return Layout(header, empty_i, np.zeros(0, np.float32), empty_i, np.zeros(1, np.int64),
-                      payload[HEADER_SIZE:])
+                      payload[HEADER_SIZE:], np.zeros(1, np.int64))
     if not np.isfinite(sparsity) or not 0.0 < sparsity < 2.0:
         raise FormatError(f"sparsity {sparsity} at offset 40 is outside (0, 2)")
     if block > count and block > MAX_CHUNK:
@@ -260,37 +252,27 @@ def parse(payload, *, computed_checksum: int | None = None) -> Layout:
         raise FormatError(f"chunk size {chunk} at offset 24 must be a positive multiple of 5 up to {MAX_CHUNK}")
     if n_chunks != chunk_count(count, chunk):
         raise FormatError(f"chunk count {n_chunks} does not match {chunk_count(count, chunk)} for {count} values")
-    offset = HEADER_SIZE
-    if offset + 8 * segment_count > payload.size:
+    if HEADER_SIZE + 8 * segment_count > payload.size:
         raise FormatError(f"payload truncated in the segment table ({segment_count} segments)")
-    segment_sizes = _table(payload, offset, segment_count, "<u8")
-    offset += 8 * segment_count
     if segment_count == 0 and count != 0:
         raise FormatError(f"{count} values but no segments")
-    if np.any(segment_sizes > count) or int(segment_sizes.sum(dtype=np.uint64)) != count:
-        raise FormatError(f"segment sizes sum to {int(segment_sizes.sum(dtype=np.uint64))}, expected {count}")
-    segment_sizes = segment_sizes.astype(np.int64)
-    n_scales = scale_count(segment_sizes, block)
-    if offset + 4 * n_scales + 4 * n_chunks > payload.size:
-        raise FormatError(f"payload truncated in the scale or chunk table ({n_scales} scales, {n_chunks} chunks)")
-    scales = _table(payload, offset, n_scales, "<f4").astype(np.float32)
-    offset += 4 * n_scales
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        bad = int(np.flatnonzero(~(np.isfinite(scales) & (scales >= 0)))[0])
-        raise FormatError(f"scale {bad} is {scales[bad]!r}: scales must be finite and non-negative")
-    chunk_lengths = _table(payload, offset, n_chunks, "<u4").astype(np.int64)
-    offset += 4 * n_chunks
-    # A chunk of g groups codes to between ceil(g / 14) and g bytes.
-    groups = np.full(n_chunks, chunk // 5, dtype=np.int64)
-    if n_chunks:
-        groups[-1] = (count - (n_chunks - 1) * chunk + 4) // 5
-    if np.any(chunk_lengths > groups) or np.any(chunk_lengths < (groups + 13) // 14):
-        bad = int(np.flatnonzero((chunk_lengths > groups) | (chunk_lengths < (groups + 13) // 14))[0])
-        raise FormatError(f"chunk {bad} declares {chunk_lengths[bad]} coded bytes, impossible for {groups[bad]} groups")
-    chunk_offsets = np.zeros(n_chunks + 1, dtype=np.int64)
-    np.cumsum(chunk_lengths, out=chunk_offsets[1:])
-    if chunk_offsets[-1] != body_length:
+    # The tables, read and checked in one compiled pass (kernels.read_tables); the messages here.
+    (problem, index, segment_sizes, scales, chunk_lengths, chunk_offsets,
+     starts) = kernels.read_tables(payload, count, segment_count, block, chunk, n_chunks,
+                                   min(body_length, 1 << 62))  # (a larger one fits no payload: int64 in numba)
+    if problem == kernels.BAD_SEGMENTS:
+        total = int(_table(payload, HEADER_SIZE, segment_count, "<u8").sum(dtype=np.uint64))
+        raise FormatError(f"segment sizes sum to {total}, expected {count}")
+    if problem == kernels.TRUNCATED_TABLES:
+        raise FormatError(f"payload truncated in the scale or chunk table ({index} scales, {n_chunks} chunks)")
+    if problem == kernels.BAD_SCALE:
+        raise FormatError(f"scale {index} is {scales[index]!r}: scales must be finite and non-negative")
+    if problem == kernels.BAD_CHUNK_LENGTH:
+        groups = chunk // 5 if index < n_chunks - 1 else (count - (n_chunks - 1) * chunk + 4) // 5
+        raise FormatError(f"chunk {index} declares {chunk_lengths[index]} coded bytes, impossible for {groups} groups")
+    if problem == kernels.BAD_BODY_LENGTH:
         raise FormatError(f"chunk lengths sum to {chunk_offsets[-1]}, body length is {body_length}")
-    if payload.size != offset + body_length:
-        raise FormatError(f"payload is {payload.size} bytes, header and tables declare {offset + body_length}")
-    return Layout(header, segment_sizes, scales, chunk_lengths, chunk_offsets, payload[offset:])
+    if problem == kernels.BAD_PAYLOAD_LENGTH:
+        raise FormatError(f"payload is {payload.size} bytes, header and tables declare {index + body_length}")
+    offset = payload.size - body_length
+    return Layout(header, segment_sizes, scales, chunk_lengths, chunk_offsets, payload[offset:], starts)

@@ -18,6 +18,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 __all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds",
+           "unit_starts", "read_tables",
            "DECODE", "ADD", "SUBTRACT"]
 
 _FLT_MAX = np.float64(np.finfo(np.float32).max)
@@ -453,3 +454,102 @@ def decode_chunks(body, chunk_offsets, chunk, count, unit_starts, scales, out, m
         if status[c]:
             return c
     return -1
+
+
+# ------------------------------------------------------------------------------- payload tables
+# What :func:`read_tables` found wrong (TABLES_OK: nothing); threelc.format turns it into a message.
+TABLES_OK, BAD_SEGMENTS, TRUNCATED_TABLES, BAD_SCALE, BAD_CHUNK_LENGTH, BAD_BODY_LENGTH, BAD_PAYLOAD_LENGTH = range(7)
+
+
+@_jit
+def unit_starts(segment_sizes, block):
+    """Start offsets (int64, length units + 1) of the units, the runs of values that share one
+    scale: each segment (``block`` 0), or each ``block`` values of a segment, its last block
+    holding the remainder (an empty segment then has no unit; one scale per segment keeps it)."""
+    n_units = segment_sizes.shape[0]
+    if block:
+        n_units = 0
+        for size in segment_sizes:
+            n_units += (size + block - 1) // block
+    starts = np.empty(n_units + 1, dtype=np.int64)
+    starts[0] = 0
+    unit = 0
+    position = 0
+    for size in segment_sizes:
+        if block == 0:
+            position += size
+            unit += 1
+            starts[unit] = position
+            continue
+        stop = position + size
+        while position < stop:
+            position = min(position + block, stop)
+            unit += 1
+            starts[unit] = position
+    return starts
+
+
+@_jit
+def _read_le(payload, offset, size):
+    """The little-endian unsigned integer of ``size`` bytes at ``payload[offset:]``."""
+    value = np.uint64(0)
+    for i in range(size - 1, -1, -1):
+        value = (value << np.uint64(8)) | np.uint64(payload[offset + i])
+    return value
+
+
+@_jit
+def read_tables(payload, count, segment_count, block, chunk, n_chunks, body_length):
+    """Read and check the tables that follow a ternary payload's header (docs/FORMAT.md):
+    segment sizes, scales, chunk lengths, in that order and with the same checks as
+    :func:`threelc.format.parse` describes.  The header's own fields are checked by then, and the
+    segment table is known to fit the payload.
+
+    Returns ``(problem, index, segment_sizes, scales, chunk_lengths, chunk_offsets, unit_starts)``:
+    ``problem`` one of TABLES_OK, BAD_SEGMENTS, ... and ``index`` what it concerns (the scale
+    count for TRUNCATED_TABLES, a bad scale's or chunk's index); the arrays are read as far as
+    the checks got, and empty after them.
+    """
+    empty_i = np.zeros(0, dtype=np.int64)
+    empty_f = np.zeros(0, dtype=np.float32)
+    offset = 48
+    segment_sizes = np.empty(segment_count, dtype=np.int64)
+    total = np.uint64(0)
+    too_large = False
+    for s in range(segment_count):
+        size = _read_le(payload, offset + 8 * s, 8)
+        too_large = too_large or size > np.uint64(count)
+        total += size
+        segment_sizes[s] = np.int64(size) if size <= np.uint64(count) else -1
+    offset += 8 * segment_count
+    if too_large or total != np.uint64(count):
+        return BAD_SEGMENTS, 0, segment_sizes, empty_f, empty_i, empty_i, empty_i
+    n_scales = segment_count
+    if block:
+        n_scales = 0
+        for size in segment_sizes:
+            n_scales += (size + block - 1) // block
+    if offset + 4 * n_scales + 4 * n_chunks > payload.shape[0]:
+        return TRUNCATED_TABLES, n_scales, segment_sizes, empty_f, empty_i, empty_i, empty_i
+    scales = np.empty(n_scales, dtype=np.float32)
+    for u in range(n_scales):
+        bits = np.int64(_read_le(payload, offset + 4 * u, 4))
+        scales[u] = _bits_float32(np.int32(bits - ((bits >> 31) << 32)))  # the u32's bits as an int32
+        if (_float32_bits(scales[u]) & np.int32(0x7FFFFFFF)) >= _FINITE_BITS or scales[u] < 0:
+            return BAD_SCALE, u, segment_sizes, scales, empty_i, empty_i, empty_i
+    offset += 4 * n_scales
+    chunk_lengths = np.empty(n_chunks, dtype=np.int64)
+    chunk_offsets = np.zeros(n_chunks + 1, dtype=np.int64)
+    for c in range(n_chunks):
+        length = np.int64(_read_le(payload, offset + 4 * c, 4))
+        chunk_lengths[c] = length
+        groups = chunk // 5 if c < n_chunks - 1 else (count - (n_chunks - 1) * chunk + 4) // 5
+        if length > groups or length < (groups + 13) // 14:
+            return BAD_CHUNK_LENGTH, c, segment_sizes, scales, chunk_lengths, empty_i, empty_i
+        chunk_offsets[c + 1] = chunk_offsets[c] + length
+    offset += 4 * n_chunks
+    if chunk_offsets[n_chunks] != body_length:
+        return BAD_BODY_LENGTH, 0, segment_sizes, scales, chunk_lengths, chunk_offsets, empty_i
+    if payload.shape[0] != offset + body_length:
+        return BAD_PAYLOAD_LENGTH, offset, segment_sizes, scales, chunk_lengths, chunk_offsets, empty_i
+    return TABLES_OK, 0, segment_sizes, scales, chunk_lengths, chunk_offsets, unit_starts(segment_sizes, block)

@@ -135,7 +135,16 @@ def exchange_framed(header, outgoing, slots, group, device: torch.device, stats:
     (``received[rank]`` is empty).
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    slots = np.zeros((world_size, world_size), np.int64) if slots is None else np.asarray(slots, np.int64)
+    if slots is None or not np.any(slots):
+        # Headers ahead: the frames alone (one small all-to-all), then the payloads, exact sizes.
+        sizes = np.array([_nbytes(payload) for payload in outgoing], np.int64)
+        frames = exchange_header(np.concatenate([sizes, np.asarray(header, np.int64)]), group, device, stats)
+        sent = frames[:, :world_size].copy()
+        received = (exchange_payloads(outgoing, sent[:, rank], group, device, stats) if sent.any()
+                    else [payload[:0] for payload in outgoing])
+        received[rank] = outgoing[rank][:0]
+        return frames[:, world_size:], sent, received
+    slots = np.asarray(slots, np.int64)
     tensors = isinstance(outgoing[0], torch.Tensor)
     payload_device = outgoing[0].device if tensors else torch.device("cpu")
     pieces = [payload if tensors else torch.from_numpy(payload) for payload in outgoing]

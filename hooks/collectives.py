@@ -60,14 +60,14 @@ def exchange_header(values, group, device: torch.device, stats: HookStats) -> np
 
     One all-to-all that sends the vector to every rank (one round trip; see the module docstring).
     """
-    local = torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
+    local = np.asarray(values, dtype=np.int64).reshape(-1)
     world_size = dist.get_world_size(group)
-    gathered = torch.empty(world_size * local.numel(), dtype=torch.int64, device=device)
+    gathered = torch.empty(world_size * local.size, dtype=torch.int64, device=device)
     with stats.timer("comm_s"):
-        dist.all_to_all_single(gathered, local.repeat(world_size), group=group)
-    nbytes = (world_size - 1) * local.numel() * 8
+        dist.all_to_all_single(gathered, torch.from_numpy(np.tile(local, world_size)).to(device), group=group)
+    nbytes = (world_size - 1) * local.size * 8
     stats.add_traffic(nbytes, nbytes)
-    return gathered.cpu().numpy().reshape(world_size, local.numel())
+    return gathered.cpu().numpy().reshape(world_size, local.size)
 
 
 def concat_payloads(payloads: list, empty):

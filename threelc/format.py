@@ -2,9 +2,10 @@
 
 A payload is a flat ``uint8`` array that describes itself completely: a decoder needs
 nothing but the bytes.  docs/FORMAT.md documents the layout byte by byte; this module is
-its single implementation in Python.  Every decoder (the numba codec, the torch device
-codec) parses payloads through :func:`parse`, so every decoder rejects the same bad input
-with the same :class:`FormatError`.
+its single implementation (the tables after the header are read and checked by one compiled
+pass, :func:`threelc.kernels.read_tables`, whose findings :func:`parse` turns into messages).
+Every decoder (the numba codec, the torch device codec) parses payloads through :func:`parse`,
+so every decoder rejects the same bad input with the same :class:`FormatError`.
 
 Layout (all integers little-endian)::
 

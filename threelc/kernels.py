@@ -51,9 +51,9 @@ _RUN_CODE[1] = _ZERO_GROUP
 _RUN_CODE[2:] = _RUN_BASE + np.arange(2, _MAX_RUN)
 _ZERO_DIGITS = np.uint64(0x0101010101010101)  # eight zero digits (digit = q + 1) as one 64-bit word
 _FINITE_BITS = 0x7F800000  # |v|'s bits are >= this exactly when v is Inf or NaN
-# A chunk coded in fewer bytes than its groups / _RUNS_CHUNK is nearly all runs of zero groups:
+# A chunk coded in fewer bytes than its groups / _RUNS_CHUNK is mostly runs of zero groups:
 # decoding it branches on runs (predictable there) and skips them (see _decode_chunk).
-_RUNS_CHUNK = 8
+_RUNS_CHUNK = 4
 
 # What :func:`decode_chunks` does with the decoded values: write them into ``out``, add them into
 # it, or subtract them from it (error feedback: ``residual = v`` first, then ``residual -= decoded``).

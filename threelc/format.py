@@ -259,7 +259,7 @@ def parse(payload, *, computed_checksum: int | None = None) -> Layout:
         raise FormatError(f"{count} values but no segments")
     # The tables, read and checked in one compiled pass (kernels.read_tables); the messages here.
     (problem, index, segment_sizes, scales, chunk_lengths, chunk_offsets,
-     starts) = kernels.read_tables(payload, count, segment_count, block, chunk, n_chunks,
+     starts) = kernels.read_tables(payload, HEADER_SIZE, count, segment_count, block, chunk, n_chunks,
                                    min(body_length, 1 << 62))  # (a larger one fits no payload: int64 in numba)
     if problem == kernels.BAD_SEGMENTS:
         total = int(_table(payload, HEADER_SIZE, segment_count, "<u8").sum(dtype=np.uint64))

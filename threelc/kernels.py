@@ -499,11 +499,11 @@ def _read_le(payload, offset, size):
 
 
 @_jit
-def read_tables(payload, count, segment_count, block, chunk, n_chunks, body_length):
-    """Read and check the tables that follow a ternary payload's header (docs/FORMAT.md):
-    segment sizes, scales, chunk lengths, in that order and with the same checks as
-    :func:`threelc.format.parse` describes.  The header's own fields are checked by then, and the
-    segment table is known to fit the payload.
+def read_tables(payload, offset, count, segment_count, block, chunk, n_chunks, body_length):
+    """Read and check the tables that follow a ternary payload's header, from ``offset`` on
+    (docs/FORMAT.md): segment sizes, scales, chunk lengths, in that order and with the same checks
+    as :func:`threelc.format.parse` describes.  The header's own fields are checked by then, and
+    the segment table is known to fit the payload.
 
     Returns ``(problem, index, segment_sizes, scales, chunk_lengths, chunk_offsets, unit_starts)``:
     ``problem`` one of TABLES_OK, BAD_SEGMENTS, ... and ``index`` what it concerns (the scale
@@ -512,7 +512,6 @@ def read_tables(payload, count, segment_count, block, chunk, n_chunks, body_leng
     """
     empty_i = np.zeros(0, dtype=np.int64)
     empty_f = np.zeros(0, dtype=np.float32)
-    offset = 48
     segment_sizes = np.empty(segment_count, dtype=np.int64)
     total = np.uint64(0)
     too_large = False

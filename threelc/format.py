@@ -126,9 +126,7 @@ class Layout:
 
 def scale_count(segment_sizes: np.ndarray, block: int) -> int:
     """Number of scales for these segments: one per segment, or one per block of each segment."""
-    if block == 0:
-        return int(len(segment_sizes))
-    return int(np.sum((np.asarray(segment_sizes, dtype=np.int64) + block - 1) // block))
+    return int(kernels.unit_count(np.asarray(segment_sizes, dtype=np.int64), int(block)))
 
 
 def unit_starts(segment_sizes: np.ndarray, block: int) -> np.ndarray:
@@ -269,7 +267,7 @@ def parse(payload, *, computed_checksum: int | None = None) -> Layout:
     if problem == kernels.BAD_SCALE:
         raise FormatError(f"scale {index} is {scales[index]!r}: scales must be finite and non-negative")
     if problem == kernels.BAD_CHUNK_LENGTH:
-        groups = chunk // 5 if index < n_chunks - 1 else (count - (n_chunks - 1) * chunk + 4) // 5
+        groups = kernels.chunk_groups(count, chunk, n_chunks, index)
         raise FormatError(f"chunk {index} declares {chunk_lengths[index]} coded bytes, impossible for {groups} groups")
     if problem == kernels.BAD_BODY_LENGTH:
         raise FormatError(f"chunk lengths sum to {chunk_offsets[-1]}, body length is {body_length}")

@@ -18,7 +18,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 __all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds",
-           "unit_starts", "read_tables",
+           "unit_count", "unit_starts", "chunk_groups", "read_tables",
            "DECODE", "ADD", "SUBTRACT"]
 
 _FLT_MAX = np.float64(np.finfo(np.float32).max)
@@ -58,7 +58,6 @@ _RUNS_CHUNK = 4
 # What :func:`decode_chunks` does with the decoded values: write them into ``out``, add them into
 # it, or subtract them from it (error feedback: ``residual = v`` first, then ``residual -= decoded``).
 DECODE, ADD, SUBTRACT = 0, 1, 2
-SPARSE_BYTES = 5
 
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
@@ -366,8 +365,8 @@ def _decode_chunk(coded, unit_starts, start, scales, out, mode):
     group's five ``digit * scale``, or, for a zero group or a run of them, five values that leave
     ``out`` as it is: +0.0 written over zeros, -0.0 added (:data:`_Q_NEUTRAL`), +0.0 subtracted
     (``x - 0.0`` is ``x`` bit for bit); a run then moves the position past all its groups.  In a
-    chunk of nearly nothing but runs (``_RUNS_CHUNK``) a branch on runs is predictable, and runs
-    are skipped without touching ``out``.  Either way zero codes never change ``out``, while zero
+    chunk of mostly runs (``_RUNS_CHUNK``) a branch on runs is predictable, and runs are
+    skipped without touching ``out``.  Either way zero codes never change ``out``, while zero
     digits in a packed group add +0.0 (turning a -0.0 under ADD into +0.0).  Groups across a unit
     border and the chunk's last partial group take a slower path with the same results.
 
@@ -462,16 +461,29 @@ TABLES_OK, BAD_SEGMENTS, TRUNCATED_TABLES, BAD_SCALE, BAD_CHUNK_LENGTH, BAD_BODY
 
 
 @_jit
+def unit_count(segment_sizes, block):
+    """Number of units (scales) of these segments: one per segment (``block`` 0), or one per
+    ``block`` values of each segment, its last block holding the remainder (an empty segment
+    then has no unit; one scale per segment keeps it)."""
+    if block == 0:
+        return segment_sizes.shape[0]
+    n_units = 0
+    for size in segment_sizes:
+        n_units += (size + block - 1) // block
+    return n_units
+
+
+@_jit
+def chunk_groups(count, chunk, n_chunks, c):
+    """Number of 5-value groups in chunk ``c`` of ``count`` values coded in chunks of ``chunk``."""
+    return chunk // 5 if c < n_chunks - 1 else (count - (n_chunks - 1) * chunk + 4) // 5
+
+
+@_jit
 def unit_starts(segment_sizes, block):
-    """Start offsets (int64, length units + 1) of the units, the runs of values that share one
-    scale: each segment (``block`` 0), or each ``block`` values of a segment, its last block
-    holding the remainder (an empty segment then has no unit; one scale per segment keeps it)."""
-    n_units = segment_sizes.shape[0]
-    if block:
-        n_units = 0
-        for size in segment_sizes:
-            n_units += (size + block - 1) // block
-    starts = np.empty(n_units + 1, dtype=np.int64)
+    """Start offsets (int64, length units + 1) of the units (:func:`unit_count`), the runs of
+    values that share one scale."""
+    starts = np.empty(unit_count(segment_sizes, block) + 1, dtype=np.int64)
     starts[0] = 0
     unit = 0
     position = 0
@@ -523,11 +535,7 @@ def read_tables(payload, offset, count, segment_count, block, chunk, n_chunks, b
     offset += 8 * segment_count
     if too_large or total != np.uint64(count):
         return BAD_SEGMENTS, 0, segment_sizes, empty_f, empty_i, empty_i, empty_i
-    n_scales = segment_count
-    if block:
-        n_scales = 0
-        for size in segment_sizes:
-            n_scales += (size + block - 1) // block
+    n_scales = unit_count(segment_sizes, block)
     if offset + 4 * n_scales + 4 * n_chunks > payload.shape[0]:
         return TRUNCATED_TABLES, n_scales, segment_sizes, empty_f, empty_i, empty_i, empty_i
     scales = np.empty(n_scales, dtype=np.float32)
@@ -542,7 +550,7 @@ def read_tables(payload, offset, count, segment_count, block, chunk, n_chunks, b
     for c in range(n_chunks):
         length = np.int64(_read_le(payload, offset + 4 * c, 4))
         chunk_lengths[c] = length
-        groups = chunk // 5 if c < n_chunks - 1 else (count - (n_chunks - 1) * chunk + 4) // 5
+        groups = chunk_groups(count, chunk, n_chunks, c)
         if length > groups or length < (groups + 13) // 14:
             return BAD_CHUNK_LENGTH, c, segment_sizes, scales, chunk_lengths, empty_i, empty_i
         chunk_offsets[c + 1] = chunk_offsets[c] + length

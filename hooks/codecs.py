@@ -46,32 +46,53 @@ class _Codec:
         self.per_bucket_scale = per_bucket_scale
         self.device = device  # where values, residuals and payloads live
 
-    def compress(self, values, segments) -> tuple:
-        """Compress; send the raw values instead if they are smaller.
+    def compress(self, values, segments, residual=None) -> tuple:
+        """Add ``residual`` (the worker's, if any) to ``values`` and compress; send the raw values
+        instead if they are smaller.
 
-        Returns ``(payload, nonfinite)``: whether the input held NaN or Inf, as the encoder saw
-        it (the size header tells every rank; the payload's own flag is read back from bytes
-        that could have been damaged since).
+        Returns ``(payload, nonfinite, kept)``.  ``nonfinite``: whether the input held NaN or Inf,
+        as the encoder saw it (the size header tells every rank; the payload's own flag is read
+        back from bytes that could have been damaged since).  ``kept``: where the new residual
+        waits for :meth:`feedback`.  A codec that can (the numba codec, wherever no raw fallback
+        is possible) reads ``values`` and ``residual`` and replaces ``values`` by
+        ``values + residual - decompress(payload)`` in the encoding pass: ``kept`` is True and
+        feedback copies it.  Otherwise ``values`` become ``values + residual``, and feedback
+        decodes the payload.  After non-finite input, ``values`` are unspecified either way (the
+        hook makes them NaN).
 
-        Error feedback happens outside (the hook adds the residual to ``values`` first and
-        updates it with :meth:`feedback` once every rank's payload is known to be finite), so a
+        Error feedback happens outside, once every rank's payload is known to be finite, so a
         step that AMP skips leaves the residual as it was without a backup copy of it.
         """
         if self.per_bucket_scale:
             segments = None
+        if residual is not None and self._can_keep_residual(values, segments):
+            return self._flagged(self._compress_keeping_residual(values, segments, residual), True)
+        if residual is not None:
+            self.add(values, residual)
         payload = self._compress(values, segments)
         if self.nbytes(payload) > payload_format.HEADER_SIZE + 4 * self.numel(values):
             # Only tiny inputs get here.  (A non-finite payload is a bare header and never does.)
             payload = self._compress_raw(values)
-        return payload, self.flagged_nonfinite(payload)
+        return self._flagged(payload, False)
 
-    def feedback(self, values, payload, residual) -> None:
+    def _flagged(self, payload, kept: bool) -> tuple:
+        return payload, self.flagged_nonfinite(payload), kept
+
+    def _can_keep_residual(self, values, segments) -> bool:
+        """Whether :meth:`_compress_keeping_residual` applies (never: the torch codec)."""
+        return False
+
+    def feedback(self, values, payload, residual, kept: bool = False) -> None:
         """Error feedback after a step: ``residual = values - decompress(payload)``.
 
-        ``values`` are what was compressed (gradient plus old residual).  The result is the
-        residual the codec's own in-place update would have left, bit for bit: ``q * scale`` and
+        ``values`` are what was compressed (gradient plus old residual), or with ``kept`` (see
+        :meth:`compress`) already the difference, which is copied.  The result is the residual
+        the codec's own in-place update would have left, bit for bit: ``q * scale`` and
         ``v - q * scale`` are exact in float32 (docs/FORMAT.md).
         """
+        if kept:
+            self.copy(residual, values)
+            return
         self.decompress(payload, residual)
         self.subtract_from(values, residual)
 
@@ -98,10 +119,20 @@ class NumbaCodec(_Codec):
     def lock(self):
         return CODEC_LOCK
 
+    def _can_keep_residual(self, values, segments) -> bool:
+        # values + residual is never formed, so the raw fallback must be impossible beforehand.
+        sizes = [values.size] if segments is None else segments
+        return payload_format.max_ternary_size(sizes, self.block or 0) <= payload_format.HEADER_SIZE + 4 * values.size
+
     def _compress(self, values, segments):
         with CODEC_LOCK:
             return threelc.compress(values, segments=segments, nonfinite="flag", sparsity=self.sparsity,
                                     block=self.block)
+
+    def _compress_keeping_residual(self, values, segments, residual):
+        with CODEC_LOCK:
+            return threelc.compress(values, segments=segments, nonfinite="flag", sparsity=self.sparsity,
+                                    block=self.block, residual=residual, residual_out=values)
 
     def _compress_raw(self, values):
         with CODEC_LOCK:
@@ -113,8 +144,12 @@ class NumbaCodec(_Codec):
     def decompress_add(self, payload, out) -> None:
         threelc.decompress_add(payload, out)
 
-    def feedback(self, values, payload, residual) -> None:
-        """``residual = values - decompress(payload)`` in one pass over memory (the same bits)."""
+    def feedback(self, values, payload, residual, kept: bool = False) -> None:
+        """``residual = values - decompress(payload)`` in one pass over memory (the same bits), or
+        with ``kept`` a copy of ``values``, which already hold it."""
+        if kept:
+            np.copyto(residual, values)
+            return
         threelc.decompress_residual(payload, values, residual)
 
     @staticmethod
@@ -131,6 +166,10 @@ class NumbaCodec(_Codec):
     @staticmethod
     def add(destination, source) -> None:
         np.add(destination, source, out=destination)
+
+    @staticmethod
+    def copy(destination, source) -> None:
+        np.copyto(destination, source)
 
     @staticmethod
     def subtract_from(minuend, destination) -> None:
@@ -198,6 +237,10 @@ class TorchCodec(_Codec):
     @staticmethod
     def add(destination, source) -> None:
         destination.add_(source)
+
+    @staticmethod
+    def copy(destination, source) -> None:
+        destination.copy_(source)
 
     @staticmethod
     def subtract_from(minuend, destination) -> None:

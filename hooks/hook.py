@@ -8,12 +8,13 @@ Data flow of one bucket (see docs/HOOK.md for the full design)::
       read index, layout, iteration  -->  [first call] compare config fingerprints
       submit job, return future           warm-up / small bucket: allreduce (mean)
                                           else: compress v = gradient + worker residual
+                                                (the encoder leaves v - decoded in the bucket)
                                                 [first time] measure, agree on the plan (plan.py)
                                                 [close call] try both collectives, keep the faster
                                           [per bucket, or after the last one when coalesced]
                                                 exchange sizes, non-finite flags, layout fingerprints
                                                 allgather | scatter-reduce-allgather
-                                                residual = v - own payload (if all finite)
+                                                residual = v - decoded (if all finite)
                                                 decode in rank order (checksums), average
                                           write the means into the buckets, resolve futures
     [last bucket] wait for the worker,
@@ -233,9 +234,11 @@ class _Compressed:
     codec: object
     work: torch.Tensor  # float32 values in the codec's memory: the bucket itself when in_place
     in_place: bool
-    values: object  # the codec's view of ``work``: gradient + worker residual, then the mean
+    values: object  # the codec's view of ``work``: gradient + worker residual (or what the payloads left of
+    # it: ``kept``), then the mean
     shards: list  # slices of ``values``: [all] for allgather, one per rank for scatter-reduce
     payloads: list  # one per shard
+    kept: list  # per shard: whether the codec left the new worker residual in its values (codec.compress)
     nonfinite: bool
     worker: object  # the codec's view of the worker residual (None without error feedback)
     server: object  # scatter-reduce: this rank's server residual shard (None without error feedback)
@@ -335,13 +338,14 @@ def _compress_bucket(state, job, group, rank, world_size, device) -> _Compressed
     if entry is not None:
         worker = codec.array(entry.worker)
         server = None if entry.server is None else codec.array(entry.server)
-        codec.add(values, worker)  # v = gradient + residual; the residuals wait (see _feedback)
     segments = [collectives.segments_in_range(job.segments, shard.start, shard.stop) for shard in shards]
     with state._stats.timer("compress_s"):
-        compressed = [codec.compress(values[shard], pieces) for shard, pieces in zip(shards, segments)]
+        # v = gradient + residual is compressed; the residuals wait for the step's outcome (see _feedback).
+        compressed = [codec.compress(values[shard], pieces, None if worker is None else worker[shard])
+                      for shard, pieces in zip(shards, segments)]
     return _Compressed(job=job, codec=codec, work=work, in_place=in_place, values=values, shards=shards,
-                       payloads=[payload for payload, _ in compressed],
-                       nonfinite=any(nonfinite for _, nonfinite in compressed), worker=worker, server=server,
+                       payloads=[payload for payload, _, _ in compressed], kept=[kept for _, _, kept in compressed],
+                       nonfinite=any(nonfinite for _, nonfinite, _ in compressed), worker=worker, server=server,
                        segments=segments)
 
 
@@ -432,7 +436,7 @@ def _allgather_mean(state, items, group, rank, world_size, device) -> None:
         return
     received[rank] = own
     per_sender = [collectives.split_payload(payload, header[sender, :, 1]) for sender, payload in enumerate(received)]
-    _feedback(stats, codec, [(items[k].values, items[k].payloads[0], items[k].worker)
+    _feedback(stats, codec, [(items[k].values, items[k].payloads[0], items[k].worker, items[k].kept[0])
                              for k in finite if items[k].worker is not None])
     with stats.timer("decompress_s"), codec.lock():
         # 0 + a == a exactly, so decoding the first payload in place equals adding it to zeros.
@@ -448,16 +452,19 @@ def _allgather_mean(state, items, group, rank, world_size, device) -> None:
 
 def _feedback(stats, codec, updates) -> None:
     """Error feedback once the step is known to be finite: ``residual = v - decoded`` for each
-    ``(v, own payload, residual)``.  Deferring it is what makes the non-finite rollback free:
-    a step that turns out non-finite never touched the residual, so no backup copy is kept.
+    ``(v, own payload, residual, kept)`` (``kept``: ``v`` already holds that difference, which
+    the encoder wrote; see the codec's ``compress``).  Deferring it is what makes the non-finite
+    rollback free: a step that turns out non-finite never touched the residual, so no backup
+    copy is kept.
 
-    An own payload damaged since it was made fails here on this rank only; the error is left
-    to the decoding of the payloads in rank order that follows, which fails on every rank alike.
+    An own payload damaged since it was made fails here (when decoded: not ``kept``) on this
+    rank only; the error is left to the decoding of the payloads in rank order that follows,
+    which fails on every rank alike (``kept`` or not).
     """
     with stats.timer("compress_s"), codec.lock():
-        for values, payload, residual in updates:
+        for values, payload, residual, kept in updates:
             try:
-                codec.feedback(values, payload, residual)
+                codec.feedback(values, payload, residual, kept)
             except threelc.FormatError:
                 return
 
@@ -490,10 +497,10 @@ def _scatter_reduce_mean(state, items, group, rank, world_size, device) -> None:
                          rank, world_size) for k in finite]
 
     # Allgather the compressed means; every rank, the owner too, decodes the same bytes.
-    own = collectives.concat_payloads([mean_payload for mean_payload, _, _, _ in means], empty)
+    own = collectives.concat_payloads([mean_payload for mean_payload, _, _, _, _ in means], empty)
     mean_header, received = _framed(
         state, "means", [items[k] for k in finite],
-        [value for mean_payload, report, nonfinite, _ in means
+        [value for mean_payload, report, nonfinite, _, _ in means
          for value in (codec.nbytes(mean_payload), report, nonfinite)],
         [empty if j == rank else own for j in range(world_size)], group, device)
     received[rank] = own
@@ -507,14 +514,14 @@ def _scatter_reduce_mean(state, items, group, rank, world_size, device) -> None:
                                              bucket=items[k].job.index, sender=int(mean_header[owner, position, 1]),
                                              receiver=owner)
     for position, k in enumerate(finite):
-        item, (mean_payload, _, _, shard_mean) = items[k], means[position]
+        item, (mean_payload, _, _, shard_mean, mean_kept) = items[k], means[position]
         if mean_header[:, position, 2].any():
             codec.fill_nan(item.values)
             continue
         if item.worker is not None:
-            _feedback(stats, codec, [(item.values[shard], shard_payload, item.worker[shard])
-                                     for shard, shard_payload in zip(item.shards, item.payloads)]
-                      + [(shard_mean, mean_payload, item.server)])
+            _feedback(stats, codec, [(item.values[shard], shard_payload, item.worker[shard], kept)
+                                     for shard, shard_payload, kept in zip(item.shards, item.payloads, item.kept)]
+                      + [(shard_mean, mean_payload, item.server, mean_kept)])
         with stats.timer("decompress_s"), codec.lock():
             for owner in range(world_size):
                 faults.decode_checked(codec.decompress, mean_payloads[owner][position], item.values[item.shards[owner]],
@@ -523,7 +530,8 @@ def _scatter_reduce_mean(state, items, group, rank, world_size, device) -> None:
 
 def _shard_mean(state, codec, item, received, rank, world_size) -> tuple:
     """This rank's shard of one bucket, averaged over the received shard payloads, plus its
-    server residual, compressed again.  Returns ``(payload, report, nonfinite, shard mean)``; a
+    server residual, compressed again.  Returns ``(payload, report, nonfinite, shard mean, kept)``
+    (``kept``: the shard mean now holds the new server residual; see the codec's ``compress``); a
     corrupt shard payload makes the payload the error's text and the report its sender."""
     own = item.shards[rank]
     shard_mean = codec.zeros(own.stop - own.start)
@@ -534,12 +542,10 @@ def _shard_mean(state, codec, item, received, rank, world_size) -> tuple:
                                       sender=sender, receiver=rank)
             codec.divide(shard_mean, world_size)
     except faults.CorruptPayloadError as error:
-        return codec.text_payload(str(error)), error.sender, False, shard_mean
-    if item.server is not None:
-        codec.add(shard_mean, item.server)
+        return codec.text_payload(str(error)), error.sender, False, shard_mean, False
     with state._stats.timer("compress_s"):
-        mean_payload, nonfinite = codec.compress(shard_mean, item.segments[rank])
-    return mean_payload, faults.NO_REPORT, nonfinite, shard_mean
+        mean_payload, nonfinite, kept = codec.compress(shard_mean, item.segments[rank], item.server)
+    return mean_payload, faults.NO_REPORT, nonfinite, shard_mean, kept
 
 
 # ---------------------------------------------------------------------------- beyond DDP's buckets

@@ -464,7 +464,7 @@ def _probe_codec(codec, values, segments) -> tuple:
     encode = decode = decode_add = float("inf")
     for _ in range(2):  # the first call of a process may load or compile the kernels: keep the second
         start = time.perf_counter()
-        payload, _ = codec.compress(sample, segments)  # takes the codec lock itself
+        payload, _, _ = codec.compress(sample, segments)  # takes the codec lock itself
         encode = min(encode, (time.perf_counter() - start) / count)
         scratch = codec.zeros(codec.numel(values))
         with codec.lock():

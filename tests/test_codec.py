@@ -288,6 +288,108 @@ def test_decompress_residual_refuses_bad_arguments():
     assert np.all(out == 9.0)
 
 
+def _with_residual_out(x, residual, target, **options):
+    """compress with ``residual_out`` over x (``target`` "x") or into a third array ("other");
+    returns (payload, x after, residual after, the new residual)."""
+    x = x.copy()
+    residual = residual.copy()
+    out = x if target == "x" else np.full(x.shape, 7.0, np.float32)  # garbage: every value is written
+    payload = threelc.compress(x, residual=residual, residual_out=out, **options)
+    return payload, x, residual, out
+
+
+@pytest.mark.parametrize("target", ["x", "other"])
+@pytest.mark.parametrize("name,x,segments", AWKWARD, ids=AWKWARD_IDS)
+def test_residual_out_is_the_in_place_update_bit_for_bit(name, x, segments, target):
+    """residual_out gets the residual an update in place would leave; the residual stays as it was."""
+    if not np.all(np.isfinite(x)):
+        return
+    rng = np.random.default_rng(13)
+    for block in (None, 3, 1024):
+        for chunk in (5, 10, fmt.DEFAULT_CHUNK):
+            residual = (rng.standard_normal(x.size) * 0.1).astype(np.float32)
+            residual[::7] = -0.0
+            in_place = residual.copy()
+            options = dict(segments=segments, block=block, chunk=chunk, sparsity=1.0)
+            expected = threelc.compress(x, residual=in_place, **options)
+            payload, x_after, residual_after, out = _with_residual_out(x.reshape(-1), residual, target, **options)
+            assert payload.tobytes() == expected.tobytes(), (name, block, chunk)
+            assert out.tobytes() == in_place.tobytes(), (name, block, chunk)
+            assert residual_after.tobytes() == residual.tobytes(), "the residual is read only"
+            if target == "other":
+                assert x_after.tobytes() == x.reshape(-1).tobytes(), "x is read only"
+
+
+@pytest.mark.parametrize("target", ["x", "other"])
+def test_residual_out_over_blocks_takes_the_one_pass_path(monkeypatch, target):
+    rng = np.random.default_rng(14)
+    x = (rng.standard_t(3, 2 * fmt.DEFAULT_CHUNK + 333) * 1e-2).astype(np.float32)
+    residual = (rng.standard_t(3, x.size) * 1e-3).astype(np.float32)
+    segments = [7, 9000, 50000, x.size - 59007]
+    in_place = residual.copy()
+    expected = threelc.compress(x, residual=in_place, segments=segments, block=8192)
+
+    def two_passes(*args, **kwargs):
+        raise AssertionError("blocks with residual_out must not take the two-pass path")
+
+    monkeypatch.setattr(kernels, "compute_scales", two_passes)
+    payload, _, _, out = _with_residual_out(x, residual, target, segments=segments, block=8192)
+    assert payload.tobytes() == expected.tobytes() and out.tobytes() == in_place.tobytes()
+
+
+@pytest.mark.parametrize("target", ["x", "other"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+@pytest.mark.parametrize("position", [0, 9, 10, 13, 39, 42])
+def test_residual_out_leaves_the_residual_after_nonfinite_input(bad, position, target):
+    # Blocks of 4 in chunks of 10, as in the one-pass test without a residual: the bad value in a
+    # unit inside a chunk, across a chunk border, or in the short last chunk.
+    x = np.linspace(-1, 1, 43, dtype=np.float32)
+    x[position] = bad
+    residual = np.full(43, 0.125, np.float32)
+    for nonfinite in ("raise", "flag"):
+        work, kept = x.copy(), residual.copy()
+        out = work if target == "x" else np.zeros(43, np.float32)
+        if nonfinite == "raise":
+            with pytest.raises(threelc.NonFiniteError, match="NaN or Inf"):
+                threelc.compress(work, residual=kept, residual_out=out, block=4, chunk=10)
+        else:
+            payload = threelc.compress(work, residual=kept, residual_out=out, block=4, chunk=10, nonfinite="flag")
+            assert threelc.payload_info(payload).nonfinite
+        assert kept.tobytes() == residual.tobytes(), "the residual must not be touched"
+
+
+def test_residual_out_refuses_bad_arguments():
+    x = np.arange(20, dtype=np.float32)
+    residual = np.zeros(20, np.float32)
+    with pytest.raises(ValueError, match="residual_out needs a residual"):
+        threelc.compress(x.copy(), residual_out=np.empty(20, np.float32))
+    with pytest.raises(ValueError, match="residual_out has 19 values, x has 20"):
+        threelc.compress(x, residual=residual, residual_out=np.empty(19, np.float32))
+    with pytest.raises(TypeError, match="residual_out must be float32"):
+        threelc.compress(x, residual=residual, residual_out=np.empty(20, np.float64))
+    with pytest.raises(ValueError, match="residual_out must be C-contiguous"):
+        threelc.compress(x, residual=residual, residual_out=np.empty(40, np.float32)[::2])
+    frozen = np.empty(20, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="residual_out must be writeable"):
+        threelc.compress(x, residual=residual, residual_out=frozen)
+    shared = np.zeros(30, np.float32)
+    with pytest.raises(ValueError, match="overlap neither"):
+        threelc.compress(x, residual=shared[:20], residual_out=shared[10:])
+    with pytest.raises(ValueError, match="overlap neither"):  # x itself, or apart from it
+        threelc.compress(shared[:20], residual=residual, residual_out=shared[5:25])
+    x_frozen = x.copy()
+    x_frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="residual_out must be writeable"):
+        threelc.compress(x_frozen, residual=residual, residual_out=x_frozen)
+    # A read-only residual is fine when residual_out takes the update; it is not read-only in place.
+    read_only = np.zeros(20, np.float32)
+    read_only.flags.writeable = False
+    threelc.compress(x.copy(), residual=read_only, residual_out=np.empty(20, np.float32))
+    with pytest.raises(ValueError, match="residual must be writeable"):
+        threelc.compress(x, residual=read_only)
+
+
 def test_raw_payload_round_trip():
     x = np.array([1.5, -0.0, np.float32(3e-41), 7.0], np.float32)
     payload = threelc.compress_raw(x)

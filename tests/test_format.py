@@ -19,6 +19,8 @@ import threelc
 from threelc import format as fmt
 from threelc import reference
 
+from awkward import AWKWARD, AWKWARD_IDS
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 
@@ -279,3 +281,15 @@ def test_checksum_is_rfc1950_adler32_of_all_bytes_but_its_field(size):
     assert fmt.checksum(payload) == reference.adler32(covered)
     assert fmt.checksum(payload) == fmt.checksum(reference.seal(payload.copy()))  # the field itself is not covered
     assert reference.seal(payload.copy()).tobytes() == fmt.seal(payload.copy()).tobytes()
+
+
+@pytest.mark.parametrize("name,x,segments", AWKWARD, ids=AWKWARD_IDS)
+def test_max_ternary_size_bounds_every_payload_and_dense_digits_reach_it(name, x, segments):
+    sizes = np.array([x.size] if segments is None else segments, dtype=np.int64)
+    for block in (None, 3, 1024):
+        for chunk in (5, 10, fmt.DEFAULT_CHUNK):
+            bound = fmt.max_ternary_size(sizes, block or 0, chunk)
+            if np.all(np.isfinite(x)):
+                assert threelc.compress(x, segments=segments, block=block, chunk=chunk).size <= bound
+            dense = np.where(np.arange(x.size) % 2, -1.0, 1.0).astype(np.float32)  # every digit +-1
+            assert threelc.compress(dense, segments=segments, block=block, chunk=chunk).size == bound

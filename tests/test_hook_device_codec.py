@@ -184,3 +184,34 @@ def test_torch_codec_residuals_survive_a_state_dict_round_trip():
     again = restored.residual_for(0, (5, 5), 10, (5, 10), device=torch.device("cpu"))
     assert torch.equal(again.worker, torch.arange(10.0)) and torch.equal(again.server, -torch.ones(5))
     np.testing.assert_array_equal(again.worker.numpy(), np.arange(10))
+
+
+@pytest.mark.parametrize("segments,expect_kept", [((3000, 5, 2000), True), ((1, 2, 1, 3), False), (None, True)])
+def test_codecs_compress_with_the_residual_alike_kept_or_not(segments, expect_kept):
+    """The numba codec writes the new residual over the values where no raw fallback can happen
+    (``kept``: feedback copies it); the torch codec adds the residual and decodes in feedback.
+    Either way the payload and the residual after feedback are bit for bit the same."""
+    rng = np.random.default_rng(5)
+    count = 5005 if segments is None else sum(segments)
+    gradient_values = (rng.standard_t(3, count) * 1e-2).astype(np.float32)
+    residual_values = (rng.standard_t(3, count) * 1e-3).astype(np.float32)
+    results = {}
+    for name, codec in (("numba", codecs.NumbaCodec(1.0, 100, segments is None, torch.device("cpu"))),
+                        ("torch", codecs.TorchCodec(1.0, 100, segments is None, torch.device("cpu")))):
+        values = torch.from_numpy(gradient_values.copy())
+        residual = torch.from_numpy(residual_values.copy())
+        view, residual_view = codec.array(values), codec.array(residual)
+        payload, nonfinite, kept = codec.compress(view, None if segments is None else list(segments), residual_view)
+        assert not nonfinite
+        assert torch.equal(residual, torch.from_numpy(residual_values)), "the residual waits for feedback"
+        codec.feedback(view, payload, residual_view, kept)
+        results[name] = (bytes(np.asarray(payload.cpu() if torch.is_tensor(payload) else payload)),
+                         residual.numpy().tobytes(), kept)
+    assert results["numba"][2] is expect_kept and results["torch"][2] is False
+    assert results["numba"][:2] == results["torch"][:2]
+    expected_residual = residual_values.copy()
+    expected = threelc.compress(gradient_values, residual=expected_residual, block=100,
+                                segments=None if segments is None else list(segments))
+    if expect_kept:  # a raw fallback sends the values themselves (residual 0): not the codec's bytes
+        assert results["numba"][0] == expected.tobytes()
+        assert results["numba"][1] == expected_residual.tobytes()

@@ -87,11 +87,11 @@ class _Corrupter:
     def __enter__(self):
         corrupter = self
 
-        def compress(codec, values, segments):
-            payload, nonfinite = corrupter.original(codec, values, segments)
+        def compress(codec, values, segments, residual=None):
+            payload, nonfinite, kept = corrupter.original(codec, values, segments, residual)
             if corrupter.active and (corrupter.target == "all" or corrupter.in_mean):
-                return corrupt(payload, corrupter.kind), nonfinite
-            return payload, nonfinite
+                return corrupt(payload, corrupter.kind), nonfinite, kept
+            return payload, nonfinite, kept
 
         def shard_mean(*args, **kwargs):
             corrupter.in_mean = True

@@ -77,7 +77,7 @@ def _nonfinite_payload(count: int, sparsity32: np.float32) -> np.ndarray:
 
 
 def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfinite="raise",
-             chunk=fmt.DEFAULT_CHUNK) -> np.ndarray:
+             chunk=fmt.DEFAULT_CHUNK, residual_out=None) -> np.ndarray:
     """Compress a float32 array with 3LC into a self-describing payload.
 
     Steps (docs/FORMAT.md): with error feedback, ``v = x + residual``; per unit of values that
@@ -93,16 +93,23 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
         below 1 the scale is under the unit's largest value, values above it are sent as +-scale
         (error feedback keeps the excess), and payloads grow denser.
     residual : float32 array of x's size, optional
-        Error feedback: read and updated in place to ``v - decompress(payload)``.
+        Error feedback: read and updated in place to ``v - decompress(payload)`` (or read only,
+        with ``residual_out``).
     segments : sequence of int, optional
         Sizes of consecutive segments with one scale each (default: one segment).
     block : int, optional
         If given, one scale per ``block`` values within each segment.
     nonfinite : {"raise", "flag"}
         If ``v`` holds NaN or Inf: raise :class:`NonFiniteError`, or return a payload flagged
-        non-finite that decodes to all NaN.  Either way ``residual`` is left unchanged.
+        non-finite that decodes to all NaN.  Either way ``residual`` is left unchanged (and
+        ``residual_out`` unspecified).
     chunk : int
         Values per independently coded chunk (a multiple of 5); chunks are coded in parallel.
+    residual_out : float32 array of x's size, optional (needs ``residual``)
+        Where the new residual ``v - decompress(payload)`` goes, leaving ``residual`` as it was;
+        it may be ``x`` itself (writeable), the DDP hook's choice: ``v`` is then read and
+        replaced by the new residual in one pass, which the caller copies into its residual once
+        it knows the step is kept.  Any other array must not overlap ``x`` or ``residual``.
 
     Returns
     -------
@@ -128,12 +135,15 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
         raise ValueError(f"block must be a positive integer, got {block!r}")
     if residual is None:
         residual_flat = np.zeros(0, dtype=np.float32)
+        if residual_out is not None:
+            raise ValueError("residual_out needs a residual: it receives the updated residual")
     else:
         residual_flat = _as_flat_float32(residual, "residual")
         if residual_flat.size != count:
             raise ValueError(f"residual has {residual_flat.size} values, x has {count}")
-        if not residual_flat.flags.writeable:
+        if residual_out is None and not residual_flat.flags.writeable:
             raise ValueError("residual must be writeable (it is updated in place)")
+    out, feedback = _feedback_target(x, residual_flat if residual is not None else None, residual_out)
     segment_sizes = check_segments(segments, count)
     unit_starts = fmt.unit_starts(segment_sizes, int(block))
     n_chunks = fmt.chunk_count(count, chunk)
@@ -143,15 +153,16 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     longest_unit = int(segment_sizes.max()) if segment_sizes.size else 0
     if block:
         longest_unit = min(longest_unit, int(block))
-    if residual is None and longest_unit <= chunk:
-        # Blocks (the DDP hook's input, its residual already added): scales and bytes in one pass.
-        finite = kernels.encode_chunks_fused(x, unit_starts, float(sparsity32), scales, chunk, coded, chunk_lengths)
+    if longest_unit <= chunk and (residual is None or residual_out is not None):
+        # Blocks (the DDP hook's): scales, bytes and the new residual in one pass.
+        finite = kernels.encode_chunks_fused(x, residual_flat, out, feedback, unit_starts,
+                                             float(sparsity32), scales, chunk, coded, chunk_lengths)
     else:
-        # The residual is updated in place, so every scale (and finiteness) is known before.
+        # Long units, or a residual updated in place: every scale (and finiteness) is known first.
         finite = kernels.compute_scales(x, residual_flat, residual is not None, unit_starts, float(sparsity32),
                                         scales, chunk)
         if finite:
-            kernels.encode_chunks(x, residual_flat, residual is not None, unit_starts, scales, chunk, coded,
+            kernels.encode_chunks(x, residual_flat, out, feedback, unit_starts, scales, chunk, coded,
                                   chunk_lengths)
     if not finite:
         if nonfinite == "raise":
@@ -172,6 +183,27 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
         offset += table.size
     kernels.gather_chunks(coded, chunk // 5, chunk_lengths, payload[offset:])
     return fmt.seal(payload)
+
+
+def _feedback_target(x: np.ndarray, residual: np.ndarray | None, residual_out) -> tuple:
+    """Where the encoder writes the new residual: ``(out array, kernels' feedback mode)``.
+
+    ``residual_out`` must be x's size and writeable, and either x itself or an array that
+    overlaps neither x nor the residual."""
+    if residual is None:
+        return np.zeros(0, dtype=np.float32), kernels.NO_FEEDBACK
+    if residual_out is None:
+        return residual, kernels.INTO_RESIDUAL
+    out = _as_flat_float32(residual_out, "residual_out")
+    if out.size != x.size:
+        raise ValueError(f"residual_out has {out.size} values, x has {x.size}")
+    if not out.flags.writeable:
+        raise ValueError("residual_out must be writeable")
+    if out.__array_interface__["data"][0] == x.__array_interface__["data"][0]:
+        return x, kernels.INTO_X
+    if np.shares_memory(out, x) or np.shares_memory(out, residual):
+        raise ValueError("residual_out must be x itself or overlap neither x nor residual")
+    return out, kernels.INTO_OUT
 
 
 def compress_raw(x) -> np.ndarray:

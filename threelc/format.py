@@ -65,6 +65,7 @@ __all__ = [
     "scale_count",
     "unit_starts",
     "chunk_count",
+    "max_ternary_size",
 ]
 
 MAGIC = b"3LC"
@@ -137,6 +138,16 @@ def unit_starts(segment_sizes: np.ndarray, block: int) -> np.ndarray:
 def chunk_count(count: int, chunk: int) -> int:
     """Number of chunks that ``count`` values split into."""
     return (count + chunk - 1) // chunk
+
+
+def max_ternary_size(segment_sizes: np.ndarray, block: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """The largest ternary payload of these segments (``block`` 0: one scale per segment): header,
+    tables, and one coded byte per five values, which every chunk holds whole but the last
+    (zero-run encoding never lengthens the bytes).  Dense digits (no zero group) reach it."""
+    sizes = np.asarray(segment_sizes, dtype=np.int64)
+    count = int(sizes.sum())
+    return (HEADER_SIZE + 8 * sizes.size + 4 * scale_count(sizes, block) + 4 * chunk_count(count, chunk)
+            + (count + 4) // 5)
 
 
 def pack_header(

@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 __all__ = ["compute_scales", "encode_chunks", "encode_chunks_fused", "gather_chunks", "decode_chunks", "piece_bounds",
            "unit_count", "unit_starts", "chunk_groups", "read_tables",
-           "DECODE", "ADD", "SUBTRACT"]
+           "DECODE", "ADD", "SUBTRACT", "NO_FEEDBACK", "INTO_RESIDUAL", "INTO_X", "INTO_OUT"]
 
 _FLT_MAX = np.float64(np.finfo(np.float32).max)
 _ZERO_GROUP = 121  # five zero digits: 81 + 27 + 9 + 3 + 1
@@ -58,6 +58,12 @@ _RUNS_CHUNK = 4
 # What :func:`decode_chunks` does with the decoded values: write them into ``out``, add them into
 # it, or subtract them from it (error feedback: ``residual = v`` first, then ``residual -= decoded``).
 DECODE, ADD, SUBTRACT = 0, 1, 2
+#: The encoders' error feedback (their ``feedback`` argument): no residual; v = x + residual and
+#: the new residual v - q * scale written over the residual (in place), over x, or into a third
+#: array; the encoders take that array as ``out`` (x or the residual themselves for the first
+#: two).  A loop that writes an array through one name and reads it through another runs scalar,
+#: as its vectorized form checks that the two do not overlap: each case has its own loop.
+NO_FEEDBACK, INTO_RESIDUAL, INTO_X, INTO_OUT = 0, 1, 2, 3
 
 _jit = numba.njit(cache=True, nogil=True)
 _jit_parallel = numba.njit(cache=True, nogil=True, parallel=True)
@@ -174,15 +180,37 @@ def _scale_of(peak, sparsity):
 
 
 @_jit
-def _quantize_with_residual(x, residual, digits, scale):
-    """digits = q + 1 of v = x + residual; residual = v - q * scale (vectorizes: no branches)."""
-    for i in range(x.shape[0]):
-        v = x[i] + residual[i]
-        twice = np.float32(2.0) * v
-        up = twice >= scale
-        down = -twice >= scale
+def _quantize_with_residual(x, residual, out, digits, scale, feedback):
+    """digits = q + 1 of v = x + residual; the new residual v - q * scale into ``out``, which is
+    ``residual`` (INTO_RESIDUAL), ``x`` (INTO_X) or a third array (``feedback``).  Only ``out`` is
+    written, so read-only x and residual arrays compile too."""
+    if feedback == INTO_X:
+        _quantize_over(out, residual, digits, scale)
+    elif feedback == INTO_RESIDUAL:
+        _quantize_over(out, x, digits, scale)  # x + residual == residual + x exactly
+    else:
+        for i in range(x.shape[0]):
+            v = x[i] + residual[i]
+            up, down = _digit(v, scale)
+            digits[i] = np.uint8(1) + np.uint8(up) - np.uint8(down)
+            out[i] = v - (np.float32(up) - np.float32(down)) * scale
+
+
+@_jit
+def _quantize_over(out, addend, digits, scale):
+    """:func:`_quantize_with_residual` in place: v = out + addend, then out = v - q * scale."""
+    for i in range(out.shape[0]):
+        v = out[i] + addend[i]
+        up, down = _digit(v, scale)
         digits[i] = np.uint8(1) + np.uint8(up) - np.uint8(down)
-        residual[i] = v - (np.float32(up) - np.float32(down)) * scale
+        out[i] = v - (np.float32(up) - np.float32(down)) * scale
+
+
+@_jit
+def _digit(v, scale):
+    """Whether v quantizes to +1 and to -1: 2|v| >= scale (exact halves round away from zero)."""
+    twice = np.float32(2.0) * v
+    return twice >= scale, -twice >= scale
 
 
 @_jit
@@ -259,9 +287,10 @@ def _piece_at(unit_starts, unit, position, stop):
 
 
 @_jit
-def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, coded):
-    """Quantize, pack and zero-run encode ``x[start:stop]`` (one chunk) into ``coded``; return the
-    length.  Updates ``residual[start:stop]`` in place when ``has_residual``."""
+def _encode_chunk(x, residual, out, feedback, unit_starts, scales, start, stop, coded):
+    """Quantize, pack and zero-run encode ``x[start:stop]`` (plus ``residual[start:stop]``, unless
+    ``feedback`` is NO_FEEDBACK: the new residual goes where it says) into ``coded``; return the
+    length."""
     n_groups = (stop - start + 4) // 5
     digits = np.empty(5 * n_groups, dtype=np.uint8)
     # Stage 1: ternary digits, one piece of constant scale at a time.
@@ -269,9 +298,9 @@ def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, c
     position = start
     while position < stop:
         unit, end = _piece_at(unit_starts, unit, position, stop)
-        if has_residual:
-            _quantize_with_residual(x[position:end], residual[position:end],
-                                    digits[position - start : end - start], scales[unit])
+        if feedback != NO_FEEDBACK:
+            _quantize_with_residual(x[position:end], residual[position:end], out[position:end],
+                                    digits[position - start : end - start], scales[unit], feedback)
         else:
             _quantize(x[position:end], digits[position - start : end - start], scales[unit])
         position = end
@@ -281,8 +310,8 @@ def _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop, c
 
 
 @_jit_parallel
-def encode_chunks(x, residual, has_residual, unit_starts, scales, chunk, coded, chunk_lengths):
-    """Quantize, pack and zero-run encode each chunk; update the residual in place.
+def encode_chunks(x, residual, out, feedback, unit_starts, scales, chunk, coded, chunk_lengths):
+    """Quantize, pack and zero-run encode each chunk, with error feedback as ``feedback`` says.
 
     Chunk c's coded bytes go to ``coded[c * (chunk // 5):]`` and their number to
     ``chunk_lengths[c]``; :func:`gather_chunks` then packs them together.
@@ -293,31 +322,35 @@ def encode_chunks(x, residual, has_residual, unit_starts, scales, chunk, coded, 
         start = c * chunk
         stop = min(count, start + chunk)
         base = c * groups_per_chunk
-        chunk_lengths[c] = _encode_chunk(x, residual, has_residual, unit_starts, scales, start, stop,
+        chunk_lengths[c] = _encode_chunk(x, residual, out, feedback, unit_starts, scales, start, stop,
                                          coded[base : base + (stop - start + 4) // 5])
 
 
 @_jit_parallel
-def encode_chunks_fused(x, unit_starts, sparsity, scales, chunk, coded, chunk_lengths):
-    """:func:`compute_scales` and :func:`encode_chunks` in one pass over memory, for input without
-    a residual whose units are no longer than a chunk (the DDP hook's blocks).
+def encode_chunks_fused(x, residual, out, feedback, unit_starts, sparsity, scales, chunk, coded, chunk_lengths):
+    """:func:`compute_scales` and :func:`encode_chunks` in one pass over memory, for input whose
+    units are no longer than a chunk (the DDP hook's blocks), and whose residual, if any, is not
+    updated in place (``feedback`` INTO_X, as in the DDP hook, or INTO_OUT).
 
     Each chunk computes the scales of the units that lie inside it and encodes at once, while its
     values are still in cache; a unit across a chunk border (at most one per border, as no unit
     is longer than a chunk) gets its scale from all its values first.  Nothing is written but
-    ``scales`` (zeros on entry: empty units keep them), ``coded`` and ``chunk_lengths``, so input
-    found non-finite needs no rollback: returns False, with those unspecified, if any value is
-    NaN or Inf.  The scales and bytes are :func:`compute_scales`' and :func:`encode_chunks`'.
+    ``scales`` (zeros on entry: empty units keep them), ``coded``, ``chunk_lengths`` and the new
+    residual (each chunk's once its scales are known), so input found non-finite leaves ``residual`` as it
+    was: returns False, with those unspecified, if any value is NaN or Inf.  The scales, bytes and
+    new residual are :func:`compute_scales`' and :func:`encode_chunks`'.
     """
     count = x.shape[0]
     n_chunks = chunk_lengths.shape[0]
     groups_per_chunk = chunk // 5
+    has_residual = feedback != NO_FEEDBACK
     finite = np.ones(n_chunks, dtype=np.bool_)
     for c in numba.prange(1, n_chunks):  # the unit across the border at c * chunk, if any
         border = c * chunk
         unit = np.searchsorted(unit_starts, border, side="right") - 1
         if unit_starts[unit] < border < unit_starts[unit + 1]:
-            peak = _peak_bits(x[unit_starts[unit] : unit_starts[unit + 1]], x, False)
+            peak = _peak_bits(x[unit_starts[unit] : unit_starts[unit + 1]],
+                              residual[unit_starts[unit] : unit_starts[unit + 1]], has_residual)
             finite[c] = peak < _FINITE_BITS
             scales[unit] = _scale_of(peak, sparsity)
     for c in numba.prange(n_chunks):
@@ -328,14 +361,14 @@ def encode_chunks_fused(x, unit_starts, sparsity, scales, chunk, coded, chunk_le
         while position < stop:
             unit, end = _piece_at(unit_starts, unit, position, stop)
             if unit_starts[unit] >= start and end == unit_starts[unit + 1]:  # the whole unit is in this chunk
-                peak = _peak_bits(x[position:end], x, False)
+                peak = _peak_bits(x[position:end], residual[position:end], has_residual)
                 finite[c] = finite[c] and peak < _FINITE_BITS
                 scales[unit] = _scale_of(peak, sparsity)
             position = end
         base = c * groups_per_chunk
         chunk_lengths[c] = 0
         if finite[c]:
-            chunk_lengths[c] = _encode_chunk(x, x, False, unit_starts, scales, start, stop,
+            chunk_lengths[c] = _encode_chunk(x, residual, out, feedback, unit_starts, scales, start, stop,
                                              coded[base : base + (stop - start + 4) // 5])
     for c in range(n_chunks):
         if not finite[c]:

@@ -269,7 +269,7 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
                 _check_config(state, group, world_size, job.iteration, device)
             _drop_stale(state, job.index)
             stats.add_raw(job.buffer.numel() * job.buffer.element_size())
-            started = time.perf_counter()
+            started, sent_before = time.perf_counter(), stats.current.sent_bytes
             if not job.compress:
                 job.future.set_result(collectives.allreduce_mean(job.buffer, group, stats))
             else:
@@ -282,7 +282,8 @@ def _run_job(state: ThreeLCState, job: _BucketJob) -> None:
                     item.finish()
             if state._trial is not None and (job.exchange_now or (job.is_last and stats.current.compressed)):
                 # A close call between the collectives: this step was one of their trial (plan.py).
-                plan.end_trial_step(state, group, device, started if job.exchange_now else None)
+                plan.end_trial_step(state, group, device, started if job.exchange_now else None,
+                                    stats.current.sent_bytes - (sent_before if job.exchange_now else 0))
     except BaseException as error:
         if state._failure is None:
             state._failure = error

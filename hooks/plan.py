@@ -98,8 +98,9 @@ SLOT_MARGIN_MAX = 1.0
 SLOT_MARGIN_DECAY = 0.9
 #: The padding the cost model charges inline headers, as a share of the payload bytes.
 INLINE_PADDING = 0.25
-#: A trial keeps inline headers only if their step beats separate headers' by more than this share
-#: (their padding cost 30-40% more bytes in the delay sweep; docs/LAUNCH.md).
+#: A trial keeps inline headers only if their step beats separate headers' by more than this share,
+#: and by more than their extra bytes take on the link (their padding cost 30-40% more bytes in the
+#: delay sweep, docs/LAUNCH.md, and 80% at 4 ranks without delay: :meth:`Trial.outcome`).
 INLINE_TIE = 0.05
 
 COLLECTIVE_CHOICES = ("allgather", "scatter_reduce")
@@ -218,6 +219,8 @@ class Trial:
     seconds: list | None = None  # per candidate (None: none yet)
     steps_done: int = 0
     steps: int = TRIAL_STEPS  # timed steps per candidate (at least 2: a resume loses one timing)
+    sent: list | None = None  # per candidate: bytes this rank sent in each timed step
+    seconds_per_byte: float = 0.0  # the agreed probe's: what a byte costs on the link (0: unknown)
     # When the previous step ended, on this process's clock: not saved, so the first step after
     # a resume is not timed.
     last_end: float | None = dataclasses.field(default=None, compare=False)
@@ -226,12 +229,16 @@ class Trial:
         self.candidates = tuple(tuple(candidate) for candidate in self.candidates)
         if self.seconds is None:
             self.seconds = [[] for _ in self.candidates]
+        if self.sent is None:  # also a trial saved before bytes were recorded
+            self.sent = [[] for _ in self.candidates]
 
     @classmethod
-    def needed(cls, chosen: Plan, costs: dict, collective_option_: str) -> "Trial | None":
+    def needed(cls, chosen: Plan, costs: dict, collective_option_: str,
+               seconds_per_byte: float = 0.0) -> "Trial | None":
         """The trial to run after the model chose ``chosen`` from ``costs`` (:func:`modelled_steps`,
         which holds only the plans the options allow), or None when the call is clear: every
-        plan at the chosen coalescing within :data:`TRIAL_MARGIN` of the chosen one's step."""
+        plan at the chosen coalescing within :data:`TRIAL_MARGIN` of the chosen one's step.
+        ``seconds_per_byte``: the link's, for the outcome's rule on inline headers."""
         mine = costs[(chosen.collective, chosen.coalesce, chosen.header)]
         close = sorted((cost, collective, header) for (collective, coalesce, header), cost in costs.items()
                        if coalesce == chosen.coalesce and cost <= TRIAL_MARGIN * mine
@@ -240,7 +247,7 @@ class Trial:
         if not close:
             return None
         return cls(candidates=((chosen.collective, chosen.header), *((c, h) for _, c, h in close)),
-                   coalesce=chosen.coalesce, modelled=chosen.reason)
+                   coalesce=chosen.coalesce, modelled=chosen.reason, seconds_per_byte=float(seconds_per_byte))
 
     def order(self) -> list:
         """Which candidate each step of the trial uses (indices into ``candidates``)."""
@@ -255,13 +262,15 @@ class Trial:
         return Plan(collective=collective, coalesce=self.coalesce, header=header,
                     reason=f"measured trial of {names} ({self.modelled})")
 
-    def record(self, now: float, started: float | None = None) -> bool:
-        """Close the current step at ``now`` (an exchange of its own: begun at ``started``); True
-        when the trial's steps are done.  The count of steps, not of timed ones, decides, so a
-        resumed trial switches at the same steps as an uninterrupted one (one fewer timing)."""
+    def record(self, now: float, started: float | None = None, sent_bytes: int = 0) -> bool:
+        """Close the current step at ``now`` (an exchange of its own: begun at ``started``), in
+        which this rank sent ``sent_bytes``; True when the trial's steps are done.  The count of
+        steps, not of timed ones, decides, so a resumed trial switches at the same steps as an
+        uninterrupted one (one fewer timing)."""
         begin = started if started is not None else self.last_end
         if begin is not None:
             self.seconds[self.order()[self.steps_done]].append(float(now - begin))
+            self.sent[self.order()[self.steps_done]].append(int(sent_bytes))
         self.last_end = now
         self.steps_done += 1
         return self.steps_done >= len(self.order())
@@ -270,20 +279,32 @@ class Trial:
         """This rank's median step seconds per candidate."""
         return [float(np.median(times)) for times in self.seconds]
 
-    def outcome(self, slowest: list) -> Plan:
-        """The final plan from every candidate's slowest-rank median (the same on every rank): the
-        fastest, except that inline headers must beat the fastest separate-header candidate by
-        :data:`INLINE_TIE`, since their padding costs bytes that a tie does not pay back."""
+    def sent_medians(self) -> list:
+        """This rank's median bytes sent per step, per candidate (0 where none were recorded)."""
+        return [float(np.median(sent)) if sent else 0.0 for sent in self.sent]
+
+    def outcome(self, slowest: list, most_sent: list | None = None) -> Plan:
+        """The final plan from every candidate's slowest-rank median step (the same on every rank)
+        and the most bytes a rank sent per step with it: the fastest, except that inline headers
+        must beat the fastest separate-header candidate by more than :data:`INLINE_TIE` and by
+        more than their extra bytes take on the link (``seconds_per_byte``).  Their padding costs
+        bytes that a step on a link with time to spare does not show; a trial's few steps differ
+        by some percent between runs; and what inline headers save, a round trip per exchange,
+        outweighs both on a far link."""
         best = min(range(len(self.candidates)), key=lambda i: (slowest[i], i))
         separate = [i for i, (_, header) in enumerate(self.candidates) if header == "separate"]
         if self.candidates[best][1] == "inline" and separate:
             runner_up = min(separate, key=lambda i: (slowest[i], i))
-            if slowest[runner_up] <= (1 + INLINE_TIE) * slowest[best]:
+            extra_bytes = 0.0 if most_sent is None else max(most_sent[best] - most_sent[runner_up], 0.0)
+            tie = max(INLINE_TIE * slowest[best], extra_bytes * self.seconds_per_byte)
+            if slowest[runner_up] - slowest[best] <= tie:
                 best = runner_up
         measured = ", ".join(f"{_name(*candidate)} {1e3 * t:.2f} ms" for candidate, t in zip(self.candidates, slowest))
+        sent = "" if most_sent is None else "; bytes sent per step, the most of a rank: " + ", ".join(
+            f"{_name(*candidate)} {b / 1e3:.1f} kB" for candidate, b in zip(self.candidates, most_sent))
         collective, header = self.candidates[best]
         return Plan(collective=collective, coalesce=self.coalesce, header=header,
-                    reason=f"measured step: {measured} (the slowest rank's median; {self.modelled})")
+                    reason=f"measured step: {measured} (the slowest rank's median{sent}; {self.modelled})")
 
     def as_dict(self) -> dict:
         saved = dataclasses.asdict(self)
@@ -332,27 +353,30 @@ def decide(state, codec, values, segments, group, world_size: int, device: torch
     costs = modelled_steps(link, collective=option, coalesce=state.coalesce, world_size=world_size,
                            values=max(total_values, 1), buckets=max(buckets, 1), header=state.header)
     plan = cheapest(costs)
-    trial = Trial.needed(plan, costs, option)
+    trial = Trial.needed(plan, costs, option, link.seconds_per_byte)
     logger.info("threelc: exchange plan %s (%s; link %s)%s", _describe(plan), plan.reason, link,
                 "; close call: measuring both collectives" if trial else "")
     return (plan if trial is None else trial.plan()), trial
 
 
-def end_trial_step(state, group, device, started: float | None = None) -> None:
+def end_trial_step(state, group, device, started: float | None = None, sent_bytes: int = 0) -> None:
     """Close one step of the state's trial; switch collective, or agree on the outcome, when due.
 
     Called on the worker thread at the same step on every rank (the end of a step that
-    compressed; ``started``: when an exchange of its own began), so every rank switches
-    together; the outcome's header exchange is a collective.
+    compressed; ``started``: when an exchange of its own began; ``sent_bytes``: what this rank
+    sent in the step), so every rank switches together; the outcome's header exchange is a
+    collective.
     """
     trial = state._trial
     state._stats.mark_planning()
-    if not trial.record(time.perf_counter(), started):
+    if not trial.record(time.perf_counter(), started, sent_bytes):
         state._plan = trial.plan()
         return
-    microseconds = [int(round(1e6 * t)) for t in trial.medians()]
-    gathered = collectives.exchange_header(microseconds, group, device, state._stats)
-    state._plan, state._trial = trial.outcome([1e-6 * float(t) for t in gathered.max(axis=0)]), None
+    figures = [int(round(1e6 * t)) for t in trial.medians()] + [int(round(b)) for b in trial.sent_medians()]
+    gathered = collectives.exchange_header(figures, group, device, state._stats).max(axis=0)
+    count = len(trial.candidates)
+    state._plan = trial.outcome([1e-6 * float(t) for t in gathered[:count]], [float(b) for b in gathered[count:]])
+    state._trial = None
     logger.info("threelc: exchange plan %s (%s)", _describe(state._plan), state._plan.reason)
 
 

@@ -132,6 +132,7 @@ def test_a_trial_of_more_candidates_takes_them_in_turn_and_back():
     loaded = plan.Trial.from_dict(old)
     assert loaded.candidates == (("scatter_reduce", "separate"), ("allgather", "separate"))
     assert loaded.seconds == [[1.0], []] and loaded.steps_done == 2
+    assert loaded.sent == [[], []] and loaded.seconds_per_byte == 0.0  # saved before bytes were recorded
 
 
 def test_a_trial_alternates_times_step_periods_and_keeps_the_faster():
@@ -386,6 +387,7 @@ def _trial_steps(state, rank, steps, layout):
 def _trial(rank, world_size):
     plan._probe = lambda *args, **kwargs: _CLOSE_LINK
     plan.Trial.medians = lambda self: _TRIAL_MEDIANS.get(rank, [1e-3, 1e-3])
+    plan.Trial.sent_medians = lambda self: [1000.0, 1000.0]  # (measured bytes differ after a resume)
     layout, total = (3000, 1000), 2 * plan.TRIAL_STEPS + 4
 
     def fresh():  # (separate headers: the link's latency is zero, and this test is about collectives)
@@ -443,3 +445,21 @@ def test_a_close_call_is_measured_and_every_rank_switches_together():
         assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(run, resumed))
     for item in zip(*(result["uninterrupted"] for result in results)):  # replicas agree at every step
         assert all(torch.equal(item[0]["mean"], other["mean"]) and item[0]["plan"] == other["plan"] for other in item)
+
+
+def test_inline_headers_must_also_beat_what_their_extra_bytes_take_on_the_link():
+    # 100 Mbit/s: 80 ns a byte.  Inline headers' padding sent 112 kB more per step (9 ms on the link).
+    trial = plan.Trial(candidates=(("scatter_reduce", "inline"), ("scatter_reduce", "separate")), coalesce=False,
+                       modelled="m", steps=2, seconds_per_byte=8e-8)
+    for now, sent in zip(range(5), (0, 254_000, 142_000, 142_000, 254_000)):
+        trial.record(float(now), sent_bytes=sent)
+    assert trial.sent == [[254_000, 254_000], [142_000, 142_000]] and trial.sent_medians() == [254_000, 142_000]
+    most_sent = [254_000, 142_000]
+    # 7.7% faster (past INLINE_TIE) but by 5.7 ms, under the 9 ms its extra bytes take: separate headers.
+    assert trial.outcome([0.0735, 0.0792], most_sent).header == "separate"
+    # A far link: inline headers save round trips worth far more than their bytes.
+    far = trial.outcome([0.120, 0.200], most_sent)
+    assert far.header == "inline" and "the most of a rank: scatter_reduce+inline 254.0 kB" in far.reason
+    # Without bytes the share alone decides, as before.
+    assert trial.outcome([0.0735, 0.0792]).header == "inline"
+    assert plan.Trial.from_dict(trial.as_dict()) == trial  # bytes and link speed are saved with the trial

@@ -24,7 +24,8 @@ def test_bench_codec_json():
         assert row["ratio"] == 50000 * 4 / row["payload_bytes"]
         assert 20 < row["ratio"] <= 280  # 1.6 bits per value at worst, 70 zeros per byte at best
         assert all(row[key] > 0 for key in ("encode_gbps_1t", "encode_gbps_all", "decode_gbps_1t", "decode_gbps_all",
-                                            "decode_add_gbps_1t", "encode_hook_gbps_1t", "feedback_gbps_1t",
+                                            "decode_add_gbps_1t", "encode_hook_gbps_1t", "encode_residual_out_gbps_1t",
+                                            "feedback_gbps_1t",
                                             "feedback_two_pass_gbps_1t",
                                             "checksum_share_encode_1t", "checksum_share_decode_1t"))
 

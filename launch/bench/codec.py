@@ -77,11 +77,16 @@ def bench_codec(numel: int, sparsities, repeats: int, block: int = 1024) -> dict
                 row[f"encode_gbps_{label}"] = gigabytes / encode
                 row[f"decode_gbps_{label}"] = gigabytes / decode
                 if threads == 1:
-                    # The hook's paths: encoding input whose residual it added itself (no residual
-                    # argument: one pass with blocks), and summing payloads into one buffer (zero
-                    # groups are skipped).
+                    # Encoding without a residual argument (one pass with blocks: the hook's encode
+                    # until it passed its residual with residual_out), with the residual read and
+                    # the new residual written elsewhere in that pass (the hook's since: it passes
+                    # the bucket itself as residual_out; a third array here keeps x as it is), and
+                    # summing payloads into one buffer (zero groups are skipped).
                     hook_encode = _best_seconds(lambda: codec.compress(x, sparsity=sparsity, block=block_size), repeats)
                     row["encode_hook_gbps_1t"] = gigabytes / hook_encode
+                    feedback_encode = _best_seconds(lambda: codec.compress(x, sparsity=sparsity, residual=residual,
+                                                                           residual_out=out, block=block_size), repeats)
+                    row["encode_residual_out_gbps_1t"] = gigabytes / feedback_encode
                     add = _best_seconds(lambda: codec.decompress_add(payload, out), repeats)
                     row["decode_add_gbps_1t"] = gigabytes / add
                     # Error feedback's update, residual = v - decoded: in one pass (the hook's),
@@ -188,20 +193,23 @@ def _print_table(results: dict) -> None:
     print("encode runs with error feedback; GB/s counts float32 input bytes")
     print("'cksum': the payload checksum's time as a share of the single-thread encode / decode time")
     print("'add 1t': decompress_add, decoding into a sum (the hook's path), single thread")
-    print("'hook 1t': encode without the residual argument (the hook adds its residual first; with blocks,")
-    print("           one pass over memory), single thread")
+    print("'hook 1t': encode without the residual argument (with blocks, one pass over memory), single thread")
+    print("'r-out 1t': encode with the residual and residual_out (with blocks, one pass that also reads the")
+    print("            residual and writes the new one: the hook's encode), single thread")
     print("'fb 1t': error feedback's update residual = v - decoded (decompress_residual, the hook's path);")
     print("         '2-pass': the same as decompress, then np.subtract; single thread")
-    header = ("s", "scales", "ratio", "enc 1t GB/s", "x", "enc all", "x", "hook 1t", "x", "dec 1t GB/s", "x",
-              "dec all", "x", "add 1t", "x", "fb 1t", "x", "2-pass", "x", "cksum enc", "cksum dec")
-    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>6} {:>5} "
-          "{:>6} {:>5} {:>9} {:>9}".format(*header))
+    header = ("s", "scales", "ratio", "enc 1t GB/s", "x", "enc all", "x", "hook 1t", "x", "r-out 1t", "x",
+              "dec 1t GB/s", "x", "dec all", "x", "add 1t", "x", "fb 1t", "x", "2-pass", "x", "cksum enc", "cksum dec")
+    print("{:>4} {:>10} {:>7} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} {:>8} {:>5} {:>11} {:>5} {:>8} {:>5} {:>7} {:>5} "
+          "{:>6} {:>5} {:>6} {:>5} {:>9} {:>9}".format(*header))
     for row in results["rows"]:
-        print("{:>4} {:>10} {:>6.1f}x {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>11.2f} {:>5.2f} "
-              "{:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>8.2%} {:>8.2%}".format(
+        print("{:>4} {:>10} {:>6.1f}x {:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>8.2f} {:>5.2f} "
+              "{:>11.2f} {:>5.2f} {:>8.2f} {:>5.2f} {:>7.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>6.2f} {:>5.2f} {:>8.2%} "
+              "{:>8.2%}".format(
                   row["sparsity"], row["scales"], row["ratio"],
                   row["encode_gbps_1t"], row["encode_gbps_1t"] / copy, row["encode_gbps_all"],
                   row["encode_gbps_all"] / copy, row["encode_hook_gbps_1t"], row["encode_hook_gbps_1t"] / copy,
+                  row["encode_residual_out_gbps_1t"], row["encode_residual_out_gbps_1t"] / copy,
                   row["decode_gbps_1t"], row["decode_gbps_1t"] / copy,
                   row["decode_gbps_all"], row["decode_gbps_all"] / copy, row["decode_add_gbps_1t"],
                   row["decode_add_gbps_1t"] / copy, row["feedback_gbps_1t"], row["feedback_gbps_1t"] / copy,

@@ -92,7 +92,11 @@ class _Codec:
         """
         if kept:
             self.copy(residual, values)
-            return
+        else:
+            self._subtract_decoded(values, payload, residual)
+
+    def _subtract_decoded(self, values, payload, residual) -> None:
+        """``residual = values - decompress(payload)``."""
         self.decompress(payload, residual)
         self.subtract_from(values, residual)
 
@@ -144,12 +148,8 @@ class NumbaCodec(_Codec):
     def decompress_add(self, payload, out) -> None:
         threelc.decompress_add(payload, out)
 
-    def feedback(self, values, payload, residual, kept: bool = False) -> None:
-        """``residual = values - decompress(payload)`` in one pass over memory (the same bits), or
-        with ``kept`` a copy of ``values``, which already hold it."""
-        if kept:
-            np.copyto(residual, values)
-            return
+    def _subtract_decoded(self, values, payload, residual) -> None:
+        """``residual = values - decompress(payload)`` in one pass over memory (the same bits)."""
         threelc.decompress_residual(payload, values, residual)
 
     @staticmethod

@@ -135,15 +135,13 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
         raise ValueError(f"block must be a positive integer, got {block!r}")
     if residual is None:
         residual_flat = np.zeros(0, dtype=np.float32)
-        if residual_out is not None:
-            raise ValueError("residual_out needs a residual: it receives the updated residual")
     else:
         residual_flat = _as_flat_float32(residual, "residual")
         if residual_flat.size != count:
             raise ValueError(f"residual has {residual_flat.size} values, x has {count}")
         if residual_out is None and not residual_flat.flags.writeable:
             raise ValueError("residual must be writeable (it is updated in place)")
-    out, feedback = _feedback_target(x, residual_flat if residual is not None else None, residual_out)
+    out, feedback = _feedback_target(x, residual_flat, residual is not None, residual_out)
     segment_sizes = check_segments(segments, count)
     unit_starts = fmt.unit_starts(segment_sizes, int(block))
     n_chunks = fmt.chunk_count(count, chunk)
@@ -185,13 +183,15 @@ def compress(x, *, sparsity=1.0, residual=None, segments=None, block=None, nonfi
     return fmt.seal(payload)
 
 
-def _feedback_target(x: np.ndarray, residual: np.ndarray | None, residual_out) -> tuple:
+def _feedback_target(x: np.ndarray, residual: np.ndarray, has_residual: bool, residual_out) -> tuple:
     """Where the encoder writes the new residual: ``(out array, kernels' feedback mode)``.
 
-    ``residual_out`` must be x's size and writeable, and either x itself or an array that
-    overlaps neither x nor the residual."""
-    if residual is None:
-        return np.zeros(0, dtype=np.float32), kernels.NO_FEEDBACK
+    ``residual_out`` needs a residual, must be x's size and writeable, and either x itself or an
+    array that overlaps neither x nor the residual."""
+    if not has_residual:
+        if residual_out is not None:
+            raise ValueError("residual_out needs a residual: it receives the updated residual")
+        return residual, kernels.NO_FEEDBACK  # (an empty array the kernels never read)
     if residual_out is None:
         return residual, kernels.INTO_RESIDUAL
     out = _as_flat_float32(residual_out, "residual_out")

@@ -190,27 +190,24 @@ def _quantize_with_residual(x, residual, out, digits, scale, feedback):
         _quantize_over(out, x, digits, scale)  # x + residual == residual + x exactly
     else:
         for i in range(x.shape[0]):
-            v = x[i] + residual[i]
-            up, down = _digit(v, scale)
-            digits[i] = np.uint8(1) + np.uint8(up) - np.uint8(down)
-            out[i] = v - (np.float32(up) - np.float32(down)) * scale
+            digits[i], out[i] = _digit_and_rest(x[i] + residual[i], scale)
 
 
 @_jit
 def _quantize_over(out, addend, digits, scale):
     """:func:`_quantize_with_residual` in place: v = out + addend, then out = v - q * scale."""
     for i in range(out.shape[0]):
-        v = out[i] + addend[i]
-        up, down = _digit(v, scale)
-        digits[i] = np.uint8(1) + np.uint8(up) - np.uint8(down)
-        out[i] = v - (np.float32(up) - np.float32(down)) * scale
+        digits[i], out[i] = _digit_and_rest(out[i] + addend[i], scale)
 
 
 @_jit
-def _digit(v, scale):
-    """Whether v quantizes to +1 and to -1: 2|v| >= scale (exact halves round away from zero)."""
+def _digit_and_rest(v, scale):
+    """v's digit q + 1, q = +-1 where 2|v| >= scale (exact halves round away from zero), and what
+    the digit does not carry, v - q * scale (exact in float32)."""
     twice = np.float32(2.0) * v
-    return twice >= scale, -twice >= scale
+    up = twice >= scale
+    down = -twice >= scale
+    return np.uint8(1) + np.uint8(up) - np.uint8(down), v - (np.float32(up) - np.float32(down)) * scale
 
 
 @_jit
